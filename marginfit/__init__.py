@@ -1,0 +1,8 @@
+"""marginfit: large-margin training inside plain Keras `fit()`/`evaluate()`."""
+
+from marginfit.margin import LargeMargin
+from marginfit.metrics import DirectionalMean
+from marginfit.model import MarginModel
+
+__all__ = ["DirectionalMean", "LargeMargin", "MarginModel"]
+__version__ = "0.1.0"

@@ -1,0 +1,387 @@
+"""The large-margin penalty of Elsayed et al. (2018): its config and its math.
+
+For an example with label ``y`` and scores ``f`` (softmax probabilities or
+logits), each competitor ``j`` -- one of the ``top_k`` classes other than
+``y`` with the largest ``f_j`` -- has the score difference
+``diff_j = f_y - f_j``.  Its first-order distance to the decision boundary
+between ``y`` and ``j``, measured at the activations ``h_l`` of a margin
+layer in the norm ``p``, is
+
+    d_lj = diff_j / (||d diff_j / d h_l||_q / w_l + epsilon)
+
+where ``q`` is the dual norm of ``p``: a linear function with gradient ``g``
+changes by ``||g||_q`` per unit step measured in ``p``.  The penalty of one
+layer and one example is
+
+    term_l = max(0, gamma_l - max(d_lj, gamma_l * (1 - alpha)))
+
+summed over competitors (``aggregation="sum"``) or taken at the nearest one
+(``aggregation="max"``, the worst case).
+"""
+
+import contextlib
+import math
+import numbers
+
+import keras
+import tensorflow as tf
+
+INPUT = "input"
+"""Name under which `LargeMargin.layers` designates the model input."""
+
+_DUAL_ORDER = {1: math.inf, 2: 2, math.inf: 1}
+_AGGREGATIONS = ("max", "sum")
+_SPACES = ("probabilities", "logits")
+_COUPLINGS = ("batch", "inference")
+
+
+def _parse_norm(norm):
+    if isinstance(norm, str) and norm.lower() in ("inf", "infinity"):
+        return math.inf
+    if isinstance(norm, numbers.Real) and not isinstance(norm, bool):
+        if norm in _DUAL_ORDER:
+            return math.inf if math.isinf(norm) else int(norm)
+    raise ValueError(
+        f"Unsupported `norm={norm!r}`. The distance norm must be 1, 2 or "
+        "infinity: pass `norm=1`, `norm=2` or `norm='inf'` (or `np.inf`)."
+    )
+
+
+def _per_layer(name, value, count, check):
+    """Broadcasts a float or a list of floats to one float per margin layer."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * count
+    if len(values) != count:
+        raise ValueError(
+            f"`{name}` has {len(values)} values but the margin has {count} "
+            f"layers. Pass one float, or one float per layer in `layers`."
+        )
+    for item in values:
+        if not isinstance(item, numbers.Real) or isinstance(item, bool):
+            raise ValueError(f"`{name}` must hold floats; received {value!r}.")
+        check(float(item))
+    return tuple(float(item) for item in values)
+
+
+def _require(condition, message):
+    if not condition:
+        raise ValueError(message)
+
+
+@keras.saving.register_keras_serializable(package="marginfit")
+class LargeMargin:
+    """Configuration of the large-margin penalty (Elsayed et al. 2018).
+
+    Args:
+        layers: Names (or layer objects) of the layers whose outputs carry the
+            margin; the name ``"input"`` designates the model input.
+        gamma: Desired distance to the boundary, in the units of the layer's
+            activations. One float, or one per layer.
+        norm: Norm ``p`` of the distance: 1, 2 or ``"inf"``. Gradients are
+            measured in the dual norm (2 -> 2, 1 -> inf, inf -> 1).
+        top_k: Number of competing classes per example.
+        aggregation: ``"max"`` penalises the nearest of the ``top_k``
+            boundaries; ``"sum"`` adds one term per competitor.
+        alpha: Distances below ``gamma * (1 - alpha)`` are clipped, so that
+            badly misclassified examples stop dominating the penalty.
+        epsilon: Added to the gradient norm to avoid dividing by zero.
+        approximate: If True, the gradient norm is treated as a constant
+            (first-order approximation, no second-order backprop). If False,
+            the loss is differentiated through the gradient norm too.
+        layer_weights: Per-layer scale ``w_l`` dividing the gradient norm,
+            or None for 1 everywhere (the authors use the layer size with the
+            inf norm).
+        space: Scores the differences are taken in: ``"probabilities"``
+            (softmax of the logits, the authors' choice) or ``"logits"``.
+        weight: Multiplier of the penalty in the total loss.
+        coupling: How gradients are taken when layers couple the examples of
+            a batch in training mode (BatchNormalization). ``"batch"`` (the
+            authors' choice, one forward pass): gradients of the batch-summed
+            differences through the training-mode pass; exact per example for
+            any model whose examples do not interact, and through the batch
+            statistics otherwise. ``"inference"``: the penalty is computed on
+            a second, inference-mode forward pass where every gradient is that
+            example's own.
+    """
+
+    def __init__(
+        self,
+        layers,
+        gamma=10000.0,
+        norm=2,
+        top_k=1,
+        aggregation="max",
+        alpha=4.0,
+        epsilon=1e-6,
+        approximate=True,
+        layer_weights=None,
+        space="probabilities",
+        weight=1.0,
+        coupling="batch",
+    ):
+        if isinstance(layers, (str, keras.layers.Layer)):
+            layers = [layers]
+        layers = list(layers or [])
+        _require(
+            layers,
+            "`layers` is empty. Name at least one layer to carry the margin, "
+            'e.g. `layers=["input", "dense"]`.',
+        )
+        names = []
+        for layer in layers:
+            name = layer.name if isinstance(layer, keras.layers.Layer) else layer
+            _require(
+                isinstance(name, str) and name,
+                f"`layers` must hold layer names or layer objects; received "
+                f"{layer!r}.",
+            )
+            _require(
+                name not in names,
+                f"Layer {name!r} is listed twice in `layers`; list it once.",
+            )
+            names.append(name)
+        self.layers = tuple(names)
+
+        def positive_gamma(value):
+            _require(
+                value > 0 and math.isfinite(value),
+                f"`gamma` must be a positive finite float; received {gamma!r}.",
+            )
+
+        def positive_weight(value):
+            _require(
+                value > 0 and math.isfinite(value),
+                f"`layer_weights` must hold positive finite floats; received "
+                f"{layer_weights!r}.",
+            )
+
+        self.gamma = _per_layer("gamma", gamma, len(names), positive_gamma)
+        self.layer_weights = (
+            None
+            if layer_weights is None
+            else _per_layer(
+                "layer_weights", layer_weights, len(names), positive_weight
+            )
+        )
+        self.norm = _parse_norm(norm)
+        _require(
+            isinstance(top_k, numbers.Integral)
+            and not isinstance(top_k, bool)
+            and top_k >= 1,
+            f"`top_k` must be an integer >= 1; received {top_k!r}.",
+        )
+        self.top_k = int(top_k)
+        _require(
+            aggregation in _AGGREGATIONS,
+            f"Unknown `aggregation={aggregation!r}`; use 'max' (nearest "
+            "competitor) or 'sum' (one term per competitor).",
+        )
+        self.aggregation = aggregation
+        _require(
+            isinstance(alpha, numbers.Real) and alpha > 0,
+            f"`alpha` must be a float > 0; received {alpha!r}.",
+        )
+        self.alpha = float(alpha)
+        _require(
+            isinstance(epsilon, numbers.Real) and epsilon >= 0,
+            f"`epsilon` must be a float >= 0; received {epsilon!r}.",
+        )
+        self.epsilon = float(epsilon)
+        self.approximate = bool(approximate)
+        _require(
+            space in _SPACES,
+            f"Unknown `space={space!r}`; use 'probabilities' or 'logits'.",
+        )
+        self.space = space
+        _require(
+            isinstance(weight, numbers.Real) and weight >= 0,
+            f"`weight` must be a float >= 0; received {weight!r}.",
+        )
+        self.weight = float(weight)
+        _require(
+            coupling in _COUPLINGS,
+            f"Unknown `coupling={coupling!r}`; use 'batch' or 'inference'.",
+        )
+        self.coupling = coupling
+
+    @property
+    def dual_norm(self):
+        """Order of the norm the gradients are measured in: 1, 2 or inf."""
+        return _DUAL_ORDER[self.norm]
+
+    def get_config(self):
+        return {
+            "layers": list(self.layers),
+            "gamma": list(self.gamma),
+            "norm": "inf" if math.isinf(self.norm) else self.norm,
+            "top_k": self.top_k,
+            "aggregation": self.aggregation,
+            "alpha": self.alpha,
+            "epsilon": self.epsilon,
+            "approximate": self.approximate,
+            "layer_weights": (
+                None if self.layer_weights is None else list(self.layer_weights)
+            ),
+            "space": self.space,
+            "weight": self.weight,
+            "coupling": self.coupling,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return isinstance(other, LargeMargin) and (
+            self.get_config() == other.get_config()
+        )
+
+    def __repr__(self):
+        arguments = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"LargeMargin({arguments})"
+
+
+def class_indices(labels, num_classes):
+    """Class index per example from sparse or one-hot labels.
+
+    Args:
+        labels: ``[batch]`` or ``[batch, 1]`` class indices, or
+            ``[batch, num_classes]`` one-hot (or soft) labels.
+        num_classes: Number of classes ``C`` of the model output.
+
+    Returns:
+        ``[batch]`` int32 class indices.
+    """
+    labels = tf.convert_to_tensor(labels)
+    if labels.shape.rank == 2 and labels.shape[-1] == num_classes and (
+        num_classes > 1
+    ):
+        return tf.argmax(labels, axis=-1, output_type=tf.int32)
+    indices = tf.cast(tf.reshape(labels, [-1]), tf.int32)
+    # XLA drops assertions; outside XLA a bad label stops the step here.
+    tf.debugging.assert_non_negative(
+        indices, message="Labels must be class indices >= 0."
+    )
+    tf.debugging.assert_less(
+        indices,
+        num_classes,
+        message=f"Labels must be class indices < {num_classes} (the number of "
+        "model outputs). Check the labels or the size of the output layer.",
+    )
+    return indices
+
+
+def score_differences(outputs, labels, top_k, space, output_kind):
+    """Score of the label minus the scores of its ``top_k`` competitors.
+
+    Args:
+        outputs: ``[batch, classes]`` model outputs: logits or probabilities,
+            as ``output_kind`` says.
+        labels: ``[batch]`` int32 class indices.
+        top_k: Number of competitors per example.
+        space: ``"probabilities"`` or ``"logits"``: where differences are taken.
+        output_kind: ``"logits"`` or ``"probabilities"``: what ``outputs`` are.
+
+    Returns:
+        ``[batch, top_k]`` float32 differences ``f_y - f_j``, competitors
+        sorted from the highest-scoring one down.
+    """
+    outputs = tf.cast(outputs, tf.float32)
+    if space == output_kind:
+        scores = outputs
+    elif space == "probabilities":
+        scores = tf.nn.softmax(outputs, axis=-1)
+    else:
+        # log p differs from the logits by a per-example constant, which
+        # cancels in every difference.
+        scores = tf.math.log(tf.maximum(outputs, tf.float32.tiny))
+    num_classes = scores.shape[-1]
+    is_label = tf.one_hot(labels, num_classes, on_value=True, off_value=False)
+    label_scores = tf.reduce_sum(tf.where(is_label, scores, 0.0), axis=-1)
+    others = tf.where(is_label, tf.float32.min, scores)
+    competitor_scores = tf.math.top_k(others, k=top_k, sorted=True).values
+    return label_scores[:, None] - competitor_scores
+
+
+def dual_norm(gradients, order):
+    """Per-example norm of ``[batch, ...]`` gradients, in float32.
+
+    Returns ``[batch]``. The 2-norm is written so that its own gradient is 0,
+    not NaN, at a zero vector (needed when differentiating through it).
+    """
+    flat = tf.reshape(tf.cast(gradients, tf.float32), [tf.shape(gradients)[0], -1])
+    if order == 1:
+        return tf.reduce_sum(tf.abs(flat), axis=-1)
+    if math.isinf(order):
+        return tf.reduce_max(tf.abs(flat), axis=-1)
+    squared = tf.reduce_sum(tf.square(flat), axis=-1)
+    positive = squared > 0
+    return tf.where(positive, tf.sqrt(tf.where(positive, squared, 1.0)), 0.0)
+
+
+def hinge_terms(distances, gamma, alpha, aggregation):
+    """Penalty per example from ``[batch, top_k]`` distances of one layer.
+
+    Returns ``[batch]``: ``max(0, gamma - max(d, gamma * (1 - alpha)))``
+    at the nearest competitor (``"max"``) or summed over competitors
+    (``"sum"``).
+    """
+    if aggregation == "max":
+        distances = tf.reduce_min(distances, axis=-1, keepdims=True)
+    clipped = tf.maximum(distances, gamma * (1.0 - alpha))
+    return tf.reduce_sum(tf.nn.relu(gamma - clipped), axis=-1)
+
+
+def layer_distances(tape, differences, activations, margin, outer_tape=None):
+    """Distances to the boundary at every margin layer.
+
+    All margin layers share one backward pass per competitor: the gradient of
+    the batch sum of ``differences[:, j]`` with respect to a ``[batch, ...]``
+    activation holds each example's own gradient in its row, for models
+    whose examples do not interact.
+
+    Args:
+        tape: The `tf.GradientTape` that recorded the forward pass; it must be
+            persistent when ``top_k > 1``.
+        differences: ``[batch, top_k]`` from `score_differences`.
+        activations: One ``[batch, ...]`` tensor per margin layer, in the
+            order of ``margin.layers``.
+        margin: The `LargeMargin` config.
+        outer_tape: The tape computing the weights' gradients, if any. In
+            approximate mode it does not record the backward pass above,
+            whose result it treats as a constant anyway.
+
+    Returns:
+        One ``[batch, top_k]`` float32 tensor of signed distances per layer.
+    """
+    skip_recording = outer_tape is not None and margin.approximate
+    with outer_tape.stop_recording() if skip_recording else contextlib.nullcontext():
+        gradient_norms = [[] for _ in activations]
+        for competitor in range(margin.top_k):
+            # Seeding the backward pass with a one-hot column selects
+            # competitor j without slicing (a slice taken outside the tape
+            # would not be recorded).
+            selector = tf.one_hot(
+                tf.fill(tf.shape(differences)[:1], competitor), margin.top_k
+            )
+            gradients = tape.gradient(
+                differences,
+                activations,
+                output_gradients=selector,
+            )
+            for layer_name, gradient in zip(margin.layers, gradients):
+                if gradient is None:
+                    raise ValueError(
+                        f"The model output does not depend on margin layer "
+                        f"{layer_name!r} in the recorded forward pass. Put the "
+                        "margin on a layer between the inputs and the output."
+                    )
+            for norms, gradient in zip(gradient_norms, gradients):
+                norms.append(dual_norm(gradient, margin.dual_norm))
+        gradient_norms = [tf.stack(norms, axis=-1) for norms in gradient_norms]
+    weights = margin.layer_weights or (1.0,) * len(activations)
+    distances = []
+    for norms, weight in zip(gradient_norms, weights):
+        if margin.approximate:
+            norms = tf.stop_gradient(norms)
+        distances.append(differences / (norms / weight + margin.epsilon))
+    return distances

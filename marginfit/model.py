@@ -1,0 +1,336 @@
+"""`MarginModel`: a `keras.Model` whose `fit()`/`evaluate()` add the margin."""
+
+import types
+import warnings
+
+import keras
+import tensorflow as tf
+
+from marginfit import margin as margin_lib
+from marginfit.margin import INPUT, LargeMargin
+from marginfit.metrics import MarginMetrics
+
+_OUTPUT_KINDS = ("logits", "probabilities")
+
+
+@keras.saving.register_keras_serializable(package="marginfit")
+class MarginModel(keras.Model):
+    """A Keras model trained with the large-margin penalty of Elsayed et al.
+
+    Build it like any Keras model, `compile()` it and call `fit()`:
+
+    ```python
+    inputs = keras.Input((64,))
+    hidden = keras.layers.Dense(32, activation="relu", name="hidden")(inputs)
+    logits = keras.layers.Dense(10, name="logits")(hidden)
+    model = marginfit.MarginModel(
+        inputs, logits, margin=marginfit.LargeMargin(["input", "hidden"])
+    )
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), metrics=["accuracy"])
+    model.fit(x, y, epochs=5, validation_split=0.1)
+    ```
+
+    The training loss is the compiled loss (none with ``loss=None``) plus
+    ``margin.weight * margin_loss`` plus the regularization losses. The logs
+    of `fit()` and `evaluate()` add ``ce_loss`` (the compiled loss),
+    ``margin_loss`` and ``distance_<layer>`` (mean signed distance to the
+    nearest competitor's boundary) to ``loss`` and the compiled metrics.
+    `predict()` is the plain forward pass.
+
+    Subclassed models override `call_with_activations` to expose the
+    activations of their margin layers (see its docstring).
+
+    Args:
+        margin: A `LargeMargin` (or its config dict), or None for a plain
+            model with the same API.
+        output: What the model emits: ``"logits"`` or ``"probabilities"``.
+        *args, **kwargs: As for `keras.Model`.
+    """
+
+    # `*args`/`**kwargs` exactly: Keras revives Functional subclasses from
+    # their config only with this signature.
+    def __init__(self, *args, margin=None, output="logits", **kwargs):
+        super().__init__(*args, **kwargs)
+        if isinstance(margin, dict):
+            margin = keras.saving.deserialize_keras_object(margin)
+        if margin is not None and not isinstance(margin, LargeMargin):
+            raise TypeError(
+                f"`margin` must be a `marginfit.LargeMargin` or None; "
+                f"received {margin!r}."
+            )
+        if output not in _OUTPUT_KINDS:
+            raise ValueError(
+                f"`output={output!r}` is not supported: say what the model "
+                "emits with output='logits' or output='probabilities'."
+            )
+        self.margin = margin
+        self.output_kind = output
+        # Holds the Functional that also returns the margin activations; kept
+        # out of Keras' tracking so that it adds nothing to saving or summary.
+        self._taps = types.SimpleNamespace(model=None, layers=())
+        self.margin_metrics = MarginMetrics(margin.layers) if margin else None
+        if margin is not None and self._is_functional:
+            self._build_activation_model()
+
+    @classmethod
+    def wrap(cls, model, margin, output="logits", name=None):
+        """A `MarginModel` over the layers (and weights) of a built model.
+
+        Args:
+            model: A built Functional or Sequential `keras.Model`. Its layers
+                are shared, not copied.
+            margin: The `LargeMargin` to train with.
+            output: What the model emits: ``"logits"`` or ``"probabilities"``.
+            name: Name of the new model (default: the wrapped model's name).
+        """
+        try:
+            inputs, outputs = model.inputs, model.outputs
+        except (AttributeError, ValueError):
+            inputs = outputs = None
+        if not inputs or not outputs:
+            raise ValueError(
+                f"Cannot wrap model {model.name!r}: it has no symbolic inputs "
+                "and outputs. Wrap a Functional model or a Sequential model "
+                "that starts with `keras.Input(...)`; for a subclassed model, "
+                "subclass `MarginModel` and override `call_with_activations`."
+            )
+        return cls(
+            inputs, outputs, margin=margin, output=output, name=name or model.name
+        )
+
+    def get_config(self):
+        config = super().get_config()
+        config["margin"] = (
+            None
+            if self.margin is None
+            else keras.saving.serialize_keras_object(self.margin)
+        )
+        config["output"] = self.output_kind
+        return config
+
+    @property
+    def _is_functional(self):
+        return "_inputs_struct" in self.__dict__
+
+    # ----------------------------------------------------------- activations
+
+    def call_with_activations(self, inputs, training=None):
+        """Forward pass that also returns the margin layers' activations.
+
+        Functional and wrapped models get this for free. A subclassed model
+        with hidden margin layers overrides it, computing its forward pass
+        once, and lets `call` use it:
+
+        ```python
+        class Net(marginfit.MarginModel):
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                self.hidden = keras.layers.Dense(64, activation="relu")
+                self.logits = keras.layers.Dense(10)
+
+            def call_with_activations(self, inputs, training=None):
+                hidden = self.hidden(inputs)
+                return self.logits(hidden), {"hidden": hidden}
+
+            def call(self, inputs, training=None):
+                return self.call_with_activations(inputs, training)[0]
+        ```
+
+        Args:
+            inputs: The model inputs.
+            training: Whether the forward pass runs in training mode.
+
+        Returns:
+            ``(outputs, activations)``: the ``[batch, classes]`` outputs and a
+            dict from margin layer name to its ``[batch, ...]`` activation.
+            The model input (``"input"``) need not be in the dict.
+        """
+        if self._taps.model is None:
+            return self(inputs, training=training), {}
+        outputs, *activations = self._taps.model(inputs, training=training)
+        return outputs, dict(zip(self._taps.layers, activations))
+
+    def _build_activation_model(self):
+        """Validates the margin against the graph; builds the tap model."""
+        if len(self.outputs) != 1:
+            raise ValueError(
+                f"MarginModel needs exactly one classification output; model "
+                f"{self.name!r} has {len(self.outputs)}. Give it a single "
+                "[batch, classes] output."
+            )
+        self._check_output_shape(self.outputs[0].shape)
+        if INPUT in self.margin.layers and len(self.inputs) != 1:
+            raise ValueError(
+                f"The margin on 'input' needs a model with one input; model "
+                f"{self.name!r} has {len(self.inputs)}. Put the margin on a "
+                "layer after the inputs are merged."
+            )
+        by_name = {layer.name: layer for layer in self.layers}
+        hidden = [name for name in self.margin.layers if name != INPUT]
+        missing = [name for name in hidden if name not in by_name]
+        if missing:
+            raise ValueError(
+                f"Margin layer(s) {missing} not found in model {self.name!r}. "
+                f"Valid names: {[INPUT, *by_name]}."
+            )
+        tensors = []
+        for name in hidden:
+            try:
+                tensor = by_name[name].output
+            except (AttributeError, ValueError) as error:
+                raise ValueError(
+                    f"Margin layer {name!r} has no single output tensor "
+                    f"({error}). Choose a layer that is called once and "
+                    "returns one tensor."
+                ) from None
+            if not isinstance(tensor, keras.KerasTensor):
+                raise ValueError(
+                    f"Margin layer {name!r} returns {type(tensor).__name__}, "
+                    "not one tensor. Choose a layer that returns one tensor."
+                )
+            tensors.append(tensor)
+        self._taps.layers = tuple(hidden)
+        self._taps.model = keras.Model(
+            self.inputs, [self.outputs[0], *tensors], name=f"{self.name}_taps"
+        )
+
+    def _check_output_shape(self, shape):
+        shape = tuple(shape)
+        if len(shape) != 2 or shape[-1] is None or shape[-1] < 2:
+            raise ValueError(
+                f"MarginModel needs a [batch, classes] output with at least 2 "
+                f"classes; model {self.name!r} outputs shape {shape}."
+            )
+        if self.margin.top_k > shape[-1] - 1:
+            raise ValueError(
+                f"`top_k={self.margin.top_k}` exceeds the {shape[-1] - 1} "
+                f"competitors of a {shape[-1]}-class output. Use top_k <= "
+                f"{shape[-1] - 1}."
+            )
+
+    # ------------------------------------------------------------ the margin
+
+    def _outputs_and_margin(self, x, y, sample_weight, training, tape=None):
+        """Outputs for the compiled loss and the margin loss of one batch.
+
+        Returns ``(y_pred, margin_loss)``; ``margin_loss`` is a float32
+        scalar, the (sample-weighted) batch mean of the per-example penalty.
+        """
+        if self.margin is None:
+            return self(x, training=training), None
+        if y is None:
+            raise ValueError(
+                "MarginModel needs labels: pass `y` to fit()/evaluate(), or a "
+                "dataset of (x, y) pairs."
+            )
+        if training and self.margin.coupling == "inference":
+            y_pred = self(x, training=True)
+            _, distances = self._margin_distances(x, y, False, tape)
+        else:
+            y_pred, distances = self._margin_distances(x, y, training, tape)
+        terms = [
+            margin_lib.hinge_terms(
+                layer_distances, gamma, self.margin.alpha, self.margin.aggregation
+            )
+            for layer_distances, gamma in zip(distances, self.margin.gamma)
+        ]
+        per_example = tf.add_n(terms) / len(terms)
+        if sample_weight is not None:
+            per_example *= tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
+        for metric, layer_distances in zip(
+            self.margin_metrics.distances, distances
+        ):
+            metric.update_state(tf.reduce_min(layer_distances, axis=-1))
+        return y_pred, tf.reduce_mean(per_example)
+
+    def _margin_distances(self, x, y, training, outer_tape):
+        """One forward pass: outputs and ``[batch, top_k]`` distances per
+        margin layer."""
+        margin = self.margin
+        on_input = INPUT in margin.layers
+        if on_input and not isinstance(x, tf.Tensor):
+            if tf.nest.is_nested(x):
+                raise ValueError(
+                    "The margin on 'input' needs a single input tensor; the "
+                    "model received a nested structure."
+                )
+            x = tf.convert_to_tensor(x)
+        with tf.GradientTape(persistent=margin.top_k > 1) as tape:
+            if on_input:
+                tape.watch(x)
+            y_pred, activations = self.call_with_activations(x, training=training)
+            if self._taps.model is None:
+                self._check_output_shape(y_pred.shape)
+            labels = margin_lib.class_indices(y, y_pred.shape[-1])
+            differences = margin_lib.score_differences(
+                y_pred, labels, margin.top_k, margin.space, self.output_kind
+            )
+        missing = [n for n in margin.layers if n != INPUT and n not in activations]
+        if missing:
+            raise ValueError(
+                f"Margin layer(s) {missing} are not among the activations "
+                f"returned by `call_with_activations`: {sorted(activations)}. "
+                "Return each margin layer's output under its name."
+            )
+        targets = [x if name == INPUT else activations[name] for name in margin.layers]
+        distances = margin_lib.layer_distances(
+            tape, differences, targets, margin, outer_tape
+        )
+        return y_pred, distances
+
+    # ----------------------------------------------------------- the steps
+
+    def _total_loss(self, y, y_pred, sample_weight, margin_loss):
+        """Compiled + margin + regularization loss, scaled per replica like
+        Keras scales its own; updates the loss trackers with unscaled values."""
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        losses = []
+        compiled = None
+        if self._compile_loss is not None:
+            compiled = self._compile_loss(y, y_pred, sample_weight)
+            losses.append(compiled)
+        losses.extend(self._aggregate_additional_loss(loss) for loss in self.losses)
+        if margin_loss is not None:
+            losses.append(self.margin.weight * margin_loss / replicas)
+        if not losses:
+            raise ValueError(
+                "No loss to compute: compile() with a `loss`, or give the "
+                "MarginModel a `margin`."
+            )
+        loss = tf.add_n([tf.cast(value, tf.float32) for value in losses])
+        batch_size = tf.shape(y_pred)[0]
+        self._loss_tracker.update_state(loss * replicas, sample_weight=batch_size)
+        if self.margin_metrics is not None:
+            self.margin_metrics.ce_loss.update_state(
+                0.0 if compiled is None else tf.cast(compiled, tf.float32) * replicas,
+                sample_weight=batch_size,
+            )
+            self.margin_metrics.margin_loss.update_state(
+                margin_loss, sample_weight=batch_size
+            )
+        return loss
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        with tf.GradientTape() as tape:
+            y_pred, margin_loss = self._outputs_and_margin(
+                x, y, sample_weight, training=True, tape=tape
+            )
+            loss = self._total_loss(y, y_pred, sample_weight, margin_loss)
+            if self.optimizer is not None:
+                loss = self.optimizer.scale_loss(loss)
+        if self.trainable_weights:
+            gradients = tape.gradient(loss, self.trainable_weights)
+            self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
+        else:
+            warnings.warn("The model does not have any trainable weights.")
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred, margin_loss = self._outputs_and_margin(
+            x, y, sample_weight, training=False
+        )
+        self._total_loss(y, y_pred, sample_weight, margin_loss)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
