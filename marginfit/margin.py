@@ -24,6 +24,7 @@ import math
 import numbers
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 INPUT = "input"
@@ -293,7 +294,7 @@ def score_differences(outputs, labels, top_k, space, output_kind):
     else:
         # log p differs from the logits by a per-example constant, which
         # cancels in every difference.
-        scores = tf.math.log(tf.maximum(outputs, tf.float32.tiny))
+        scores = tf.math.log(tf.maximum(outputs, np.finfo("float32").tiny))
     num_classes = scores.shape[-1]
     is_label = tf.one_hot(labels, num_classes, on_value=True, off_value=False)
     label_scores = tf.reduce_sum(tf.where(is_label, scores, 0.0), axis=-1)

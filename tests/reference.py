@@ -1,0 +1,111 @@
+"""A naive large-margin loss: one example and one competitor at a time.
+
+Written from the paper's definition, independently of `marginfit`: every
+gradient comes from its own `tf.GradientTape` on a batch of one, competitors
+are chosen with numpy, and norms use `tf.norm`. Slow on purpose.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+DUAL = {1: np.inf, 2: 2, np.inf: 1}
+
+
+def competitors(scores, label, top_k):
+    """Indices of the ``top_k`` highest-scoring classes other than ``label``."""
+    order = [j for j in np.argsort(-scores, kind="stable") if j != label]
+    return order[:top_k]
+
+
+def _scores(outputs, space, output_kind):
+    if space == output_kind:
+        return outputs
+    if space == "probabilities":
+        return tf.nn.softmax(outputs)
+    return tf.math.log(outputs)
+
+
+def example_distances(
+    tap_model,
+    x,
+    label,
+    *,
+    layers,
+    norm=2,
+    top_k=1,
+    space="probabilities",
+    output_kind="logits",
+    epsilon=1e-6,
+    layer_weights=None,
+    approximate=True,
+    training=False,
+):
+    """Distances of one example to its ``top_k`` nearest boundaries.
+
+    Args:
+        tap_model: Maps a batch to ``[outputs, *hidden activations]`` in the
+            order of ``layers`` without ``"input"``.
+        x: One example, with a leading batch axis of 1.
+
+    Returns:
+        ``[num_layers][top_k]`` list of scalar tensors (differentiable with
+        respect to the weights under an enclosing tape).
+    """
+    x = tf.convert_to_tensor(x)
+    outputs = tap_model(x, training=training)[0]
+    scores = _scores(outputs, space, output_kind)[0].numpy()
+    rivals = competitors(scores, int(label), top_k)
+    weights = layer_weights or [1.0] * len(layers)
+    distances = [[] for _ in layers]
+    for rival in rivals:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            outputs, *hidden = tap_model(x, training=training)
+            scores = _scores(outputs, space, output_kind)[0]
+            difference = scores[int(label)] - scores[rival]
+        hidden = iter(hidden)
+        sources = [x if name == "input" else next(hidden) for name in layers]
+        gradients = tape.gradient(difference, sources)
+        for per_layer, gradient, weight in zip(distances, gradients, weights):
+            gradient_norm = tf.norm(tf.reshape(gradient, [-1]), ord=DUAL[norm])
+            if approximate:
+                gradient_norm = tf.stop_gradient(gradient_norm)
+            per_layer.append(difference / (gradient_norm / weight + epsilon))
+    return distances
+
+
+def margin_loss(
+    tap_model,
+    x,
+    y,
+    *,
+    gamma,
+    alpha=4.0,
+    aggregation="max",
+    sample_weight=None,
+    **distance_options,
+):
+    """Naive margin loss of a batch, and each example's nearest distance.
+
+    Returns:
+        ``(loss, nearest)``: the scalar loss (a tensor, differentiable with
+        respect to the weights under an enclosing tape) and a
+        ``[num_layers, batch]`` numpy array of the smallest distance over the
+        competitors.
+    """
+    layers = distance_options["layers"]
+    gammas = gamma if isinstance(gamma, (list, tuple)) else [gamma] * len(layers)
+    total = 0.0
+    nearest = np.zeros((len(layers), len(x)))
+    for k in range(len(x)):
+        distances = example_distances(tap_model, x[k : k + 1], y[k], **distance_options)
+        example_total = 0.0
+        for l, (per_layer, g) in enumerate(zip(distances, gammas)):
+            nearest[l, k] = min(float(d) for d in per_layer)
+            if aggregation == "max":
+                per_layer = [tf.reduce_min(tf.stack(per_layer))]
+            for d in per_layer:
+                example_total += tf.nn.relu(g - tf.maximum(d, g * (1 - alpha)))
+        weight = 1.0 if sample_weight is None else float(sample_weight[k])
+        total += weight * example_total / len(layers)
+    return total / len(x), nearest

@@ -1,0 +1,159 @@
+"""LargeMargin's validation and config, and the pure penalty math."""
+
+import re
+
+import helpers  # noqa: F401  (quiet TensorFlow logs)
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from roundtrip import assert_config_round_trip
+
+from marginfit import LargeMargin
+from marginfit import margin as margin_lib
+
+
+def test_defaults_match_the_documented_signature():
+    margin = LargeMargin(["input"])
+    assert margin.get_config() == {
+        "layers": ["input"],
+        "gamma": [10000.0],
+        "norm": 2,
+        "top_k": 1,
+        "aggregation": "max",
+        "alpha": 4.0,
+        "epsilon": 1e-6,
+        "approximate": True,
+        "layer_weights": None,
+        "space": "probabilities",
+        "weight": 1.0,
+        "coupling": "batch",
+    }
+
+
+@pytest.mark.parametrize("norm", [1, 2, np.inf, "inf", float("inf")])
+def test_config_round_trip(norm):
+    margin = LargeMargin(
+        ["input", "dense"],
+        gamma=[2.0, 3.0],
+        norm=norm,
+        top_k=3,
+        aggregation="sum",
+        alpha=2.0,
+        approximate=False,
+        layer_weights=[64.0, 16.0],
+        space="logits",
+        weight=0.5,
+        coupling="inference",
+    )
+    revived = assert_config_round_trip(margin)
+    assert revived == margin
+    assert revived.dual_norm == {1: np.inf, 2: 2, np.inf: 1}[float(norm)]
+
+
+def test_layer_objects_are_accepted_by_name():
+    dense = keras.layers.Dense(3, name="features")
+    assert LargeMargin(["input", dense]).layers == ("input", "features")
+    assert LargeMargin(dense).layers == ("features",)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(gamma=0.0), "`gamma` must be a positive"),
+        (dict(gamma=-1.0), "`gamma` must be a positive"),
+        (dict(gamma=[1.0]), "`gamma` has 1 values but the margin has 2 layers"),
+        (dict(norm=3), "norm=3"),
+        (dict(norm="l2"), "pass `norm=1`, `norm=2` or `norm='inf'`"),
+        (dict(top_k=0), "`top_k` must be an integer >= 1"),
+        (dict(top_k=1.5), "`top_k` must be an integer >= 1"),
+        (dict(alpha=0.0), "`alpha` must be a float > 0"),
+        (dict(aggregation="mean"), "use 'max' (nearest competitor) or 'sum'"),
+        (dict(space="softmax"), "use 'probabilities' or 'logits'"),
+        (dict(layer_weights=[1.0, 0.0]), "`layer_weights` must hold positive"),
+        (dict(weight=-1.0), "`weight` must be a float >= 0"),
+        (dict(coupling="none"), "use 'batch' or 'inference'"),
+    ],
+)
+def test_bad_arguments_name_the_fix(arguments, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LargeMargin(["input", "dense"], **arguments)
+
+
+def test_empty_and_duplicate_layers_are_rejected():
+    with pytest.raises(ValueError, match="Name at least one layer"):
+        LargeMargin([])
+    with pytest.raises(ValueError, match="listed twice"):
+        LargeMargin(["dense", "dense"])
+
+
+
+
+def test_score_differences_against_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 5)).astype("float32")
+    labels = np.array([0, 1, 2, 3, 4, 0])
+    probabilities = tf.nn.softmax(logits).numpy()
+    for space, scores in [("logits", logits), ("probabilities", probabilities)]:
+        got = margin_lib.score_differences(logits, labels, 3, space, "logits")
+        for k in range(6):
+            others = np.delete(scores[k], labels[k])
+            top = np.sort(others)[::-1][:3]
+            np.testing.assert_allclose(
+                got[k], scores[k, labels[k]] - top, rtol=1e-6, atol=1e-7
+            )
+    # Differences of log-probabilities equal differences of logits.
+    from_probabilities = margin_lib.score_differences(
+        probabilities, labels, 3, "logits", "probabilities"
+    )
+    np.testing.assert_allclose(
+        from_probabilities,
+        margin_lib.score_differences(logits, labels, 3, "logits", "logits"),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_class_indices_from_sparse_and_one_hot_labels():
+    labels = np.array([3, 0, 9])
+    for given in (labels, labels[:, None], np.eye(10)[labels]):
+        np.testing.assert_array_equal(margin_lib.class_indices(given, 10), labels)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="< 10"):
+        margin_lib.class_indices(np.array([1, 10]), 10)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=">= 0"):
+        margin_lib.class_indices(np.array([-1, 2]), 10)
+
+
+@pytest.mark.parametrize("order", [1, 2, np.inf])
+def test_dual_norm_against_numpy(order):
+    gradients = np.random.default_rng(1).normal(size=(4, 3, 2, 5)).astype("float32")
+    expected = np.linalg.norm(gradients.reshape(4, -1), ord=order, axis=-1)
+    np.testing.assert_allclose(
+        margin_lib.dual_norm(gradients, order), expected, rtol=1e-6
+    )
+
+
+def test_two_norm_has_a_finite_gradient_at_zero():
+    zeros = tf.zeros((2, 3))
+    with tf.GradientTape() as tape:
+        tape.watch(zeros)
+        norms = margin_lib.dual_norm(zeros, 2)
+    np.testing.assert_array_equal(tape.gradient(norms, zeros), np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("aggregation", ["max", "sum"])
+def test_hinge_terms_against_the_formula(aggregation):
+    distances = np.array([[3.0, 0.5], [-10.0, 1.5], [0.2, -0.1]], "float32")
+    gamma, alpha = 2.0, 3.0
+    lower = gamma * (1 - alpha)
+
+    def term(d):
+        return max(0.0, gamma - max(d, lower))
+
+    if aggregation == "max":
+        expected = [term(min(row)) for row in distances]
+    else:
+        expected = [sum(term(d) for d in row) for row in distances]
+    np.testing.assert_allclose(
+        margin_lib.hinge_terms(distances, gamma, alpha, aggregation), expected
+    )

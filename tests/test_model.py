@@ -1,0 +1,211 @@
+"""MarginModel against the naive per-example, per-class reference."""
+
+import itertools
+
+import keras
+import numpy as np
+import pytest
+import reference
+import tensorflow as tf
+from helpers import CE, conv_net, digits
+
+from marginfit import LargeMargin
+
+LAYERS = ["input", "conv", "dense"]
+# Margins of the size of this untrained net's distances, so that for every
+# norm some examples are clipped, some penalised and some beyond the margin.
+GAMMA = {1: [0.8, 0.6, 0.4], 2: [0.2, 0.15, 0.15], np.inf: [0.04, 0.02, 0.04]}
+ALPHA = 2.0
+
+
+def margin_for(norm, **options):
+    return LargeMargin(LAYERS, gamma=GAMMA[norm], norm=norm, alpha=ALPHA, **options)
+
+
+def reference_loss(taps, x, y, margin, training=False, sample_weight=None):
+    config = margin.get_config()
+    return reference.margin_loss(
+        taps,
+        x,
+        y,
+        gamma=config["gamma"],
+        alpha=config["alpha"],
+        aggregation=config["aggregation"],
+        sample_weight=sample_weight,
+        layers=LAYERS,
+        norm=margin.norm,
+        top_k=config["top_k"],
+        space=config["space"],
+        epsilon=config["epsilon"],
+        layer_weights=config["layer_weights"],
+        approximate=config["approximate"],
+        training=training,
+    )
+
+
+def assert_logs_match_reference(logs, expected_loss, nearest):
+    np.testing.assert_allclose(logs["margin_loss"], float(expected_loss), rtol=1e-5)
+    for name, distances in zip(LAYERS, nearest):
+        np.testing.assert_allclose(
+            logs[f"distance_{name}"], distances.mean(), rtol=1e-5, atol=1e-7
+        )
+
+
+@pytest.mark.parametrize(
+    "norm, top_k, aggregation, approximate",
+    list(itertools.product([1, 2, np.inf], [1, 3], ["max", "sum"], [True, False])),
+)
+def test_evaluate_matches_naive_reference(norm, top_k, aggregation, approximate):
+    margin = margin_for(
+        norm, top_k=top_k, aggregation=aggregation, approximate=approximate
+    )
+    model, taps = conv_net(margin)
+    model.compile(loss=CE)
+    x, y = digits(20)
+    # Batches of 8, 8 and 4: the logs are streaming means over examples.
+    logs = model.evaluate(x, y, batch_size=8, return_dict=True, verbose=0)
+    expected_loss, nearest = reference_loss(taps, x, y, margin)
+    assert_logs_match_reference(logs, expected_loss, nearest)
+    expected_ce = CE(y, taps(x)[0])
+    np.testing.assert_allclose(logs["ce_loss"], expected_ce, rtol=1e-5)
+    np.testing.assert_allclose(
+        logs["loss"], logs["ce_loss"] + logs["margin_loss"], rtol=1e-5
+    )
+
+
+def test_layer_weights_sample_weights_and_one_hot_labels():
+    margin = margin_for(2, top_k=2, layer_weights=[64.0, 144.0, 16.0])
+    model, taps = conv_net(margin)
+    model.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    x, y = digits(16)
+    weights = np.linspace(0.0, 2.0, len(x)).astype("float32")
+    logs = model.evaluate(
+        x, np.eye(10)[y], sample_weight=weights, batch_size=16, return_dict=True,
+        verbose=0,
+    )
+    expected_loss, nearest = reference_loss(taps, x, y, margin, sample_weight=weights)
+    assert_logs_match_reference(logs, expected_loss, nearest)
+
+
+def test_probability_outputs_give_the_same_margin_as_logits():
+    x, y = digits(12)
+    for space in ("probabilities", "logits"):
+        margin = margin_for(2, top_k=2, space=space)
+        results = []
+        for output in ("logits", "probabilities"):
+            model, _ = conv_net(margin, output=output)
+            model.compile(loss=None)
+            results.append(model.evaluate(x, y, return_dict=True, verbose=0))
+        for key in ("margin_loss", "distance_input", "distance_dense"):
+            np.testing.assert_allclose(results[0][key], results[1][key], rtol=1e-4)
+
+
+def sgd_step(margin, x, y, learning_rate=0.5, loss=CE, **fit_options):
+    """Weights before, weights after one SGD step of fit(), and the model."""
+    model, taps = conv_net(margin)
+    model.compile(keras.optimizers.SGD(learning_rate), loss=loss)
+    before = [w.numpy() for w in model.trainable_weights]
+    model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0, **fit_options)
+    after = [w.numpy() for w in model.trainable_weights]
+    return model, taps, before, after
+
+
+def reference_gradients(model, taps, x, y, margin, ce_weight=1.0):
+    with tf.GradientTape() as tape:
+        total = margin.weight * reference_loss(taps, x, y, margin)[0]
+        if ce_weight:
+            total += ce_weight * CE(y, taps(x)[0])
+    return [g.numpy() for g in tape.gradient(total, model.trainable_weights)]
+
+
+@pytest.mark.parametrize("approximate", [True, False])
+@pytest.mark.parametrize("norm", [2, np.inf])
+def test_one_sgd_step_follows_the_reference_gradient(approximate, norm):
+    margin = margin_for(norm, top_k=2, aggregation="sum", approximate=approximate)
+    x, y = digits(8)
+    learning_rate = 0.5
+    model, taps, before, after = sgd_step(margin, x, y, learning_rate)
+    # The reference runs on a fresh copy of the initial weights.
+    fresh, fresh_taps = conv_net(margin)
+    expected = reference_gradients(fresh, fresh_taps, x, y, margin)
+    for w0, w1, g in zip(before, after, expected):
+        np.testing.assert_allclose(w1 - w0, -learning_rate * g, rtol=2e-4, atol=2e-7)
+    # The exact and approximate gradients differ well beyond that tolerance,
+    # so this test tells them apart.
+    other = margin_for(norm, top_k=2, aggregation="sum", approximate=not approximate)
+    other_gradients = reference_gradients(fresh, fresh_taps, x, y, other)
+    assert max(
+        np.abs(a - b).max() / np.abs(a).max()
+        for a, b in zip(expected, other_gradients)
+    ) > 1e-2
+
+
+def test_margin_only_training_with_loss_none():
+    margin = margin_for(2, weight=2.0)
+    x, y = digits(8)
+    model, taps, before, after = sgd_step(margin, x, y, 0.5, loss=None)
+    fresh, fresh_taps = conv_net(margin)
+    expected = reference_gradients(fresh, fresh_taps, x, y, margin, ce_weight=0.0)
+    for w0, w1, g in zip(before, after, expected):
+        np.testing.assert_allclose(w1 - w0, -0.5 * g, rtol=2e-4, atol=2e-7)
+    logs = model.evaluate(x, y, return_dict=True, verbose=0)
+    assert logs["ce_loss"] == 0.0
+    np.testing.assert_allclose(logs["loss"], 2.0 * logs["margin_loss"], rtol=1e-6)
+
+
+def test_class_weight_equals_the_matching_sample_weight():
+    margin = margin_for(2, top_k=2)
+    x, y = digits(16)
+    class_weight = {c: 0.5 + 0.1 * c for c in range(10)}
+    sample_weight = np.array([class_weight[c] for c in y], "float32")
+    _, _, _, by_class = sgd_step(margin, x, y, class_weight=class_weight)
+    _, _, _, by_sample = sgd_step(margin, x, y, sample_weight=sample_weight)
+    _, _, _, unweighted = sgd_step(margin, x, y)
+    for a, b in zip(by_class, by_sample):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert any(not np.allclose(a, b) for a, b in zip(by_class, unweighted))
+
+
+def test_training_logs_are_streaming_means_over_the_epoch():
+    margin = margin_for(2, top_k=3, aggregation="sum")
+    model, taps = conv_net(margin)
+    model.compile(keras.optimizers.SGD(0.0), loss=CE)  # weights stay put
+    x, y = digits(20)
+    history = model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    logs = {key: values[-1] for key, values in history.history.items()}
+    expected_loss, nearest = reference_loss(taps, x, y, margin, training=True)
+    assert_logs_match_reference(logs, expected_loss, nearest)
+
+
+def test_regularization_losses_are_part_of_the_loss():
+    margin = margin_for(2)
+    model, _ = conv_net(margin, regularizer=keras.regularizers.L2(0.1))
+    model.compile(loss=CE)
+    x, y = digits(8)
+    logs = model.evaluate(x, y, return_dict=True, verbose=0)
+    regularization = float(np.sum([float(loss) for loss in model.losses]))
+    assert regularization > 1e-3
+    np.testing.assert_allclose(
+        logs["loss"], logs["ce_loss"] + logs["margin_loss"] + regularization,
+        rtol=1e-5,
+    )
+
+
+def test_predict_is_the_plain_forward_pass():
+    model, taps = conv_net(margin_for(2))
+    x, _ = digits(8)
+    np.testing.assert_allclose(
+        model.predict(x, verbose=0), taps.predict(x, verbose=0)[0], rtol=1e-6
+    )
+
+
+def test_xla_step_equals_the_graph_step():
+    margin = margin_for(2, top_k=2, approximate=False)
+    x, y = digits(8)
+    _, _, _, graph = sgd_step(margin, x, y)
+    model, _ = conv_net(margin)
+    model.compile(keras.optimizers.SGD(0.5), loss=CE, jit_compile=True)
+    assert model.jit_compile
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
+    for a, b in zip(graph, model.trainable_weights):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-6)
