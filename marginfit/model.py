@@ -1,11 +1,13 @@
 """`MarginModel`: a `keras.Model` whose `fit()`/`evaluate()` add the margin."""
 
+import inspect
 import types
 import warnings
 
 import keras
 import tensorflow as tf
 
+from marginfit import _functional
 from marginfit import margin as margin_lib
 from marginfit.margin import INPUT, LargeMargin
 from marginfit.metrics import MarginMetrics
@@ -38,8 +40,9 @@ class MarginModel(keras.Model):
     nearest competitor's boundary) to ``loss`` and the compiled metrics.
     `predict()` is the plain forward pass.
 
-    Subclassed models override `call_with_activations` to expose the
-    activations of their margin layers (see its docstring).
+    A subclassed model with margins on hidden layers accepts
+    ``return_activations=False`` in `call` and, when it is True, returns
+    ``(outputs, {layer_name: activation})`` (see `call_with_activations`).
 
     Args:
         margin: A `LargeMargin` (or its config dict), or None for a plain
@@ -48,10 +51,18 @@ class MarginModel(keras.Model):
         *args, **kwargs: As for `keras.Model`.
     """
 
+    def __new__(cls, *args, **kwargs):
+        if _functional.functional_init_arguments(args, kwargs):
+            cls = _functional.functional_class(cls)
+        return super().__new__(cls, *args, **kwargs)
+
     # `*args`/`**kwargs` exactly: Keras revives Functional subclasses from
     # their config only with this signature.
     def __init__(self, *args, margin=None, output="logits", **kwargs):
-        super().__init__(*args, **kwargs)
+        if _functional.functional_init_arguments(args, kwargs):
+            _functional.init_functional(self, args, kwargs)
+        else:
+            super().__init__(*args, **kwargs)
         if isinstance(margin, dict):
             margin = keras.saving.deserialize_keras_object(margin)
         if margin is not None and not isinstance(margin, LargeMargin):
@@ -72,6 +83,8 @@ class MarginModel(keras.Model):
         self.margin_metrics = MarginMetrics(margin.layers) if margin else None
         if margin is not None and self._is_functional:
             self._build_activation_model()
+        elif margin is not None:
+            self._check_subclass_call()
 
     @classmethod
     def wrap(cls, model, margin, output="logits", name=None):
@@ -93,7 +106,8 @@ class MarginModel(keras.Model):
                 f"Cannot wrap model {model.name!r}: it has no symbolic inputs "
                 "and outputs. Wrap a Functional model or a Sequential model "
                 "that starts with `keras.Input(...)`; for a subclassed model, "
-                "subclass `MarginModel` and override `call_with_activations`."
+                "subclass `MarginModel` and let `call` accept "
+                "`return_activations` (see `MarginModel.call_with_activations`)."
             )
         return cls(
             inputs, outputs, margin=margin, output=output, name=name or model.name
@@ -111,7 +125,7 @@ class MarginModel(keras.Model):
 
     @property
     def _is_functional(self):
-        return "_inputs_struct" in self.__dict__
+        return isinstance(self, _functional.Functional)
 
     # ----------------------------------------------------------- activations
 
@@ -119,8 +133,9 @@ class MarginModel(keras.Model):
         """Forward pass that also returns the margin layers' activations.
 
         Functional and wrapped models get this for free. A subclassed model
-        with hidden margin layers overrides it, computing its forward pass
-        once, and lets `call` use it:
+        with margins on hidden layers lets `call` return them on request, so
+        that one forward pass (through Keras' `__call__`, which builds the
+        model and passes `training` on) serves both:
 
         ```python
         class Net(marginfit.MarginModel):
@@ -129,12 +144,12 @@ class MarginModel(keras.Model):
                 self.hidden = keras.layers.Dense(64, activation="relu")
                 self.logits = keras.layers.Dense(10)
 
-            def call_with_activations(self, inputs, training=None):
+            def call(self, inputs, training=None, return_activations=False):
                 hidden = self.hidden(inputs)
-                return self.logits(hidden), {"hidden": hidden}
-
-            def call(self, inputs, training=None):
-                return self.call_with_activations(inputs, training)[0]
+                logits = self.logits(hidden)
+                if return_activations:
+                    return logits, {"hidden": hidden}
+                return logits
         ```
 
         Args:
@@ -146,10 +161,26 @@ class MarginModel(keras.Model):
             dict from margin layer name to its ``[batch, ...]`` activation.
             The model input (``"input"``) need not be in the dict.
         """
-        if self._taps.model is None:
-            return self(inputs, training=training), {}
-        outputs, *activations = self._taps.model(inputs, training=training)
-        return outputs, dict(zip(self._taps.layers, activations))
+        if self._taps.model is not None:
+            outputs, *activations = self._taps.model(inputs, training=training)
+            return outputs, dict(zip(self._taps.layers, activations))
+        if any(name != INPUT for name in self.margin.layers):
+            return self(inputs, training=training, return_activations=True)
+        return self(inputs, training=training), {}
+
+    def _check_subclass_call(self):
+        """A subclassed model with hidden margin layers must be able to
+        return their activations."""
+        hidden = [name for name in self.margin.layers if name != INPUT]
+        parameters = inspect.signature(type(self).call).parameters
+        if hidden and "return_activations" not in parameters:
+            raise TypeError(
+                f"{type(self).__name__}.call() cannot return the activations of "
+                f"margin layer(s) {hidden}. Add `return_activations=False` to "
+                "its arguments and, when it is True, return `(outputs, "
+                "{layer_name: activation})` (see "
+                "`MarginModel.call_with_activations`)."
+            )
 
     def _build_activation_model(self):
         """Validates the margin against the graph; builds the tap model."""
@@ -190,6 +221,8 @@ class MarginModel(keras.Model):
                     "not one tensor. Choose a layer that returns one tensor."
                 )
             tensors.append(tensor)
+        if not hidden:
+            return
         self._taps.layers = tuple(hidden)
         self._taps.model = keras.Model(
             self.inputs, [self.outputs[0], *tensors], name=f"{self.name}_taps"
@@ -270,8 +303,9 @@ class MarginModel(keras.Model):
         if missing:
             raise ValueError(
                 f"Margin layer(s) {missing} are not among the activations "
-                f"returned by `call_with_activations`: {sorted(activations)}. "
-                "Return each margin layer's output under its name."
+                f"returned by `call(..., return_activations=True)`: "
+                f"{sorted(activations)}. Return each margin layer's output "
+                "under its name."
             )
         targets = [x if name == INPUT else activations[name] for name in margin.layers]
         distances = margin_lib.layer_distances(
