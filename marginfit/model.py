@@ -258,8 +258,10 @@ class MarginModel(keras.Model):
                 "dataset of (x, y) pairs."
             )
         if training and self.margin.coupling == "inference":
-            y_pred = self(x, training=True)
+            # The inference pass runs first, so that it sees the moving
+            # statistics as they were before this step's training pass.
             _, distances = self._margin_distances(x, y, False, tape)
+            y_pred = self(x, training=True)
         else:
             y_pred, distances = self._margin_distances(x, y, training, tape)
         terms = [

@@ -109,3 +109,39 @@ def margin_loss(
         weight = 1.0 if sample_weight is None else float(sample_weight[k])
         total += weight * example_total / len(layers)
     return total / len(x), nearest
+
+
+def batch_coupled_distances(tap_model, x, y, *, layers, norm=2, top_k=1, epsilon=1e-6):
+    """The authors' batch-coupled estimate, and each example's own gradient.
+
+    Scores are softmax probabilities of a training-mode forward pass over
+    the whole batch. Returns ``(coupled, own)``, two ``[num_layers][top_k]``
+    lists of ``[batch]`` distance arrays: ``coupled`` from the gradient of the
+    batch sum of the differences, ``own`` from the diagonal blocks of the full
+    Jacobian (what each example's difference owes to its own activations,
+    with the batch statistics depending on it too).
+    """
+    x = tf.convert_to_tensor(x)
+    scores = tf.nn.softmax(tap_model(x, training=True)[0]).numpy()
+    rivals = np.array([competitors(s, int(label), top_k) for s, label in zip(scores, y)])
+    coupled = [[] for _ in layers]
+    own = [[] for _ in layers]
+    batch = np.arange(len(x))
+    for j in range(top_k):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            outputs, *hidden = tap_model(x, training=True)
+            probabilities = tf.nn.softmax(outputs)
+            difference = tf.gather(probabilities, y, axis=1, batch_dims=1) - tf.gather(
+                probabilities, rivals[:, j], axis=1, batch_dims=1
+            )
+        hidden = iter(hidden)
+        sources = [x if name == "input" else next(hidden) for name in layers]
+        for l, source in enumerate(sources):
+            summed = tape.gradient(difference, source).numpy().reshape(len(x), -1)
+            jacobian = tape.jacobian(difference, source).numpy()
+            diagonal = jacobian.reshape(len(x), len(x), -1)[batch, batch]
+            for target, gradient in ((coupled, summed), (own, diagonal)):
+                gradient_norm = np.linalg.norm(gradient, ord=DUAL[norm], axis=-1)
+                target[l].append(difference.numpy() / (gradient_norm + epsilon))
+    return coupled, own

@@ -1,0 +1,129 @@
+"""MarginModel inside fit(): batch-coupling layers, callbacks, distribution."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import reference
+from helpers import CE, conv_net, digits
+
+from marginfit import LargeMargin
+
+HERE = os.path.dirname(__file__)
+# In the order of the reference taps: [outputs, conv, dense].
+LAYERS = ["input", "conv", "dense"]
+
+
+def first_step_margin_loss(margin, x, y, batchnorm=True):
+    """margin_loss logged by the first training step, and the reference
+    model on the initial weights."""
+    model, _ = conv_net(margin, batchnorm=batchnorm)
+    model.compile(keras.optimizers.SGD(0.0), loss=CE)
+    history = model.fit(x, y, batch_size=len(x), shuffle=False, verbose=0)
+    _, initial_taps = conv_net(margin, batchnorm=batchnorm)
+    return history.history["margin_loss"][0], initial_taps
+
+
+def test_inference_coupling_uses_each_examples_own_gradient():
+    x, y = digits(8)
+    margin = LargeMargin(
+        LAYERS, gamma=0.2, alpha=2.0, top_k=2, coupling="inference"
+    )
+    logged, taps = first_step_margin_loss(margin, x, y)
+    expected, _ = reference.margin_loss(
+        taps, x, y, gamma=0.2, alpha=2.0, layers=LAYERS, top_k=2,
+        training=False,
+    )
+    np.testing.assert_allclose(logged, float(expected), rtol=1e-5)
+
+
+def test_batch_coupling_is_the_authors_batch_summed_gradient():
+    x, y = digits(8)
+    gamma, alpha = 0.2, 2.0
+    margin = LargeMargin(LAYERS, gamma=gamma, alpha=alpha, coupling="batch")
+    logged, taps = first_step_margin_loss(margin, x, y)
+    coupled, own = reference.batch_coupled_distances(taps, x, y, layers=LAYERS)
+
+    def loss(distances):
+        terms = [np.maximum(0, gamma - np.maximum(d[0], gamma * (1 - alpha))) for d in distances]
+        return np.mean(terms)
+
+    np.testing.assert_allclose(logged, loss(coupled), rtol=1e-5)
+    # With BatchNormalization in training mode the batch-summed gradient is
+    # not each example's own: the two estimates differ by far more than 1 %.
+    relative = np.abs(coupled[0][0] - own[0][0]) / np.abs(own[0][0])
+    assert relative.max() > 0.01
+
+
+def test_without_coupling_layers_batch_gradient_is_exact():
+    x, y = digits(8)
+    margin = LargeMargin(LAYERS, gamma=0.2, alpha=2.0, coupling="batch")
+    logged, taps = first_step_margin_loss(margin, x, y, batchnorm=False)
+    expected, _ = reference.margin_loss(
+        taps, x, y, gamma=0.2, alpha=2.0, layers=LAYERS, training=True
+    )
+    np.testing.assert_allclose(logged, float(expected), rtol=1e-5)
+
+
+def test_callbacks_monitor_margin_metrics_without_mode(tmp_path):
+    margin = LargeMargin(["input", "conv", "dense"], gamma=0.2, alpha=2.0)
+    model, _ = conv_net(margin)
+    model.compile("adam", loss=CE, metrics=["accuracy"])
+    x, y = digits(64)
+    callbacks = [
+        keras.callbacks.EarlyStopping(monitor="val_margin_loss", patience=10),
+        keras.callbacks.ReduceLROnPlateau(monitor="val_distance_dense", patience=10),
+        keras.callbacks.ModelCheckpoint(
+            str(tmp_path / "best.keras"), monitor="val_margin_loss", save_best_only=True
+        ),
+        keras.callbacks.CSVLogger(str(tmp_path / "log.csv")),
+        keras.callbacks.TensorBoard(str(tmp_path / "tensorboard")),
+    ]
+    history = model.fit(
+        x[:48], y[:48], validation_data=(x[48:], y[48:]), epochs=3, batch_size=16,
+        callbacks=callbacks, verbose=0,
+    )
+    # Losses are minimised, distances to the boundary maximised.
+    assert callbacks[0].monitor_op is keras.ops.less
+    assert callbacks[1].monitor_op is keras.ops.greater
+    assert callbacks[2].monitor_op is keras.ops.less
+    expected = {"loss", "ce_loss", "margin_loss", "accuracy"} | {
+        f"distance_{name}" for name in ("input", "conv", "dense")
+    }
+    assert set(history.history) == expected | {f"val_{name}" for name in expected} | {
+        "learning_rate"
+    }
+    with open(tmp_path / "log.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 3
+    for key in ("val_margin_loss", "val_distance_input", "ce_loss"):
+        np.testing.assert_allclose(
+            [float(row[key]) for row in rows], history.history[key], rtol=1e-6
+        )
+    best = int(np.argmin(history.history["val_margin_loss"]))
+    reloaded = keras.models.load_model(tmp_path / "best.keras")
+    logs = reloaded.evaluate(x[48:], y[48:], batch_size=16, return_dict=True, verbose=0)
+    np.testing.assert_allclose(
+        logs["margin_loss"], history.history["val_margin_loss"][best], rtol=1e-5
+    )
+    assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_mirrored_strategy_matches_one_device():
+    """Two logical CPUs need a fresh process: devices are fixed at start-up."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, "distributed_fit.py")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["replicas"] == 2
+    assert report["max_weight_difference"] < 1e-5
+    # The margin moved the weights: the check is not vacuous.
+    assert report["max_weight_change"] > 1e-2
+    for key in ("loss", "margin_loss", "ce_loss", "distance_input"):
+        np.testing.assert_allclose(report["mirrored"][key], report["single"][key], rtol=1e-5)
