@@ -1,9 +1,22 @@
 """marginfit: large-margin training inside plain Keras `fit()`/`evaluate()`."""
 
+from marginfit.callbacks import GroupLearningRateScheduler
 from marginfit.data import load_digits
+from marginfit.losses import HuberLoss
 from marginfit.margin import LargeMargin
-from marginfit.metrics import DirectionalMean
+from marginfit.metrics import DirectionalMean, ViolationRate
 from marginfit.model import MarginModel
+from marginfit.optimizers import BacktrackingSGD, discriminative_optimizer
 
-__all__ = ["DirectionalMean", "LargeMargin", "MarginModel", "load_digits"]
+__all__ = [
+    "BacktrackingSGD",
+    "DirectionalMean",
+    "GroupLearningRateScheduler",
+    "HuberLoss",
+    "LargeMargin",
+    "MarginModel",
+    "ViolationRate",
+    "discriminative_optimizer",
+    "load_digits",
+]
 __version__ = "0.1.0"

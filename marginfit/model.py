@@ -80,7 +80,7 @@ class MarginModel(keras.Model):
         # Holds the Functional that also returns the margin activations; kept
         # out of Keras' tracking so that it adds nothing to saving or summary.
         self._taps = types.SimpleNamespace(model=None, layers=())
-        self.margin_metrics = MarginMetrics(margin.layers) if margin else None
+        self.margin_metrics = MarginMetrics(margin.layers, margin.gamma) if margin else None
         if margin is not None and self._is_functional:
             self._build_activation_model()
         elif margin is not None:
@@ -273,10 +273,12 @@ class MarginModel(keras.Model):
         per_example = tf.add_n(terms) / len(terms)
         if sample_weight is not None:
             per_example *= tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
-        for metric, layer_distances in zip(
-            self.margin_metrics.distances, distances
-        ):
-            metric.update_state(tf.reduce_min(layer_distances, axis=-1))
+        nearest = [tf.reduce_min(layer_distances, axis=-1) for layer_distances in distances]
+        for metric, layer_nearest in zip(self.margin_metrics.distances, nearest):
+            metric.update_state(layer_nearest)
+        self.margin_metrics.violation_rate.update_state(
+            tf.stack(nearest, axis=-1), sample_weight
+        )
         return y_pred, tf.reduce_mean(per_example)
 
     def _margin_distances(self, x, y, training, outer_tape):

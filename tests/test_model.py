@@ -43,12 +43,19 @@ def reference_loss(taps, x, y, margin, training=False, sample_weight=None):
     )
 
 
-def assert_logs_match_reference(logs, expected_loss, nearest):
+def assert_logs_match_reference(logs, expected_loss, nearest, margin, sample_weight=None):
     np.testing.assert_allclose(logs["margin_loss"], float(expected_loss), rtol=1e-5)
     for name, distances in zip(LAYERS, nearest):
         np.testing.assert_allclose(
             logs[f"distance_{name}"], distances.mean(), rtol=1e-5, atol=1e-7
         )
+    # An example violates the margin when any layer's distance is below gamma.
+    violated = np.any(
+        [distances < gamma for distances, gamma in zip(nearest, margin.gamma)], axis=0
+    )
+    weights = np.ones(len(violated)) if sample_weight is None else sample_weight
+    expected_rate = np.sum(weights * violated) / np.sum(weights)
+    np.testing.assert_allclose(logs["violation_rate"], expected_rate, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -65,7 +72,7 @@ def test_evaluate_matches_naive_reference(norm, top_k, aggregation, approximate)
     # Batches of 8, 8 and 4: the logs are streaming means over examples.
     logs = model.evaluate(x, y, batch_size=8, return_dict=True, verbose=0)
     expected_loss, nearest = reference_loss(taps, x, y, margin)
-    assert_logs_match_reference(logs, expected_loss, nearest)
+    assert_logs_match_reference(logs, expected_loss, nearest, margin)
     expected_ce = CE(y, taps(x)[0])
     np.testing.assert_allclose(logs["ce_loss"], expected_ce, rtol=1e-5)
     np.testing.assert_allclose(
@@ -84,7 +91,7 @@ def test_layer_weights_sample_weights_and_one_hot_labels():
         verbose=0,
     )
     expected_loss, nearest = reference_loss(taps, x, y, margin, sample_weight=weights)
-    assert_logs_match_reference(logs, expected_loss, nearest)
+    assert_logs_match_reference(logs, expected_loss, nearest, margin, weights)
 
 
 def test_probability_outputs_give_the_same_margin_as_logits():
@@ -174,7 +181,7 @@ def test_training_logs_are_streaming_means_over_the_epoch():
     history = model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
     logs = {key: values[-1] for key, values in history.history.items()}
     expected_loss, nearest = reference_loss(taps, x, y, margin, training=True)
-    assert_logs_match_reference(logs, expected_loss, nearest)
+    assert_logs_match_reference(logs, expected_loss, nearest, margin)
 
 
 def test_regularization_losses_are_part_of_the_loss():

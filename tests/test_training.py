@@ -91,7 +91,7 @@ def test_callbacks_monitor_margin_metrics_without_mode(tmp_path):
     assert callbacks[0].monitor_op is keras.ops.less
     assert callbacks[1].monitor_op is keras.ops.greater
     assert callbacks[2].monitor_op is keras.ops.less
-    expected = {"loss", "ce_loss", "margin_loss", "accuracy"} | {
+    expected = {"loss", "ce_loss", "margin_loss", "violation_rate", "accuracy"} | {
         f"distance_{name}" for name in ("input", "conv", "dense")
     }
     assert set(history.history) == expected | {f"val_{name}" for name in expected} | {
