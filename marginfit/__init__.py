@@ -7,6 +7,7 @@ from marginfit.margin import LargeMargin
 from marginfit.metrics import DirectionalMean, ViolationRate
 from marginfit.model import MarginModel
 from marginfit.optimizers import BacktrackingSGD, discriminative_optimizer
+from marginfit.saving import load_model, save_model
 
 __all__ = [
     "BacktrackingSGD",
@@ -18,5 +19,7 @@ __all__ = [
     "ViolationRate",
     "discriminative_optimizer",
     "load_digits",
+    "load_model",
+    "save_model",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,123 @@
+"""One SavedModel directory that serves and that resumes training.
+
+``marginfit.save_model(model, path)`` writes what `model.export(path)`
+writes (a SavedModel with the ``serve`` endpoint and the ``serving_default``
+signature, read by TF Serving, `tf.saved_model.load` and
+`keras.layers.TFSMLayer`) and adds the model's `.keras` archive (config,
+weights, compile config, optimizer state) under ``assets.extra/``, which
+SavedModel readers leave alone. ``marginfit.load_model(path)`` restores the
+trainable model from it.
+"""
+
+import os
+import shutil
+import tempfile
+import zipfile
+
+import keras
+
+ARCHIVE = os.path.join("assets.extra", "marginfit.keras")
+_SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+
+
+def _is_saved_model(path):
+    return any(os.path.isfile(os.path.join(path, name)) for name in _SAVED_MODEL_FILES)
+
+
+def save_model(model, path, overwrite=True):
+    """Writes ``model`` to the SavedModel directory ``path``.
+
+    The directory is assembled next to ``path`` and moved into place only
+    once complete, so a failure leaves any previous model at ``path`` intact.
+
+    Args:
+        model: A built `keras.Model` (a `MarginModel` or any other).
+        path: Directory to write.
+        overwrite: Whether to replace an existing SavedModel at ``path``.
+            Other existing files or non-empty directories are never replaced.
+
+    Raises:
+        FileExistsError: If ``path`` exists and may not be replaced.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        replaceable = os.path.isdir(path) and (
+            _is_saved_model(path) or not os.listdir(path)
+        )
+        if not replaceable:
+            raise FileExistsError(
+                f"{path!r} exists and is not a SavedModel directory; "
+                "save_model replaces only its own kind. Choose another path."
+            )
+        if not overwrite:
+            raise FileExistsError(
+                f"{path!r} already holds a SavedModel. Pass overwrite=True "
+                "to replace it."
+            )
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".marginfit-", dir=parent)
+    try:
+        written = os.path.join(staging, "model")
+        model.export(written, format="tf_saved_model", verbose=False)
+        os.makedirs(os.path.join(written, os.path.dirname(ARCHIVE)), exist_ok=True)
+        model.save(os.path.join(written, ARCHIVE))
+        if os.path.exists(path):
+            os.replace(path, os.path.join(staging, "previous"))
+        os.replace(written, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_model(path, compile=True, safe_mode=True):
+    """Restores the trainable model saved by `save_model` (or a `.keras` file).
+
+    Args:
+        path: A directory written by `save_model`, or a `.keras` file.
+        compile: Whether to restore the compiled loss, metrics and optimizer
+            (with its state), so that `fit()` resumes where it stopped.
+        safe_mode: As for `keras.models.load_model`; our files load in safe
+            mode.
+
+    Returns:
+        The model, e.g. a `MarginModel`, with its margin and optimizer.
+
+    Raises:
+        ValueError: If ``path`` is missing, is a SavedModel without the
+            training archive, or is damaged or not a Keras archive. Nothing
+            half-loaded is ever returned.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if not _is_saved_model(path):
+            raise ValueError(
+                f"{path!r} is a directory but not a SavedModel (no "
+                "saved_model.pb). Give a directory written by "
+                "marginfit.save_model, or a .keras file."
+            )
+        archive = os.path.join(path, ARCHIVE)
+        if not os.path.isfile(archive):
+            raise ValueError(
+                f"The SavedModel at {path!r} has no {ARCHIVE}: it holds a "
+                "serving graph only (as written by model.export), not the "
+                "model's training state. Serve it with tf.saved_model.load or "
+                "keras.layers.TFSMLayer; to resume training, save with "
+                "marginfit.save_model."
+            )
+    elif os.path.isfile(path):
+        archive = path
+    else:
+        raise ValueError(f"No model at {path!r}: no such file or directory.")
+    if not zipfile.is_zipfile(archive):
+        raise ValueError(
+            f"{archive!r} is not a Keras archive (not a zip file): it is "
+            "damaged, truncated or of another format."
+        )
+    try:
+        return keras.models.load_model(archive, compile=compile, safe_mode=safe_mode)
+    except Exception as error:
+        raise ValueError(
+            f"Could not load the model in {archive!r}: {error} The archive is "
+            "damaged, or was written with model classes or versions that "
+            "this installation does not have."
+        ) from error
