@@ -100,6 +100,17 @@ def distance_metric_name(layer_name):
     return f"distance_{layer_name}"
 
 
+def metric_direction(log_name):
+    """``"up"``/``"down"`` for a log name that `MarginModel` adds (with or
+    without ``val_``), or None for other names."""
+    name = log_name[len("val_"):] if log_name.startswith("val_") else log_name
+    if name in ("loss", "ce_loss", "margin_loss", "violation_rate"):
+        return "down"
+    if name.startswith(distance_metric_name("")):
+        return "up"
+    return None
+
+
 class MarginMetrics(MetricsList):
     """The margin's metrics as one group: ``ce_loss``, ``margin_loss``,
     ``violation_rate`` and one ``distance_<layer>`` per margin layer."""
@@ -107,12 +118,14 @@ class MarginMetrics(MetricsList):
     def __init__(self, layer_names, gamma, name="margin_metrics"):
         super().__init__(
             [
-                DirectionalMean("ce_loss", "down"),
-                DirectionalMean("margin_loss", "down"),
+                *(
+                    DirectionalMean(name, metric_direction(name))
+                    for name in ("ce_loss", "margin_loss")
+                ),
                 ViolationRate(gamma),
                 *(
-                    DirectionalMean(distance_metric_name(layer_name), "up")
-                    for layer_name in layer_names
+                    DirectionalMean(name, metric_direction(name))
+                    for name in map(distance_metric_name, layer_names)
                 ),
             ],
             name=name,

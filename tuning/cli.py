@@ -1,0 +1,110 @@
+"""The search command: ``python -m tuning`` (or ``marginfit-tune``).
+
+    python -m tuning --tuner random --trials 10 --epochs 5 \\
+        --objective val_accuracy --output tuning_results \\
+        --set gamma=1:10000 --set norm=2,inf --set conv_layers=1
+
+Prints keras-tuner's progress and a results table; writes
+``results.csv``/``results.json`` (one row per finished trial, best first),
+``best.keras`` (the best trial's model, reloadable with
+`keras.models.load_model`) and ``best.json`` (its hyperparameters and
+validation metrics) into the output directory.
+"""
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+import marginfit  # noqa: E402
+from tuning import search  # noqa: E402
+from tuning.hypermodel import MarginHyperModel  # noqa: E402
+
+
+def parse_setting(text):
+    """``name=value`` (fixed), ``name=low:high`` (range) or ``name=a,b,c``
+    (choice) as ``(name, value)`` in `MarginHyperModel`'s conventions."""
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(
+            f"--set expects name=value, name=low:high or name=a,b,c; received {text!r}."
+        )
+    if ":" in value:
+        low, high = value.split(":")
+        return name, (_number(low), _number(high))
+    if "," in value:
+        return name, [_number(part) for part in value.split(",")]
+    return name, _number(value)
+
+
+def _number(text):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def load_data(spec, seed):
+    if spec == "digits":
+        return marginfit.load_digits(seed=seed)
+    return marginfit.data.load_npz(spec, seed=seed)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m tuning", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
+    )
+    parser.add_argument("--data", default="digits", help="'digits' (bundled) or a .npz file with x and y arrays")
+    parser.add_argument("--tuner", default="random", choices=search.TUNERS)
+    parser.add_argument("--trials", type=int, default=10, help="trials of random/bayesian search")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs per trial (Hyperband: its max_epochs)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--objective", default="val_accuracy", help="a log name, e.g. val_margin_loss; 'name:min|max' for others")
+    parser.add_argument("--output", default="tuning_results", help="directory of the search and its results")
+    parser.add_argument("--set", dest="settings", type=parse_setting, action="append", default=[],
+                        metavar="NAME=VALUE", help="narrow or fix a hyperparameter (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    (x_train, y_train), (x_val, y_val) = load_data(args.data, args.seed)
+    hypermodel = MarginHyperModel(
+        input_shape=x_train.shape[1:],
+        num_classes=int(max(y_train.max(), y_val.max())) + 1,
+        **dict(args.settings),
+    )
+    tuner = search.make_tuner(
+        args.tuner, hypermodel, args.objective, args.output, max_trials=args.trials,
+        epochs=args.epochs, overwrite=args.overwrite, seed=args.seed,
+    )
+    tuner.search(
+        x_train, y_train, validation_data=(x_val, y_val), epochs=args.epochs,
+        batch_size=args.batch_size, verbose=1,
+    )
+    rows = search.results(tuner)
+    print("\n" + search.format_table(rows, tuner.oracle.objective.name))
+    search.write_results(rows, args.output)
+    if not rows:
+        raise SystemExit("No trial finished; see keras-tuner's messages above.")
+
+    best = search.best_model(tuner)
+    best.save(os.path.join(args.output, "best.keras"))
+    validation = best.evaluate(x_val, y_val, batch_size=args.batch_size, return_dict=True, verbose=0)
+    summary = {"trial": rows[0]["trial"], "objective": tuner.oracle.objective.name,
+               "score": rows[0]["score"], "hyperparameters": tuner.get_best_hyperparameters(1)[0].values,
+               "validation": {k: float(np.asarray(v)) for k, v in validation.items()}}
+    with open(os.path.join(args.output, "best.json"), "w") as file:
+        json.dump(summary, file, indent=2)
+    print(f"\nbest trial {summary['trial']}: {summary['objective']} = {summary['score']:.4f}; "
+          f"model in {os.path.join(args.output, 'best.keras')}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Running a keras-tuner search over `MarginHyperModel`, and its results."""
+
+import csv
+import json
+import os
+
+import keras_tuner as kt
+
+from marginfit.metrics import metric_direction
+
+TUNERS = ("random", "bayesian", "hyperband")
+
+
+def objective(name):
+    """A `keras_tuner.Objective` for a log name.
+
+    ``"val_margin_loss"``, ``"val_distance_input"`` and the other metrics of
+    `MarginModel` get the direction they declare; ``"name:min"`` or
+    ``"name:max"`` sets it for any other metric; names keras-tuner knows
+    (``val_accuracy``, ``val_loss``) keep its own inference.
+    """
+    if isinstance(name, kt.Objective):
+        return name
+    name, _, direction = name.partition(":")
+    if direction:
+        if direction not in ("min", "max"):
+            raise ValueError(
+                f"Objective direction must be 'min' or 'max'; received {direction!r}."
+            )
+        return kt.Objective(name, direction)
+    ours = metric_direction(name)
+    if ours is not None:
+        return kt.Objective(name, "min" if ours == "down" else "max")
+    if kt.engine.metrics_tracking.infer_metric_direction(name.removeprefix("val_")) is None:
+        raise ValueError(
+            f"Cannot tell whether objective {name!r} should be minimised or "
+            f"maximised; write '{name}:min' or '{name}:max'."
+        )
+    return name
+
+
+def make_tuner(
+    kind, hypermodel, objective_name, directory, project_name="search",
+    max_trials=10, epochs=5, overwrite=False, seed=0,
+):
+    """A keras-tuner tuner of ``kind`` (one of `TUNERS`).
+
+    ``max_trials`` bounds RandomSearch and BayesianOptimization; Hyperband
+    sizes itself from ``epochs`` (its ``max_epochs``, with factor 3). With
+    ``overwrite=False`` an existing search in ``directory/project_name``
+    resumes: finished trials are kept, interrupted ones are run again.
+    """
+    common = dict(
+        objective=objective(objective_name), directory=directory,
+        project_name=project_name, overwrite=overwrite, seed=seed,
+    )
+    if kind == "random":
+        return kt.RandomSearch(hypermodel, max_trials=max_trials, **common)
+    if kind == "bayesian":
+        return kt.BayesianOptimization(
+            hypermodel, max_trials=max_trials,
+            num_initial_points=min(2, max_trials), **common
+        )
+    if kind == "hyperband":
+        return kt.Hyperband(hypermodel, max_epochs=epochs, factor=3, **common)
+    raise ValueError(f"Unknown tuner {kind!r}; use one of {list(TUNERS)}.")
+
+
+def results(tuner):
+    """One row per finished trial, best first: ``{"trial", "score", **hyperparameters}``."""
+    trials = [
+        trial for trial in tuner.oracle.trials.values()
+        if trial.status == kt.engine.trial.TrialStatus.COMPLETED and trial.score is not None
+    ]
+    maximise = tuner.oracle.objective.direction == "max"
+    trials.sort(key=lambda trial: trial.score, reverse=maximise)
+    return [
+        {"trial": trial.trial_id, "score": float(trial.score), **trial.hyperparameters.values}
+        for trial in trials
+    ]
+
+
+def best_model(tuner):
+    """The best trial's model at its best epoch, weights *and* optimizer state.
+
+    keras-tuner's `get_best_models` loads the checkpoint into a model whose
+    optimizer is not built yet, so it drops the optimizer state (with a
+    warning); building the optimizer first keeps it, and the model can
+    continue training where the trial left it.
+    """
+    (trial,) = tuner.oracle.get_best_trials(1)
+    model = tuner.hypermodel.build(trial.hyperparameters.copy())
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(os.path.join(tuner.get_trial_dir(trial.trial_id), "checkpoint.weights.h5"))
+    return model
+
+
+def format_table(rows, objective_name):
+    """The rows as an aligned text table, the objective named in the header."""
+    if not rows:
+        return "no finished trials"
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    header = [objective_name if c == "score" else c for c in columns]
+    cells = [[_cell(row.get(column, "")) for column in columns] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def _cell(value):
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_results(rows, directory):
+    """Writes ``results.csv`` and ``results.json`` into ``directory``."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "results.json"), "w") as file:
+        json.dump(rows, file, indent=2)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(os.path.join(directory, "results.csv"), "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
