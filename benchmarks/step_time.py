@@ -1,85 +1,233 @@
-"""Training-step time of MarginModel relative to plain cross-entropy.
+"""Training-step time and memory of MarginModel relative to cross-entropy.
 
 Builds the small CNN of the paper's MNIST setting (28x28x1 inputs, two 5x5
 conv layers of 32 and 64 filters each followed by 2x2 max-pooling, dense 512,
-10 classes; batch 64; margin on the input and both pooled outputs, top_k=1)
-and times, interleaved in one process, `train_on_batch` of the margin model
-(approximate and exact) against a plain `keras.Model` on the same layers
-compiled with sparse categorical cross-entropy. Prints a table and a JSON
-line of ratios (margin step / CE step): absolute times alone mean little.
+10 classes; batch 64; margin on the input and both pooled outputs) and an MLP
+variant (784-512-512-10, margin on the input and both hidden layers), and
+times, interleaved in one process, `train_on_batch` of `MarginModel` against
+a plain `keras.Model` on the same layers compiled with sparse categorical
+cross-entropy, for approximate/exact x top_k 1/9 x norm 2/inf x jit_compile
+off/on. Prints a table and a JSON line of ratios (margin step / CE step with
+the same jit setting), the peak memory of a few variants relative to CE
+(each in a fresh process), and the ratio of a naive per-example, per-class
+implementation. Absolute times alone mean little; quote the ratios.
 
-    python benchmarks/step_time.py [--repeats 7] [--steps 10]
+    python benchmarks/step_time.py [--repeats 5] [--steps 3] [--quick]
 """
 
 import argparse
+import itertools
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 import marginfit  # noqa: E402
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+BATCH = 64
 
 
-def cnn(margin, seed=0):
+def cnn(inputs):
+    x = keras.layers.Conv2D(32, 5, padding="same", activation="relu", name="conv1")(inputs)
+    x = keras.layers.MaxPooling2D(name="pool1")(x)
+    x = keras.layers.Conv2D(64, 5, padding="same", activation="relu", name="conv2")(x)
+    x = keras.layers.MaxPooling2D(name="pool2")(x)
+    x = keras.layers.Dense(512, activation="relu", name="dense")(keras.layers.Flatten()(x))
+    return keras.layers.Dense(10, name="logits")(x), ["input", "pool1", "pool2"]
+
+
+def mlp(inputs):
+    x = keras.layers.Flatten()(inputs)
+    x = keras.layers.Dense(512, activation="relu", name="hidden1")(x)
+    x = keras.layers.Dense(512, activation="relu", name="hidden2")(x)
+    return keras.layers.Dense(10, name="logits")(x), ["input", "hidden1", "hidden2"]
+
+
+ARCHITECTURES = {"cnn": cnn, "mlp": mlp}
+
+
+def build(architecture, margin_options=None, jit_compile=False, seed=0):
+    """A compiled model; plain `keras.Model` when ``margin_options`` is None."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((28, 28, 1))
-    x = keras.layers.Conv2D(32, 5, padding="same", activation="relu")(inputs)
-    x = keras.layers.MaxPooling2D(name="pool1")(x)
-    x = keras.layers.Conv2D(64, 5, padding="same", activation="relu")(x)
-    x = keras.layers.MaxPooling2D(name="pool2")(x)
-    x = keras.layers.Dense(512, activation="relu")(keras.layers.Flatten()(x))
-    logits = keras.layers.Dense(10)(x)
-    if margin is None:
+    logits, layers = ARCHITECTURES[architecture](inputs)
+    if margin_options is None:
         model = keras.Model(inputs, logits)
     else:
+        margin = marginfit.LargeMargin(layers, **margin_options)
         model = marginfit.MarginModel(inputs, logits, margin=margin)
-    model.compile(keras.optimizers.SGD(1e-3), loss=CE)
+    model.compile(keras.optimizers.SGD(1e-3), loss=CE, jit_compile=jit_compile)
     return model
 
 
-def step_seconds(model, x, y, steps):
+def batch(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.random((BATCH, 28, 28, 1), dtype="float32")
+    return x, rng.integers(0, 10, BATCH)
+
+
+def seconds_per_step(step, steps):
     start = time.perf_counter()
     for _ in range(steps):
-        model.train_on_batch(x, y)
+        step()
     return (time.perf_counter() - start) / steps
+
+
+def variant_name(options, jit):
+    return (f"{'approximate' if options['approximate'] else 'exact'} top_k={options['top_k']} "
+            f"norm={options['norm']} jit={'on' if jit else 'off'}")
+
+
+def time_variants(architecture, variants, repeats, steps):
+    """Median seconds per step of each variant, and of CE with each jit
+    setting, measured interleaved."""
+    x, y = batch()
+    models = {}
+    for jit in sorted({jit for _, jit in variants}):
+        models[("ce", jit)] = build(architecture, None, jit)
+    for options, jit in variants:
+        models[(variant_name(options, jit), jit)] = build(architecture, options, jit)
+    for model in models.values():  # trace, compile and warm up
+        for _ in range(2):
+            model.train_on_batch(x, y)
+    times = {key: [] for key in models}
+    for _ in range(repeats):
+        for key, model in models.items():
+            times[key].append(seconds_per_step(lambda: model.train_on_batch(x, y), steps))
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+# ------------------------------------------------------------ naive reference
+
+
+def naive_step(model, taps, x, y, layers, gamma=10000.0, alpha=4.0):
+    """One step of the margin as people hand-write it: Python loops over the
+    examples and the competing classes, one tape per example and class."""
+    with tf.GradientTape() as outer:
+        total = CE(y, model(x, training=True))
+        for k in range(len(x)):
+            example = x[k : k + 1]
+            for j in range(10):
+                if j == y[k]:
+                    continue
+                with tf.GradientTape(persistent=True) as tape:
+                    tape.watch(example)
+                    outputs, *hidden = taps(example, training=True)
+                    probabilities = tf.nn.softmax(outputs)[0]
+                    difference = probabilities[y[k]] - probabilities[j]
+                for activation in [example, *hidden]:
+                    norm = tf.norm(tape.gradient(difference, activation))
+                    distance = difference / (tf.stop_gradient(norm) + 1e-6)
+                    clipped = tf.maximum(distance, gamma * (1 - alpha))
+                    total += tf.nn.relu(gamma - clipped) / (len(x) * len(layers))
+    gradients = outer.gradient(total, model.trainable_weights)
+    model.optimizer.apply_gradients(zip(gradients, model.trainable_weights))
+
+
+def naive_ratio(steps=2):
+    """Seconds per naive step / seconds per CE step (batch 64, the CNN)."""
+    x, y = batch()
+    ce = build("cnn")
+    for _ in range(2):
+        ce.train_on_batch(x, y)
+    ce_seconds = seconds_per_step(lambda: ce.train_on_batch(x, y), 10)
+    model = build("cnn")
+    names = ["pool1", "pool2"]
+    taps = keras.Model(model.inputs, [model.outputs[0], *(model.get_layer(n).output for n in names)])
+    xt = tf.constant(x)
+    naive_seconds = seconds_per_step(lambda: naive_step(model, taps, xt, y, ["input", *names]), steps)
+    return naive_seconds / ce_seconds
+
+
+# ------------------------------------------------------------------- memory
+
+
+def peak_memory_child(architecture, options_json):
+    """Run in a fresh process: growth of the peak resident memory (MiB) from
+    the built model to the end of 5 training steps (tracing, step buffers
+    and optimizer state; TensorFlow's CPU allocator keeps no statistics)."""
+    options = json.loads(options_json)
+    model = build(architecture, options)
+    x, y = batch()
+    before = _resident_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as file:
+        file.write("5")  # resets the peak (VmHWM) to the current size
+    for _ in range(5):
+        model.train_on_batch(x, y)
+    print(json.dumps({"growth_mib": (_resident_kib("VmHWM") - before) / 1024}))
+
+
+def _resident_kib(field):
+    with open("/proc/self/status") as file:
+        for line in file:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_memory(architecture, options):
+    result = subprocess.run(
+        [sys.executable, __file__, "--memory-child", architecture, json.dumps(options)],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])["growth_mib"]
+
+
+# --------------------------------------------------------------------- main
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="top_k=1, norm 2, jit off only")
+    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_child:
+        return peak_memory_child(*args.memory_child)
 
-    rng = np.random.default_rng(0)
-    x = rng.random((args.batch_size, 28, 28, 1), dtype="float32")
-    y = rng.integers(0, 10, args.batch_size)
-    layers = ["input", "pool1", "pool2"]
-    models = {
-        "ce": cnn(None),
-        "approximate": cnn(marginfit.LargeMargin(layers, approximate=True)),
-        "exact": cnn(marginfit.LargeMargin(layers, approximate=False)),
-    }
-    for model in models.values():  # trace and warm up
-        step_seconds(model, x, y, 3)
-    times = {name: [] for name in models}
-    for _ in range(args.repeats):
-        for name, model in models.items():
-            times[name].append(step_seconds(model, x, y, args.steps))
-    median = {name: statistics.median(values) for name, values in times.items()}
-    ratios = {name: median[name] / median["ce"] for name in models if name != "ce"}
-    print(f"{'variant':<12} {'median step (ms)':>17} {'ratio to CE':>12}")
-    for name in models:
-        ratio = 1.0 if name == "ce" else ratios[name]
-        print(f"{name:<12} {1e3 * median[name]:>17.1f} {ratio:>12.2f}")
-    print(json.dumps({"batch_size": args.batch_size, "ratios": ratios}))
+    grid = itertools.product([True, False], [1, 9], [2, "inf"], [False, True])
+    if args.quick:
+        grid = itertools.product([True, False], [1], [2], [False])
+    variants = [
+        (dict(approximate=approximate, top_k=top_k, norm=norm), jit)
+        for approximate, top_k, norm, jit in grid
+    ]
+    report = {"batch_size": BATCH, "ratios": {}}
+    print(f"{'model':<5} {'variant':<38} {'ratio to CE':>11}")
+    for architecture in ARCHITECTURES:
+        chosen = variants if architecture == "cnn" else [
+            (options, jit) for options, jit in variants
+            if options["top_k"] == 1 and options["norm"] == 2 and not jit
+        ]
+        median = time_variants(architecture, chosen, args.repeats, args.steps)
+        for options, jit in chosen:
+            name = variant_name(options, jit)
+            ratio = median[(name, jit)] / median[("ce", jit)]
+            report["ratios"][f"{architecture} {name}"] = round(ratio, 3)
+            print(f"{architecture:<5} {name:<38} {ratio:>11.2f}", flush=True)
+
+    ce_memory = peak_memory("cnn", None)
+    report["peak_memory_ratio"] = {}
+    for approximate in (True, False):
+        options = dict(approximate=approximate, top_k=1, norm=2)
+        ratio = peak_memory("cnn", options) / ce_memory
+        name = "approximate" if approximate else "exact"
+        report["peak_memory_ratio"][f"cnn {name} top_k=1"] = round(ratio, 3)
+        print(f"peak memory growth over 5 steps, cnn {name} top_k=1 / CE: {ratio:.2f}", flush=True)
+
+    report["naive_ratio"] = round(naive_ratio(), 1)
+    print(f"naive per-example/per-class loop step / CE step: {report['naive_ratio']:.0f}x")
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -157,3 +157,11 @@ def test_hinge_terms_against_the_formula(aggregation):
     np.testing.assert_allclose(
         margin_lib.hinge_terms(distances, gamma, alpha, aggregation), expected
     )
+
+
+def test_dual_norm_of_float16_gradients_does_not_overflow():
+    # 10000 entries of 300: the squared sum (9e8) overflows float16.
+    gradients = tf.fill([2, 100, 100], tf.constant(300.0, tf.float16))
+    norms = margin_lib.dual_norm(gradients, 2)
+    assert norms.dtype == tf.float32
+    np.testing.assert_allclose(norms, [30000.0, 30000.0], rtol=1e-6)

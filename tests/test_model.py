@@ -216,3 +216,26 @@ def test_xla_step_equals_the_graph_step():
     model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
     for a, b in zip(graph, model.trainable_weights):
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_precision_matches_float32():
+    margin = margin_for(2, top_k=2)
+    x, y = digits(16)
+    model, _ = conv_net(margin)
+    model.compile(loss=CE)
+    expected = model.evaluate(x, y, return_dict=True, verbose=0)
+    weights = model.get_weights()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        mixed, _ = conv_net(margin)
+        assert mixed.get_layer("conv").compute_dtype == "float16"
+        mixed.set_weights(weights)
+        mixed.compile(keras.optimizers.SGD(0.1), loss=CE)
+        logs = mixed.evaluate(x, y, return_dict=True, verbose=0)
+        history = mixed.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    for key in ("margin_loss", "distance_input", "distance_conv", "distance_dense"):
+        np.testing.assert_allclose(logs[key], expected[key], rtol=2e-2, err_msg=key)
+    assert all(np.isfinite(values).all() for values in history.history.values())
+    assert all(np.isfinite(w).all() for w in mixed.get_weights())
