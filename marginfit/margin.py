@@ -347,42 +347,75 @@ def layer_distances(tape, differences, activations, margin, outer_tape=None):
         activations: One ``[batch, ...]`` tensor per margin layer, in the
             order of ``margin.layers``.
         margin: The `LargeMargin` config.
-        outer_tape: The tape computing the weights' gradients, if any. In
-            approximate mode it does not record the backward pass above,
-            whose result it treats as a constant anyway.
+        outer_tape: The tape computing the weights' gradients, if any. It
+            records only the backward passes it must differentiate through.
 
     Returns:
-        One ``[batch, top_k]`` float32 tensor of signed distances per layer.
+        One float32 tensor of signed distances per layer: ``[batch, top_k]``,
+        or ``[batch, 1]`` (the nearest competitor's) for an exact, ``"max"``
+        aggregated margin with ``top_k > 1``.
     """
-    skip_recording = outer_tape is not None and margin.approximate
-    with outer_tape.stop_recording() if skip_recording else contextlib.nullcontext():
-        gradient_norms = [[] for _ in activations]
-        for competitor in range(margin.top_k):
-            # Seeding the backward pass with a one-hot column selects
-            # competitor j without slicing (a slice taken outside the tape
-            # would not be recorded).
-            selector = tf.one_hot(
-                tf.fill(tf.shape(differences)[:1], competitor), margin.top_k
-            )
-            gradients = tape.gradient(
-                differences,
-                activations,
-                output_gradients=selector,
-            )
-            for layer_name, gradient in zip(margin.layers, gradients):
-                if gradient is None:
-                    raise ValueError(
-                        f"The model output does not depend on margin layer "
-                        f"{layer_name!r} in the recorded forward pass. Put the "
-                        "margin on a layer between the inputs and the output."
-                    )
-            for norms, gradient in zip(gradient_norms, gradients):
-                norms.append(dual_norm(gradient, margin.dual_norm))
-        gradient_norms = [tf.stack(norms, axis=-1) for norms in gradient_norms]
-    weights = margin.layer_weights or (1.0,) * len(activations)
+    if margin.approximate or margin.top_k == 1 or margin.aggregation == "sum":
+        # Every competitor's distance enters the loss (or the gradient norm
+        # is a constant): one backward pass per competitor.
+        record = not margin.approximate
+        norms = _gradient_norms(tape, differences, activations, margin, outer_tape, record)
+        return [_distance(differences, n, w, margin) for n, w in zip(norms, _weights(margin))]
+    # Exact, "max": only the nearest competitor's distance reaches the loss.
+    # Find it with unrecorded passes, then record (and later differentiate
+    # through) one backward pass per layer, seeded with each example's
+    # nearest competitor and reaching only that layer.
+    norms = _gradient_norms(tape, differences, activations, margin, outer_tape, False)
     distances = []
-    for norms, weight in zip(gradient_norms, weights):
-        if margin.approximate:
-            norms = tf.stop_gradient(norms)
-        distances.append(differences / (norms / weight + margin.epsilon))
+    for activation, layer_norms, weight, name in zip(
+        activations, norms, _weights(margin), margin.layers
+    ):
+        estimate = _distance(differences, tf.stop_gradient(layer_norms), weight, margin)
+        nearest = tf.one_hot(tf.argmin(estimate, axis=-1), margin.top_k)
+        (gradient,) = _gradients(tape, differences, [activation], nearest, [name])
+        norm = dual_norm(gradient, margin.dual_norm)
+        difference = tf.reduce_sum(differences * nearest, axis=-1, keepdims=True)
+        distances.append(_distance(difference, norm[:, None], weight, margin))
     return distances
+
+
+def _weights(margin):
+    return margin.layer_weights or (1.0,) * len(margin.layers)
+
+
+def _distance(differences, norms, weight, margin):
+    if margin.approximate:
+        norms = tf.stop_gradient(norms)
+    return differences / (norms / weight + margin.epsilon)
+
+
+def _gradients(tape, differences, activations, selector, names):
+    """Gradients of ``sum(differences * selector)`` w.r.t. ``activations``.
+
+    Seeding the backward pass with ``selector`` picks competitors without
+    slicing (a slice taken outside the tape would not be recorded)."""
+    gradients = tape.gradient(differences, activations, output_gradients=selector)
+    for name, gradient in zip(names, gradients):
+        if gradient is None:
+            raise ValueError(
+                f"The model output does not depend on margin layer {name!r} in "
+                "the recorded forward pass. Put the margin on a layer between "
+                "the inputs and the output."
+            )
+    return gradients
+
+
+def _gradient_norms(tape, differences, activations, margin, outer_tape, record):
+    """``[batch, top_k]`` dual norms of each competitor's gradient, per layer.
+
+    The outer tape records these passes only if ``record``."""
+    skip_recording = outer_tape is not None and not record
+    with outer_tape.stop_recording() if skip_recording else contextlib.nullcontext():
+        norms = [[] for _ in activations]
+        batch = tf.shape(differences)[:1]
+        for competitor in range(margin.top_k):
+            selector = tf.one_hot(tf.fill(batch, competitor), margin.top_k)
+            gradients = _gradients(tape, differences, activations, selector, margin.layers)
+            for layer_norms, gradient in zip(norms, gradients):
+                layer_norms.append(dual_norm(gradient, margin.dual_norm))
+        return [tf.stack(layer_norms, axis=-1) for layer_norms in norms]

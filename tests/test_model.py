@@ -125,10 +125,13 @@ def reference_gradients(model, taps, x, y, margin, ce_weight=1.0):
     return [g.numpy() for g in tape.gradient(total, model.trainable_weights)]
 
 
-@pytest.mark.parametrize("approximate", [True, False])
-@pytest.mark.parametrize("norm", [2, np.inf])
-def test_one_sgd_step_follows_the_reference_gradient(approximate, norm):
-    margin = margin_for(norm, top_k=2, aggregation="sum", approximate=approximate)
+@pytest.mark.parametrize(
+    "approximate, norm, aggregation",
+    [(True, 2, "sum"), (True, np.inf, "sum"), (False, 2, "sum"), (False, np.inf, "sum"),
+     (True, 2, "max"), (False, 2, "max"), (False, np.inf, "max")],
+)
+def test_one_sgd_step_follows_the_reference_gradient(approximate, norm, aggregation):
+    margin = margin_for(norm, top_k=2, aggregation=aggregation, approximate=approximate)
     x, y = digits(8)
     learning_rate = 0.5
     model, taps, before, after = sgd_step(margin, x, y, learning_rate)
@@ -139,7 +142,7 @@ def test_one_sgd_step_follows_the_reference_gradient(approximate, norm):
         np.testing.assert_allclose(w1 - w0, -learning_rate * g, rtol=2e-4, atol=2e-7)
     # The exact and approximate gradients differ well beyond that tolerance,
     # so this test tells them apart.
-    other = margin_for(norm, top_k=2, aggregation="sum", approximate=not approximate)
+    other = margin_for(norm, top_k=2, aggregation=aggregation, approximate=not approximate)
     other_gradients = reference_gradients(fresh, fresh_taps, x, y, other)
     assert max(
         np.abs(a - b).max() / np.abs(a).max()
