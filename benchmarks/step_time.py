@@ -18,6 +18,7 @@ implementation. Absolute times alone mean little; quote the ratios.
 import argparse
 import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -87,22 +88,27 @@ def variant_name(options, jit):
             f"norm={options['norm']} jit={'on' if jit else 'off'}")
 
 
-def time_variants(architecture, variants, repeats, steps):
+def time_variants(architecture, variants, repeats, steps, min_seconds=0.5):
     """Median seconds per step of each variant, and of CE with each jit
-    setting, measured interleaved."""
+    setting, measured interleaved; each measurement runs at least ``steps``
+    steps and about ``min_seconds``."""
     x, y = batch()
     models = {}
     for jit in sorted({jit for _, jit in variants}):
         models[("ce", jit)] = build(architecture, None, jit)
     for options, jit in variants:
         models[(variant_name(options, jit), jit)] = build(architecture, options, jit)
-    for model in models.values():  # trace, compile and warm up
-        for _ in range(2):
-            model.train_on_batch(x, y)
+    counts = {}
+    for key, model in models.items():  # trace, compile and warm up
+        model.train_on_batch(x, y)
+        estimate = seconds_per_step(lambda: model.train_on_batch(x, y), 2)
+        counts[key] = max(steps, math.ceil(min_seconds / estimate))
     times = {key: [] for key in models}
     for _ in range(repeats):
         for key, model in models.items():
-            times[key].append(seconds_per_step(lambda: model.train_on_batch(x, y), steps))
+            times[key].append(
+                seconds_per_step(lambda: model.train_on_batch(x, y), counts[key])
+            )
     return {key: statistics.median(values) for key, values in times.items()}
 
 
