@@ -33,8 +33,9 @@ def load_digits(test_fraction=0.25, seed=0):
 
 
 def load_npz(path, test_fraction=0.25, seed=0):
-    """Examples and integer labels from a ``.npz`` file with arrays ``x``
-    and ``y``, split like `load_digits`.
+    """Examples and integer labels from a ``.npz`` file: arrays ``x_train``,
+    ``y_train``, ``x_test``, ``y_test`` as they are, or ``x`` and ``y``
+    split like `load_digits`.
 
     ``x`` is ``[n, features]``, ``[n, height, width]`` (a channel axis is
     added) or ``[n, height, width, channels]``; ``y`` holds ``n`` integer
@@ -48,12 +49,20 @@ def load_npz(path, test_fraction=0.25, seed=0):
             arrays = {name: arrays[name] for name in arrays.files}
     except (OSError, EOFError, ValueError) as error:
         raise ValueError(f"Could not read {path!r} as a .npz file: {error}") from error
+    if {"x_train", "y_train", "x_test", "y_test"} <= set(arrays):
+        return tuple(
+            _checked(arrays[f"x_{part}"], arrays[f"y_{part}"]) for part in ("train", "test")
+        )
     if "x" not in arrays or "y" not in arrays:
         raise ValueError(
             f"{path!r} holds arrays {sorted(arrays)}; it needs `x` (examples) "
-            "and `y` (integer labels)."
+            "and `y` (integer labels), or x_train, y_train, x_test and y_test."
         )
-    x, y = arrays["x"], arrays["y"]
+    return split(*_checked(arrays["x"], arrays["y"]), test_fraction, seed)
+
+
+def _checked(x, y):
+    """``(x, y)`` as float32 ``[n, features]``/``[n, h, w, c]`` and int64 ``[n]``."""
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim not in (2, 4) or y.ndim != 1 or len(x) != len(y):
@@ -66,4 +75,45 @@ def load_npz(path, test_fraction=0.25, seed=0):
             "`y` must hold integer class labels 0..classes-1 (not one-hot); "
             f"received dtype {y.dtype}, minimum {y.min()}."
         )
-    return split(x.astype("float32"), y.astype("int64"), test_fraction, seed)
+    return x.astype("float32"), y.astype("int64")
+
+
+KERAS_DATASETS = ("mnist", "fashion_mnist", "cifar10")
+
+
+def load_keras_dataset(name):
+    """MNIST, Fashion-MNIST or CIFAR-10 through `keras.datasets` (downloads
+    on first use), scaled to [0, 1], with a channel axis and int64 labels."""
+    import keras
+
+    if name not in KERAS_DATASETS:
+        raise ValueError(f"Unknown dataset {name!r}; use one of {list(KERAS_DATASETS)}.")
+    try:
+        (x_train, y_train), (x_test, y_test) = getattr(keras.datasets, name).load_data()
+    except Exception as error:
+        raise RuntimeError(
+            f"Could not download {name!r} ({error}). It needs network access; "
+            "use the bundled digits (the default) or a .npz file instead."
+        ) from error
+    return tuple(
+        _checked(x.astype("float32") / 255.0, y.reshape(-1))
+        for x, y in ((x_train, y_train), (x_test, y_test))
+    )
+
+
+def add_label_noise(labels, rate, num_classes, seed=0):
+    """Symmetric label noise: a ``rate`` share of the labels (exactly
+    ``round(rate * n)``, chosen at random) replaced by a uniformly drawn
+    *different* class.
+
+    Returns:
+        ``[n]`` int64 noisy labels; ``labels`` is not modified.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"The label-noise rate must be in [0, 1); received {rate!r}.")
+    rng = np.random.default_rng(seed)
+    noisy = np.array(labels, dtype="int64")
+    flipped = rng.choice(len(noisy), size=int(round(rate * len(noisy))), replace=False)
+    shift = rng.integers(1, num_classes, size=len(flipped))
+    noisy[flipped] = (noisy[flipped] + shift) % num_classes
+    return noisy

@@ -5,6 +5,7 @@ import types
 import warnings
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from marginfit import _functional
@@ -316,6 +317,38 @@ class MarginModel(keras.Model):
             tape, differences, targets, margin, outer_tape
         )
         return y_pred, distances
+
+    def margin_distances(self, x, y, batch_size=256):
+        """Each example's signed distance to the nearest competitor's boundary
+        at every margin layer, in inference mode.
+
+        Args:
+            x: ``[n, ...]`` inputs.
+            y: ``[n]`` labels (or one-hot ``[n, classes]``).
+            batch_size: Examples per batch.
+
+        Returns:
+            ``{layer name: [n] float32 numpy array}``.
+        """
+        if self.margin is None:
+            raise ValueError(
+                "This MarginModel has no margin; give it a `margin` (or wrap "
+                "the model with `MarginModel.wrap(model, margin=...)`)."
+            )
+
+        @tf.function(reduce_retracing=True)
+        def nearest(xb, yb):
+            _, distances = self._margin_distances(xb, yb, False, None)
+            return [tf.reduce_min(d, axis=-1) for d in distances]
+
+        parts = [
+            nearest(tf.constant(x[i : i + batch_size]), tf.constant(y[i : i + batch_size]))
+            for i in range(0, len(x), batch_size)
+        ]
+        return {
+            name: np.concatenate([part[k].numpy() for part in parts])
+            for k, name in enumerate(self.margin.layers)
+        }
 
     # ----------------------------------------------------------- the steps
 

@@ -1,3 +1,3 @@
 from tuning.cli import main
 
-main()
+raise SystemExit(main())

@@ -56,6 +56,13 @@ def load_data(spec, seed):
 
 
 def main(argv=None):
+    """Entry point of the console script; returns the exit status."""
+    run(argv)
+    return 0
+
+
+def run(argv=None):
+    """Runs the search command line ``argv``; returns the best trial's summary."""
     parser = argparse.ArgumentParser(
         prog="python -m tuning", description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
@@ -107,4 +114,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""The report of `marginfit compare`: a Markdown table and PNG figures."""
+
+import json
+import os
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from marginfit.attacks import adversarial_accuracy  # noqa: E402
+
+MODELS = ("cross-entropy", "margin")
+
+
+def robustness(model, x, y, eps_list):
+    """``{"fgsm": [accuracy per eps], "pgd": [...]}`` on ``(x, y)``."""
+    return {
+        attack: [adversarial_accuracy(model, x, y, eps, attack) for eps in eps_list]
+        for attack in ("fgsm", "pgd")
+    }
+
+
+def _figure(path, command, draw):
+    figure, axes = plt.subplots(figsize=(6, 4))
+    draw(axes)
+    figure.text(0.01, 0.01, f"produced by: {command}", fontsize=6, color="gray")
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return os.path.basename(path)
+
+
+def write(results, output, eps_list):
+    """Writes the figures, ``results.json`` and ``report.md``; returns the
+    report's path."""
+    command = results["command"]
+    figures = []
+
+    def curves(axes):
+        for name in MODELS:
+            history = results["curves"][name]
+            axes.plot(history["accuracy"], label=f"{name} train")
+            axes.plot(history["val_accuracy"], "--", label=f"{name} test")
+        axes.set(xlabel="epoch", ylabel="accuracy", title="Training curves (clean labels)")
+        axes.legend()
+
+    figures.append(("Training curves", _figure(os.path.join(output, "curves.png"), command, curves)))
+    for layer in results["distances"]["margin"]:
+        def histogram(axes, layer=layer):
+            values = [results["distances"][name][layer] for name in MODELS]
+            bins = np.histogram_bin_edges(np.concatenate(values), bins=40)
+            for name, layer_values in zip(MODELS, values):
+                axes.hist(layer_values, bins=bins, alpha=0.6, label=name)
+            axes.set(xlabel=f"estimated distance to the boundary at {layer!r}",
+                     ylabel="test examples", title=f"Distances at {layer}")
+            axes.legend()
+        figures.append((f"Distances at {layer}", _figure(
+            os.path.join(output, f"distances_{layer}.png"), command, histogram)))
+
+    def attacks(axes):
+        for name in MODELS:
+            for attack, style in (("fgsm", "-o"), ("pgd", "--s")):
+                axes.plot(eps_list, results["attacks"][name][attack], style, label=f"{name} {attack}")
+        axes.set(xlabel="eps (L-inf)", ylabel="test accuracy", title="Accuracy under attack")
+        axes.legend()
+
+    figures.append(("Accuracy under attack", _figure(os.path.join(output, "robustness.png"), command, attacks)))
+
+    rows = [(f"test accuracy, {float(noise):.0%} label noise", *(row[m] for m in MODELS))
+            for noise, row in results["noise"].items()]
+    for attack in ("fgsm", "pgd"):
+        rows += [(f"{attack.upper()} accuracy, eps {eps:g}",
+                  *(results["attacks"][m][attack][i] for m in MODELS))
+                 for i, eps in enumerate(eps_list)]
+    lines = [
+        "# marginfit compare", "", f"Produced by: `{command}`", "",
+        "| | cross-entropy | margin |", "| --- | --- | --- |",
+        *(f"| {label} | {ce:.4f} | {margin:.4f} |" for label, ce, margin in rows), "",
+    ]
+    for title, name in figures:
+        lines += [f"## {title}", "", f"![{title}]({name})", "", f"Produced by: `{command}`", ""]
+    path = os.path.join(output, "report.md")
+    with open(path, "w") as file:
+        file.write("\n".join(lines))
+    summary = {key: results[key] for key in ("command", "noise", "attacks")}
+    with open(os.path.join(output, "results.json"), "w") as file:
+        json.dump(summary, file, indent=2)
+    return path

@@ -1,0 +1,109 @@
+"""The `marginfit` command: options, errors, data, and both subcommands."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from helpers import digits
+
+from marginfit import cli, data
+
+
+def parse(*argv):
+    return cli.parser().parse_args(list(argv))
+
+
+def test_defaults_and_options():
+    args = parse("train")
+    assert (args.data, args.epochs, args.batch_size, args.gamma, args.alpha, args.norm) == (
+        "digits", 30, 64, 10000.0, 4.0, "2")
+    assert (args.layers, args.label_noise, args.lr_features, args.lr_head, args.seed) == (
+        "all", 0.0, 1e-3, 1e-3, 0)
+    args = parse("compare", "--noise-levels", "0.2,0.4,0.6", "--eps", "0.1", "--norm", "inf",
+                 "--layers", "input,dense", "--lr-head", "3e-4")
+    assert args.noise_levels == [0.2, 0.4, 0.6] and args.eps == [0.1]
+    assert (args.norm, args.layers, args.lr_head) == ("inf", "input,dense", 3e-4)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--label-noise", "1.5"], "must be in [0, 1)"),
+        (["train", "--norm", "3"], "invalid choice"),
+        (["train", "--epochs", "0"], "must be > 0"),
+        (["train", "--gamma", "-1"], "must be > 0"),
+        (["compare", "--eps", "a,b"], "comma-separated numbers"),
+        (["fly"], "invalid choice"),
+    ],
+)
+def test_bad_options_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse(*argv)
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_data_and_missing_network_are_named(monkeypatch):
+    with pytest.raises(SystemExit, match="neither 'digits'"):
+        cli.load(parse("train", "--data", "images/"))
+
+    def offline():
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
+    with pytest.raises(RuntimeError, match="needs network access"):
+        cli.load(parse("train", "--data", "mnist"))
+
+
+def test_label_noise_flips_exactly_that_share_to_other_classes():
+    labels = np.arange(1000) % 10
+    noisy = data.add_label_noise(labels, 0.4, 10, seed=3)
+    changed = noisy != labels
+    assert changed.sum() == 400
+    assert noisy.min() >= 0 and noisy.max() < 10
+    # Every class is a target of the noise, none favoured heavily.
+    counts = np.bincount(noisy[changed], minlength=10)
+    assert counts.min() > 20
+    np.testing.assert_array_equal(noisy, data.add_label_noise(labels, 0.4, 10, seed=3))
+    np.testing.assert_array_equal(labels, np.arange(1000) % 10)  # input untouched
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        data.add_label_noise(labels, 1.0, 10)
+
+
+def test_train_writes_model_history_and_summary(tmp_path):
+    summary = cli.run(["train", "--epochs", "2", "--output", str(tmp_path)])
+    assert summary["test"]["accuracy"] > 0.3
+    assert "distance_input" in summary["test"]
+    model = keras.models.load_model(tmp_path / "model.keras")
+    assert model.margin.layers == ("input", "conv1", "conv2", "dense")
+    assert json.loads((tmp_path / "summary.json").read_text())["command"].startswith("marginfit train")
+    assert (tmp_path / "history.csv").read_text().count("\n") == 3
+
+
+def test_train_on_a_flat_npz_with_its_own_split(tmp_path):
+    x, y = digits(300)
+    flat = x.reshape(300, -1)
+    np.savez(tmp_path / "d.npz", x_train=flat[:200], y_train=y[:200], x_test=flat[200:], y_test=y[200:])
+    summary = cli.run(["train", "--data", str(tmp_path / "d.npz"), "--epochs", "1", "--layers",
+                       "input,dense2", "--label-noise", "0.2", "--output", str(tmp_path / "out")])
+    model = keras.models.load_model(tmp_path / "out" / "model.keras")
+    assert [layer.name for layer in model.layers if layer.weights] == ["dense1", "dense2", "logits"]
+    assert model.margin.layers == ("input", "dense2")
+    assert 0.0 <= summary["test"]["accuracy"] <= 1.0
+
+
+def test_compare_writes_the_report(tmp_path):
+    results = cli.run(["compare", "--epochs", "1", "--noise-levels", "0.4", "--eps", "0.05,0.1",
+                       "--output", str(tmp_path)])
+    report = (tmp_path / "report.md").read_text()
+    for row in ("0% label noise", "40% label noise", "FGSM accuracy, eps 0.1", "PGD accuracy, eps 0.05"):
+        assert row in report
+    assert report.count("Produced by: `marginfit compare") >= 1 + 6
+    for name in ("curves", "robustness", "distances_input", "distances_dense"):
+        png = tmp_path / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({name}.png)" in report
+    # Attacked accuracy never beats clean accuracy.
+    for model in ("cross-entropy", "margin"):
+        clean = results["noise"]["0"][model]
+        assert all(a <= clean + 1e-9 for a in results["attacks"][model]["pgd"])
+    assert json.loads((tmp_path / "results.json").read_text())["noise"].keys() == {"0", "0.4"}
