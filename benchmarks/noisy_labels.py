@@ -1,8 +1,9 @@
 """Noisy-label robustness: margin vs cross-entropy on the bundled digits.
 
 Trains the `marginfit train` network with plain cross-entropy and with the
-margin (the authors' settings: gamma 10000, alpha 4, L2, margin on the input
-and every hidden layer, Adam 1e-3, batch 64) for each label-noise rate and
+margin (its defaults, the authors' settings: the margin loss alone, gamma
+10000, alpha 4, L2, margin on the input and every hidden layer, Adam 1e-3,
+batch 64) for each label-noise rate and
 seed, and prints the mean (and spread) clean test accuracy per setting, as a
 table and a JSON line.
 

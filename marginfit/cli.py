@@ -78,6 +78,9 @@ def parser():
     margin.add_argument("--alpha", type=_positive(float), default=4.0,
                         help="distances below gamma*(1-alpha) are clipped (default 4)")
     margin.add_argument("--norm", choices=["1", "2", "inf"], default="2", help="distance norm (default 2)")
+    margin.add_argument("--ce-weight", type=float, default=0.0,
+                        help="weight of the cross-entropy next to the margin loss (default 0: the "
+                             "margin alone, the authors' setting, which resists label noise best)")
     margin.add_argument("--layers", default="all",
                         help="comma-separated margin layers: input, conv1, conv2, dense (flat "
                              "inputs: dense1, dense2), or 'all' = input and every hidden layer (default)")
@@ -155,8 +158,14 @@ def build(args, input_shape, num_classes, with_margin=True):
         (keras.optimizers.Adam(args.lr_features, name="features"), lower),
         (keras.optimizers.Adam(args.lr_head, name="head"), upper),
     ])
-    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    if args.ce_weight < 0:
+        raise SystemExit(f"marginfit: --ce-weight must be >= 0; received {args.ce_weight}.")
+    cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    if with_margin and args.ce_weight == 0:
+        model.compile(optimizer, loss=None, metrics=["accuracy"])
+    else:
+        model.compile(optimizer, cross_entropy, metrics=["accuracy"],
+                      loss_weights=args.ce_weight if with_margin else 1.0)
     return model, margin
 
 

@@ -20,6 +20,7 @@ def test_defaults_and_options():
         "digits", 30, 64, 10000.0, 4.0, "2")
     assert (args.layers, args.label_noise, args.lr_features, args.lr_head, args.seed) == (
         "all", 0.0, 1e-3, 1e-3, 0)
+    assert args.ce_weight == 0.0
     args = parse("compare", "--noise-levels", "0.2,0.4,0.6", "--eps", "0.1", "--norm", "inf",
                  "--layers", "input,dense", "--lr-head", "3e-4")
     assert args.noise_levels == [0.2, 0.4, 0.6] and args.eps == [0.1]
@@ -85,11 +86,13 @@ def test_train_on_a_flat_npz_with_its_own_split(tmp_path):
     flat = x.reshape(300, -1)
     np.savez(tmp_path / "d.npz", x_train=flat[:200], y_train=y[:200], x_test=flat[200:], y_test=y[200:])
     summary = cli.run(["train", "--data", str(tmp_path / "d.npz"), "--epochs", "1", "--layers",
-                       "input,dense2", "--label-noise", "0.2", "--output", str(tmp_path / "out")])
+                       "input,dense2", "--label-noise", "0.2", "--ce-weight", "0",
+                       "--output", str(tmp_path / "out")])
     model = keras.models.load_model(tmp_path / "out" / "model.keras")
     assert [layer.name for layer in model.layers if layer.weights] == ["dense1", "dense2", "logits"]
     assert model.margin.layers == ("input", "dense2")
     assert 0.0 <= summary["test"]["accuracy"] <= 1.0
+    assert summary["test"]["ce_loss"] == 0.0  # margin alone
 
 
 def test_compare_writes_the_report(tmp_path):
