@@ -65,7 +65,7 @@ def parser():
     data.add_argument("--label-noise", type=_rate, default=0.0,
                       help="share of training labels replaced by a random other class (default 0)")
     training = common.add_argument_group("training")
-    training.add_argument("--epochs", type=_positive(int), default=30, help="epochs (default 30)")
+    training.add_argument("--epochs", type=_positive(int), default=60, help="epochs (default 60, the authors' setting)")
     training.add_argument("--batch-size", type=_positive(int), default=64, help="batch size (default 64)")
     training.add_argument("--lr-features", type=_positive(float), default=1e-3,
                           help="Adam learning rate of the conv (or first dense) layers (default 1e-3)")

@@ -17,7 +17,7 @@ def parse(*argv):
 def test_defaults_and_options():
     args = parse("train")
     assert (args.data, args.epochs, args.batch_size, args.gamma, args.alpha, args.norm) == (
-        "digits", 30, 64, 10000.0, 4.0, "2")
+        "digits", 60, 64, 10000.0, 4.0, "2")
     assert (args.layers, args.label_noise, args.lr_features, args.lr_head, args.seed) == (
         "all", 0.0, 1e-3, 1e-3, 0)
     assert args.ce_weight == 0.0
