@@ -243,8 +243,13 @@ def run(argv):
 
 
 def main(argv=None):
-    """Entry point of the console script; returns the exit status."""
-    run(sys.argv[1:] if argv is None else argv)
+    """Entry point of the console script; returns the exit status. Bad
+    settings (an unknown layer, unreadable data, no network) end with one
+    line naming the problem instead of a traceback."""
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except (ValueError, RuntimeError) as error:
+        raise SystemExit(f"marginfit: {error}") from error
     return 0
 
 

@@ -56,6 +56,11 @@ def test_unknown_data_and_missing_network_are_named(monkeypatch):
         cli.load(parse("train", "--data", "mnist"))
 
 
+def test_bad_layer_name_ends_with_one_line_naming_the_valid_ones(tmp_path):
+    with pytest.raises(SystemExit, match=r"marginfit: .*'conv9'.*conv1"):
+        cli.main(["train", "--layers", "input,conv9", "--epochs", "1", "--output", str(tmp_path)])
+
+
 def test_label_noise_flips_exactly_that_share_to_other_classes():
     labels = np.arange(1000) % 10
     noisy = data.add_label_noise(labels, 0.4, 10, seed=3)
