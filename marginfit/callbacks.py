@@ -67,9 +67,7 @@ class GroupLearningRateScheduler(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        optimizers = sub_optimizers(self.model.optimizer)
-        for optimizer in optimizers:
-            key = "learning_rate" if optimizers == [self.model.optimizer] else (
-                f"learning_rate_{optimizer.name}"
-            )
+        for optimizer in sub_optimizers(self.model.optimizer):
+            grouped = optimizer is not self.model.optimizer
+            key = f"learning_rate_{optimizer.name}" if grouped else "learning_rate"
             logs[key] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))

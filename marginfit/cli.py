@@ -107,24 +107,11 @@ def parser():
 
 def load(args):
     """``((x_train, y_train), (x_test, y_test))`` with the requested noise."""
-    if args.data == "digits":
-        (x_train, y_train), test = data_lib.load_digits(seed=args.seed)
-    elif args.data in data_lib.KERAS_DATASETS:
-        (x_train, y_train), test = data_lib.load_keras_dataset(args.data)
-    elif args.data.endswith(".npz"):
-        (x_train, y_train), test = data_lib.load_npz(args.data, seed=args.seed)
-    else:
-        raise SystemExit(
-            f"marginfit: --data {args.data!r} is neither 'digits', a .npz file nor one of "
-            f"{list(data_lib.KERAS_DATASETS)}."
-        )
+    (x_train, y_train), test = data_lib.load(args.data, args.seed)
     if args.label_noise:
-        y_train = data_lib.add_label_noise(y_train, args.label_noise, _classes(y_train, test[1]), args.seed)
+        classes = data_lib.num_classes(y_train, test[1])
+        y_train = data_lib.add_label_noise(y_train, args.label_noise, classes, args.seed)
     return (x_train, y_train), test
-
-
-def _classes(*labels):
-    return int(max(int(np.max(y)) for y in labels)) + 1
 
 
 def build(args, input_shape, num_classes, with_margin=True):
@@ -193,7 +180,7 @@ def train(args, argv):
     output = args.output or os.path.join("runs", "train")
     os.makedirs(output, exist_ok=True)
     data = load(args)
-    model, _ = build(args, data[0][0].shape[1:], _classes(data[0][1], data[1][1]))
+    model, _ = build(args, data[0][0].shape[1:], data_lib.num_classes(data[0][1], data[1][1]))
     _, logs = fit(args, model, data, output)
     model.save(os.path.join(output, "model.keras"))
     summary = {"command": _command_line(argv), "test": {k: float(v) for k, v in logs.items()}}
@@ -216,7 +203,7 @@ def compare(args, argv):
     for noise in [0.0, *args.noise_levels]:
         noisy = argparse.Namespace(**{**vars(args), "label_noise": noise})
         data = load(noisy)
-        shape, classes = data[0][0].shape[1:], _classes(data[0][1], data[1][1])
+        shape, classes = data[0][0].shape[1:], data_lib.num_classes(data[0][1], data[1][1])
         row = {}
         for name, with_margin in (("cross-entropy", False), ("margin", True)):
             print(f"\n== {name}, label noise {noise:.0%} ==")

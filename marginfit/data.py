@@ -101,6 +101,27 @@ def load_keras_dataset(name):
     )
 
 
+def load(source, seed=0):
+    """``((x_train, y_train), (x_test, y_test))`` from ``source``: ``"digits"``
+    (bundled), a ``.npz`` path (see `load_npz`) or one of `KERAS_DATASETS`.
+    ``seed`` seeds the split where one is made."""
+    if source == "digits":
+        return load_digits(seed=seed)
+    if source in KERAS_DATASETS:
+        return load_keras_dataset(source)
+    if str(source).endswith(".npz"):
+        return load_npz(source, seed=seed)
+    raise ValueError(
+        f"Data {source!r} is neither 'digits', a .npz file nor one of "
+        f"{list(KERAS_DATASETS)}."
+    )
+
+
+def num_classes(*labels):
+    """Number of classes of integer label arrays: their largest label + 1."""
+    return int(max(int(np.max(y)) for y in labels)) + 1
+
+
 def add_label_noise(labels, rate, num_classes, seed=0):
     """Symmetric label noise: a ``rate`` share of the labels (exactly
     ``round(rate * n)``, chosen at random) replaced by a uniformly drawn

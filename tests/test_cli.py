@@ -44,9 +44,9 @@ def test_bad_options_exit_with_a_message(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_unknown_data_and_missing_network_are_named(monkeypatch):
+def test_unknown_data_and_missing_network_are_named(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match="neither 'digits'"):
-        cli.load(parse("train", "--data", "images/"))
+        cli.main(["train", "--data", "images/", "--output", str(tmp_path)])
 
     def offline():
         raise OSError("no route to host")

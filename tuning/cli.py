@@ -49,12 +49,6 @@ def _number(text):
     return text
 
 
-def load_data(spec, seed):
-    if spec == "digits":
-        return marginfit.load_digits(seed=seed)
-    return marginfit.data.load_npz(spec, seed=seed)
-
-
 def main(argv=None):
     """Entry point of the console script; returns the exit status."""
     run(argv)
@@ -67,7 +61,9 @@ def run(argv=None):
         prog="python -m tuning", description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
     )
-    parser.add_argument("--data", default="digits", help="'digits' (bundled) or a .npz file with x and y arrays")
+    parser.add_argument("--data", default="digits",
+                        help="'digits' (bundled), a .npz file with x and y arrays (or x_train, y_train, "
+                             "x_test, y_test), or mnist/fashion_mnist/cifar10 (needs network)")
     parser.add_argument("--tuner", default="random", choices=search.TUNERS)
     parser.add_argument("--trials", type=int, default=10, help="trials of random/bayesian search")
     parser.add_argument("--epochs", type=int, default=5, help="epochs per trial (Hyperband: its max_epochs)")
@@ -80,10 +76,10 @@ def run(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    (x_train, y_train), (x_val, y_val) = load_data(args.data, args.seed)
+    (x_train, y_train), (x_val, y_val) = marginfit.data.load(args.data, args.seed)
     hypermodel = MarginHyperModel(
         input_shape=x_train.shape[1:],
-        num_classes=int(max(y_train.max(), y_val.max())) + 1,
+        num_classes=marginfit.data.num_classes(y_train, y_val),
         **dict(args.settings),
     )
     tuner = search.make_tuner(
