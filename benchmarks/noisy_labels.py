@@ -17,16 +17,16 @@ import statistics
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from marginfit import cli  # noqa: E402
+from marginfit import cli, data  # noqa: E402
 
 
 def accuracy(noise, seed, with_margin, epochs, extra):
     args = cli.parser().parse_args(
         ["train", "--label-noise", str(noise), "--seed", str(seed), "--epochs", str(epochs), *extra]
     )
-    data = cli.load(args)
-    model, _ = cli.build(args, data[0][0].shape[1:], 10, with_margin)
-    (x_train, y_train), (x_test, y_test) = data
+    (x_train, y_train), (x_test, y_test) = cli.load(args.data, args.label_noise, args.seed)
+    classes = data.num_classes(y_train, y_test)
+    model, _ = cli.build(args, x_train.shape[1:], classes, with_margin)
     model.fit(x_train, y_train, epochs=epochs, batch_size=args.batch_size, verbose=0)
     return model.evaluate(x_test, y_test, return_dict=True, verbose=0)["accuracy"]
 

@@ -32,25 +32,25 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import marginfit  # noqa: E402
+from marginfit import networks  # noqa: E402
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 BATCH = 64
 
 
-def cnn(inputs):
-    x = keras.layers.Conv2D(32, 5, padding="same", activation="relu", name="conv1")(inputs)
-    x = keras.layers.MaxPooling2D(name="pool1")(x)
-    x = keras.layers.Conv2D(64, 5, padding="same", activation="relu", name="conv2")(x)
-    x = keras.layers.MaxPooling2D(name="pool2")(x)
-    x = keras.layers.Dense(512, activation="relu", name="dense")(keras.layers.Flatten()(x))
-    return keras.layers.Dense(10, name="logits")(x), ["input", "pool1", "pool2"]
+def cnn():
+    """The paper's MNIST CNN; margin on the input and both pooled outputs."""
+    network = networks.classifier(
+        (28, 28, 1), 10, conv_filters=(32, 64), kernel_size=5, dense_units=(512,),
+        margin_after_pooling=True,
+    )
+    return network, ["input", *network.hidden[:2]]
 
 
-def mlp(inputs):
-    x = keras.layers.Flatten()(inputs)
-    x = keras.layers.Dense(512, activation="relu", name="hidden1")(x)
-    x = keras.layers.Dense(512, activation="relu", name="hidden2")(x)
-    return keras.layers.Dense(10, name="logits")(x), ["input", "hidden1", "hidden2"]
+def mlp():
+    """784-512-512-10; margin on the input and both hidden layers."""
+    network = networks.classifier((28, 28, 1), 10, conv_filters=(), dense_units=(512, 512))
+    return network, ["input", *network.hidden]
 
 
 ARCHITECTURES = {"cnn": cnn, "mlp": mlp}
@@ -59,13 +59,12 @@ ARCHITECTURES = {"cnn": cnn, "mlp": mlp}
 def build(architecture, margin_options=None, jit_compile=False, seed=0):
     """A compiled model; plain `keras.Model` when ``margin_options`` is None."""
     keras.utils.set_random_seed(seed)
-    inputs = keras.Input((28, 28, 1))
-    logits, layers = ARCHITECTURES[architecture](inputs)
+    network, layers = ARCHITECTURES[architecture]()
     if margin_options is None:
-        model = keras.Model(inputs, logits)
+        model = keras.Model(network.inputs, network.logits)
     else:
         margin = marginfit.LargeMargin(layers, **margin_options)
-        model = marginfit.MarginModel(inputs, logits, margin=margin)
+        model = marginfit.MarginModel(network.inputs, network.logits, margin=margin)
     model.compile(keras.optimizers.SGD(1e-3), loss=CE, jit_compile=jit_compile)
     return model
 

@@ -11,7 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras_tuner  # noqa: E402
 
 import marginfit  # noqa: E402
-import tuning  # noqa: E402
+from marginfit import tuning  # noqa: E402
 
 
 def main(argv=None):
@@ -22,12 +22,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     (x_train, y_train), (x_val, y_val) = marginfit.load_digits()
-    hypermodel = tuning.MarginHyperModel(
-        input_shape=(8, 8, 1), num_classes=10,
-        gamma=(1e-2, 1e4), conv_layers=[1, 2], dense_units=[32, 64],
-    )
+    hypermodel = tuning.MarginHyperModel(input_shape=(8, 8, 1), num_classes=10)
+    # Narrow the space the hypermodel declares, keras-tuner's way.
+    hp = keras_tuner.HyperParameters()
+    hp.Choice("dense_units", [32, 64])
+    hp.Float("gamma", 1e-2, 1e4, sampling="log")
     tuner = keras_tuner.RandomSearch(
-        hypermodel, objective=tuning.objective("val_margin_loss"), max_trials=args.trials,
+        hypermodel, hyperparameters=hp, objective=tuning.objective("val_margin_loss"),
+        max_trials=args.trials,
         directory=args.output, project_name="digits", overwrite=True, seed=0,
     )
     tuner.search(x_train, y_train, validation_data=(x_val, y_val), epochs=args.epochs, verbose=0)

@@ -1,17 +1,18 @@
 """marginfit: large-margin training inside plain Keras `fit()`/`evaluate()`."""
 
-from marginfit.callbacks import GroupLearningRateScheduler
+from marginfit.callbacks import DistanceHistograms, GroupLearningRateScheduler
 from marginfit.data import load_digits
 from marginfit.losses import HuberLoss
+from marginfit import networks
 from marginfit.margin import LargeMargin
-from marginfit.metrics import DirectionalMean, ViolationRate
+from marginfit.metrics import ViolationRate
 from marginfit.model import MarginModel
 from marginfit.optimizers import BacktrackingSGD, discriminative_optimizer
 from marginfit.saving import load_model, save_model
 
 __all__ = [
     "BacktrackingSGD",
-    "DirectionalMean",
+    "DistanceHistograms",
     "GroupLearningRateScheduler",
     "HuberLoss",
     "LargeMargin",
@@ -20,6 +21,7 @@ __all__ = [
     "discriminative_optimizer",
     "load_digits",
     "load_model",
+    "networks",
     "save_model",
 ]
 __version__ = "0.1.0"

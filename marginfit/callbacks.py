@@ -1,6 +1,9 @@
-"""Callbacks that understand per-group optimizers."""
+"""Callbacks: per-group learning rates, distance histograms for TensorBoard."""
+
+import os
 
 import keras
+import tensorflow as tf
 
 
 def sub_optimizers(optimizer):
@@ -71,3 +74,75 @@ class GroupLearningRateScheduler(keras.callbacks.Callback):
             grouped = optimizer is not self.model.optimizer
             key = f"learning_rate_{optimizer.name}" if grouped else "learning_rate"
             logs[key] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+class DistanceHistograms(keras.callbacks.Callback):
+    """Writes histograms of the distance to the boundary to TensorBoard.
+
+    Every ``every`` epochs (and after the last), each margin layer's
+    per-example distances to the nearest competitor's boundary on
+    ``validation_data`` (`MarginModel.margin_distances`, inference mode) go
+    to ``log_dir/validation`` as the histogram ``distance/<layer>`` at the
+    epoch's step, where `keras.callbacks.TensorBoard` writes its own
+    validation logs; TensorBoard's Histograms tab then shows the margin
+    distribution grow.
+
+    ```python
+    model.fit(x, y, epochs=30, callbacks=[
+        keras.callbacks.TensorBoard("logs"),
+        marginfit.DistanceHistograms("logs", (x_val, y_val), every=5),
+    ])
+    ```
+
+    Args:
+        log_dir: TensorBoard log directory.
+        validation_data: ``(x, y)`` arrays: ``[n, ...]`` inputs, ``[n]`` labels.
+        every: Epochs between histograms.
+        batch_size: Examples per batch of the distance computation.
+    """
+
+    def __init__(self, log_dir, validation_data, every=1, batch_size=256):
+        super().__init__()
+        if not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"`every` must be an int >= 1; received {every!r}.")
+        x, y = validation_data
+        if len(x) != len(y) or len(x) == 0:
+            raise ValueError(
+                "`validation_data` must be (x, y) with as many labels as "
+                f"examples, at least one; received {len(x)} and {len(y)}."
+            )
+        self.log_dir = os.fspath(log_dir)
+        self.validation_data = (x, y)
+        self.every = every
+        self.batch_size = batch_size
+        self._writer = None
+        self._epoch = None
+        self._last_written = None
+
+    def on_train_begin(self, logs=None):
+        if getattr(self.model, "margin", None) is None:
+            raise ValueError(
+                "DistanceHistograms needs a MarginModel with a margin; this "
+                f"model ({type(self.model).__name__}) has none."
+            )
+        self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "validation"))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every == 0:
+            self._write(epoch)
+
+    def on_train_end(self, logs=None):
+        if self._epoch is not None and self._last_written != self._epoch:
+            self._write(self._epoch)
+        self._writer.close()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def _write(self, epoch):
+        distances = self.model.margin_distances(*self.validation_data, batch_size=self.batch_size)
+        with self._writer.as_default():
+            for layer, values in distances.items():
+                tf.summary.histogram(f"distance/{layer}", values, step=epoch)
+        self._writer.flush()
+        self._last_written = epoch

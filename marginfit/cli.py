@@ -16,15 +16,13 @@ import shlex
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import keras
+import numpy as np
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-
-from marginfit import data as data_lib  # noqa: E402
-from marginfit.margin import LargeMargin  # noqa: E402
-from marginfit.model import MarginModel  # noqa: E402
-from marginfit.optimizers import discriminative_optimizer  # noqa: E402
+from marginfit import data as data_lib
+from marginfit import networks
+from marginfit.margin import LargeMargin
+from marginfit.model import MarginModel
 
 
 # ------------------------------------------------------------------ options
@@ -41,6 +39,13 @@ def _rate(text):
     value = float(text)
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), received {text}")
+    return value
+
+
+def _non_negative(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, received {text}")
     return value
 
 
@@ -78,12 +83,12 @@ def parser():
     margin.add_argument("--alpha", type=_positive(float), default=4.0,
                         help="distances below gamma*(1-alpha) are clipped (default 4)")
     margin.add_argument("--norm", choices=["1", "2", "inf"], default="2", help="distance norm (default 2)")
-    margin.add_argument("--ce-weight", type=float, default=0.0,
+    margin.add_argument("--ce-weight", type=_non_negative, default=0.0,
                         help="weight of the cross-entropy next to the margin loss (default 0: the "
                              "margin alone, the authors' setting, which resists label noise best)")
     margin.add_argument("--layers", default="all",
-                        help="comma-separated margin layers: input, conv1, conv2, dense (flat "
-                             "inputs: dense1, dense2), or 'all' = input and every hidden layer (default)")
+                        help="comma-separated margin layers: input, conv1, conv2, dense1 (flat "
+                             "inputs: dense1), or 'all' = input and every hidden layer (default)")
     common.add_argument("--output", help="output directory (default runs/<command>)")
 
     top = argparse.ArgumentParser(prog="marginfit", description=__doc__.splitlines()[0],
@@ -105,54 +110,35 @@ def parser():
 # --------------------------------------------------------------- the model
 
 
-def load(args):
-    """``((x_train, y_train), (x_test, y_test))`` with the requested noise."""
-    (x_train, y_train), test = data_lib.load(args.data, args.seed)
-    if args.label_noise:
+def load(source, label_noise=0.0, seed=0):
+    """``((x_train, y_train), (x_test, y_test))`` with ``label_noise`` of the
+    training labels flipped."""
+    (x_train, y_train), test = data_lib.load(source, seed)
+    if label_noise:
         classes = data_lib.num_classes(y_train, test[1])
-        y_train = data_lib.add_label_noise(y_train, args.label_noise, classes, args.seed)
+        y_train = data_lib.add_label_noise(y_train, label_noise, classes, seed)
     return (x_train, y_train), test
 
 
+def margin_from(args, network):
+    """The `LargeMargin` the options ask for, on ``network``'s layers."""
+    layers = (
+        networks.margin_layers(network) if args.layers == "all" else args.layers.split(",")
+    )
+    norm = np.inf if args.norm == "inf" else int(args.norm)
+    return LargeMargin(layers, gamma=args.gamma, alpha=args.alpha, norm=norm)
+
+
 def build(args, input_shape, num_classes, with_margin=True):
-    """The network (conv for images, dense for flat inputs), compiled with
-    one Adam per layer group; the margin only if ``with_margin``."""
+    """The `networks.classifier`, compiled with one Adam per layer group;
+    the margin only if ``with_margin``. Returns ``(model, margin)``."""
     keras.utils.set_random_seed(args.seed)
-    inputs = keras.Input(input_shape, name="features")
-    x, hidden, lower = inputs, [], []
-    if len(input_shape) == 3:
-        for i, filters in enumerate((32, 64), start=1):
-            x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv{i}")(x)
-            hidden.append(f"conv{i}")
-            if min(x.shape[1:3]) >= 4:
-                x = keras.layers.MaxPooling2D(name=f"pool{i}")(x)
-        x = keras.layers.Flatten()(x)
-        x = keras.layers.Dense(128, activation="relu", name="dense")(x)
-        hidden.append("dense")
-        lower = hidden[:2]
-    else:
-        for i, units in enumerate((256, 128), start=1):
-            x = keras.layers.Dense(units, activation="relu", name=f"dense{i}")(x)
-            hidden.append(f"dense{i}")
-        lower = hidden[:1]
-    logits = keras.layers.Dense(num_classes, name="logits")(x)
-    layers = ["input", *hidden] if args.layers == "all" else args.layers.split(",")
-    margin = LargeMargin(layers, gamma=args.gamma, alpha=args.alpha,
-                         norm=np.inf if args.norm == "inf" else int(args.norm))
-    model = MarginModel(inputs, logits, margin=margin if with_margin else None)
-    upper = [layer.name for layer in model.layers if layer.weights and layer.name not in lower]
-    optimizer = discriminative_optimizer(model, [
-        (keras.optimizers.Adam(args.lr_features, name="features"), lower),
-        (keras.optimizers.Adam(args.lr_head, name="head"), upper),
-    ])
-    if args.ce_weight < 0:
-        raise SystemExit(f"marginfit: --ce-weight must be >= 0; received {args.ce_weight}.")
-    cross_entropy = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    if with_margin and args.ce_weight == 0:
-        model.compile(optimizer, loss=None, metrics=["accuracy"])
-    else:
-        model.compile(optimizer, cross_entropy, metrics=["accuracy"],
-                      loss_weights=args.ce_weight if with_margin else 1.0)
+    network = networks.classifier(input_shape, num_classes)
+    margin = margin_from(args, network)
+    model = networks.margin_classifier(
+        network, margin if with_margin else None, args.lr_features, args.lr_head,
+        args.ce_weight,
+    )
     return model, margin
 
 
@@ -179,7 +165,7 @@ def _command_line(argv):
 def train(args, argv):
     output = args.output or os.path.join("runs", "train")
     os.makedirs(output, exist_ok=True)
-    data = load(args)
+    data = load(args.data, args.label_noise, args.seed)
     model, _ = build(args, data[0][0].shape[1:], data_lib.num_classes(data[0][1], data[1][1]))
     _, logs = fit(args, model, data, output)
     model.save(os.path.join(output, "model.keras"))
@@ -201,8 +187,7 @@ def compare(args, argv):
     results = {"command": _command_line(argv), "noise": {}, "attacks": {}, "curves": {},
                "distances": {}}
     for noise in [0.0, *args.noise_levels]:
-        noisy = argparse.Namespace(**{**vars(args), "label_noise": noise})
-        data = load(noisy)
+        data = load(args.data, noise, args.seed)
         shape, classes = data[0][0].shape[1:], data_lib.num_classes(data[0][1], data[1][1])
         row = {}
         for name, with_margin in (("cross-entropy", False), ("margin", True)):

@@ -332,6 +332,35 @@ def hinge_terms(distances, gamma, alpha, aggregation):
     return tf.reduce_sum(tf.nn.relu(gamma - clipped), axis=-1)
 
 
+def margin_loss(distances, margin, sample_weight=None):
+    """The margin loss of a batch, and each example's nearest distances.
+
+    Per example, the hinge terms of every margin layer (`hinge_terms`) are
+    averaged over the layers and weighted by ``sample_weight``; the loss is
+    their batch mean (Keras' ``sum(w * t) / batch``).
+
+    Args:
+        distances: One ``[batch, competitors]`` float32 tensor of signed
+            distances per margin layer, in the order of ``margin.layers``
+            (from `layer_distances`).
+        margin: The `LargeMargin` config.
+        sample_weight: Optional ``[batch]`` (or ``[batch, 1]``) weights.
+
+    Returns:
+        ``(loss, nearest)``: the float32 scalar loss, and one ``[batch]``
+        tensor per layer of the distance to the nearest competitor's boundary.
+    """
+    terms = [
+        hinge_terms(layer_distances, gamma, margin.alpha, margin.aggregation)
+        for layer_distances, gamma in zip(distances, margin.gamma)
+    ]
+    per_example = tf.add_n(terms) / len(terms)
+    if sample_weight is not None:
+        per_example *= tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
+    nearest = [tf.reduce_min(layer_distances, axis=-1) for layer_distances in distances]
+    return tf.reduce_mean(per_example), nearest
+
+
 def layer_distances(tape, differences, activations, margin, outer_tape=None):
     """Distances to the boundary at every margin layer.
 

@@ -1,42 +1,33 @@
-"""Streaming metrics that `MarginModel` reports in the Keras logs."""
+"""Streaming metrics that `MarginModel` reports in the Keras logs, and which
+direction of each is better."""
 
 import keras
 
-# Keras' monitoring callbacks (EarlyStopping, ReduceLROnPlateau,
-# ModelCheckpoint) in mode="auto" read a metric's direction only from metrics
-# grouped in a `MetricsList`; grouping ours in one lets users monitor them
-# without passing `mode=`.
-from keras.src.trainers.compile_utils import MetricsList
+from marginfit import _keras_internals
 
-_DIRECTIONS = ("up", "down")
+DISTANCE_PREFIX = "distance_"
+_LOWER_IS_BETTER = frozenset({"loss", "ce_loss", "margin_loss", "violation_rate"})
 
 
-@keras.saving.register_keras_serializable(package="marginfit")
-class DirectionalMean(keras.metrics.Mean):
-    """A streaming (weighted) mean that declares whether higher is better.
+def direction(log_name):
+    """Whether higher (``"up"``) or lower (``"down"``) values of a log that
+    `MarginModel` adds are better, with or without ``val_``; None for other
+    names.
 
-    Args:
-        name: Name of the metric in the logs.
-        direction: ``"down"`` if lower values are better (losses), ``"up"``
-            if higher values are better (distances to the boundary).
-        dtype: Dtype of the metric's state.
+    The one source of the direction of our metrics: Keras' monitoring
+    callbacks (``mode="auto"``) and `marginfit.tuning.objective` read it.
     """
+    name = log_name.removeprefix("val_")
+    if name in _LOWER_IS_BETTER:
+        return "down"
+    if name.startswith(DISTANCE_PREFIX):
+        return "up"
+    return None
 
-    def __init__(self, name="mean", direction="down", dtype=None):
-        super().__init__(name=name, dtype=dtype)
-        if direction not in _DIRECTIONS:
-            raise ValueError(
-                f"`direction` must be 'up' (higher is better) or 'down' "
-                f"(lower is better); received {direction!r}."
-            )
-        self._direction = direction
 
-    @property
-    def direction(self):
-        return self._direction
-
-    def get_config(self):
-        return {**super().get_config(), "direction": self._direction}
+def distance_metric_name(layer_name):
+    """Log name of the mean distance to the boundary at a margin layer."""
+    return f"{DISTANCE_PREFIX}{layer_name}"
 
 
 @keras.saving.register_keras_serializable(package="marginfit")
@@ -46,7 +37,8 @@ class ViolationRate(keras.metrics.Metric):
     An example violates the margin when its distance to the nearest
     competitor's boundary is below ``gamma`` at any margin layer. The metric
     accumulates the (sample-weighted) counts of violating and of all
-    examples across batches; the result is their ratio, in [0, 1].
+    examples across batches; the result is their ratio, in [0, 1]. Lower is
+    better.
 
     Args:
         gamma: The desired margin, one float per margin layer (or one for
@@ -57,14 +49,11 @@ class ViolationRate(keras.metrics.Metric):
 
     def __init__(self, gamma, name="violation_rate", dtype=None):
         super().__init__(name=name, dtype=dtype)
+        _keras_internals.declare_direction(self, direction("violation_rate"))
         gammas = gamma if isinstance(gamma, (list, tuple)) else [gamma]
         self.gamma = tuple(float(g) for g in gammas)
         self.violations = self.add_variable((), "zeros", name="violations")
         self.examples = self.add_variable((), "zeros", name="examples")
-
-    @property
-    def direction(self):
-        return "down"
 
     def update_state(self, distances, sample_weight=None):
         """Adds one batch.
@@ -95,59 +84,41 @@ class ViolationRate(keras.metrics.Metric):
         return {**super().get_config(), "gamma": list(self.gamma)}
 
 
-def distance_metric_name(layer_name):
-    """Log name of the mean distance to the boundary at a margin layer."""
-    return f"distance_{layer_name}"
-
-
-def metric_direction(log_name):
-    """``"up"``/``"down"`` for a log name that `MarginModel` adds (with or
-    without ``val_``), or None for other names."""
-    name = log_name[len("val_"):] if log_name.startswith("val_") else log_name
-    if name in ("loss", "ce_loss", "margin_loss", "violation_rate"):
-        return "down"
-    if name.startswith(distance_metric_name("")):
-        return "up"
-    return None
-
-
-class MarginMetrics(MetricsList):
+class MarginMetrics(_keras_internals.MetricsList):
     """The margin's metrics as one group: ``ce_loss``, ``margin_loss``,
-    ``violation_rate`` and one ``distance_<layer>`` per margin layer."""
+    ``violation_rate`` and one ``distance_<layer>`` per margin layer.
+
+    Grouped so that Keras' monitoring callbacks find their directions.
+    """
 
     def __init__(self, layer_names, gamma, name="margin_metrics"):
-        super().__init__(
-            [
-                *(
-                    DirectionalMean(name, metric_direction(name))
-                    for name in ("ce_loss", "margin_loss")
-                ),
-                ViolationRate(gamma),
-                *(
-                    DirectionalMean(name, metric_direction(name))
-                    for name in map(distance_metric_name, layer_names)
-                ),
-            ],
-            name=name,
+        self.layer_names = tuple(layer_names)
+        means = ["ce_loss", "margin_loss", *map(distance_metric_name, self.layer_names)]
+        metrics = [keras.metrics.Mean(name=mean) for mean in means] + [ViolationRate(gamma)]
+        for metric in metrics:
+            _keras_internals.declare_direction(metric, direction(metric.name))
+        super().__init__(metrics, name=name)
+        self.by_name = {metric.name: metric for metric in metrics}
+
+    def update(self, ce_loss, margin_loss, nearest, batch_size, sample_weight=None):
+        """Adds one batch to every metric of the group.
+
+        Args:
+            ce_loss: Scalar, the loss without the margin, unscaled.
+            margin_loss: Scalar, the batch's margin loss.
+            nearest: One ``[batch]`` tensor per margin layer: each example's
+                distance to the nearest competitor's boundary.
+            batch_size: Number of examples, the weight of the scalar means.
+            sample_weight: Optional ``[batch]`` weights of the examples.
+        """
+        self.by_name["ce_loss"].update_state(ce_loss, sample_weight=batch_size)
+        self.by_name["margin_loss"].update_state(margin_loss, sample_weight=batch_size)
+        for layer_name, layer_nearest in zip(self.layer_names, nearest):
+            self.by_name[distance_metric_name(layer_name)].update_state(layer_nearest)
+        self.by_name["violation_rate"].update_state(
+            keras.ops.stack(nearest, axis=-1), sample_weight
         )
 
     def result(self):
         """``{name: value}`` of every metric in the group."""
         return self.get_result()
-
-    @property
-    def ce_loss(self):
-        return self.metrics[0]
-
-    @property
-    def margin_loss(self):
-        return self.metrics[1]
-
-    @property
-    def violation_rate(self):
-        return self.metrics[2]
-
-    @property
-    def distances(self):
-        """One metric per margin layer, in the order of the margin's layers."""
-        return self.metrics[3:]

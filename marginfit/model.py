@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from marginfit import _functional
+from marginfit import _keras_internals
 from marginfit import margin as margin_lib
 from marginfit.margin import INPUT, LargeMargin
 from marginfit.metrics import MarginMetrics
@@ -53,15 +53,15 @@ class MarginModel(keras.Model):
     """
 
     def __new__(cls, *args, **kwargs):
-        if _functional.functional_init_arguments(args, kwargs):
-            cls = _functional.functional_class(cls)
+        if _keras_internals.functional_init_arguments(args, kwargs):
+            cls = _keras_internals.functional_class(cls)
         return super().__new__(cls, *args, **kwargs)
 
     # `*args`/`**kwargs` exactly: Keras revives Functional subclasses from
     # their config only with this signature.
     def __init__(self, *args, margin=None, output="logits", **kwargs):
-        if _functional.functional_init_arguments(args, kwargs):
-            _functional.init_functional(self, args, kwargs)
+        if _keras_internals.functional_init_arguments(args, kwargs):
+            _keras_internals.init_functional(self, args, kwargs)
         else:
             super().__init__(*args, **kwargs)
         if isinstance(margin, dict):
@@ -126,7 +126,7 @@ class MarginModel(keras.Model):
 
     @property
     def _is_functional(self):
-        return isinstance(self, _functional.Functional)
+        return isinstance(self, _keras_internals.Functional)
 
     # ----------------------------------------------------------- activations
 
@@ -245,11 +245,12 @@ class MarginModel(keras.Model):
 
     # ------------------------------------------------------------ the margin
 
-    def _outputs_and_margin(self, x, y, sample_weight, training, tape=None):
-        """Outputs for the compiled loss and the margin loss of one batch.
+    def _forward(self, x, y, sample_weight, training, tape=None):
+        """The forward pass of one step, with the margin.
 
-        Returns ``(y_pred, margin_loss)``; ``margin_loss`` is a float32
-        scalar, the (sample-weighted) batch mean of the per-example penalty.
+        Returns ``(y_pred, margin)``: the ``[batch, classes]`` outputs and
+        ``(margin_loss, nearest)`` from `margin.margin_loss`, or None for a
+        model without a margin.
         """
         if self.margin is None:
             return self(x, training=training), None
@@ -265,22 +266,7 @@ class MarginModel(keras.Model):
             y_pred = self(x, training=True)
         else:
             y_pred, distances = self._margin_distances(x, y, training, tape)
-        terms = [
-            margin_lib.hinge_terms(
-                layer_distances, gamma, self.margin.alpha, self.margin.aggregation
-            )
-            for layer_distances, gamma in zip(distances, self.margin.gamma)
-        ]
-        per_example = tf.add_n(terms) / len(terms)
-        if sample_weight is not None:
-            per_example *= tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
-        nearest = [tf.reduce_min(layer_distances, axis=-1) for layer_distances in distances]
-        for metric, layer_nearest in zip(self.margin_metrics.distances, nearest):
-            metric.update_state(layer_nearest)
-        self.margin_metrics.violation_rate.update_state(
-            tf.stack(nearest, axis=-1), sample_weight
-        )
-        return y_pred, tf.reduce_mean(per_example)
+        return y_pred, margin_lib.margin_loss(distances, self.margin, sample_weight)
 
     def _margin_distances(self, x, y, training, outer_tape):
         """One forward pass: outputs and ``[batch, top_k]`` distances per
@@ -352,43 +338,38 @@ class MarginModel(keras.Model):
 
     # ----------------------------------------------------------- the steps
 
-    def _total_loss(self, y, y_pred, sample_weight, margin_loss):
-        """Compiled + margin + regularization loss, scaled per replica like
-        Keras scales its own; updates the loss trackers with unscaled values."""
+    def _loss(self, x, y, y_pred, sample_weight, margin, training):
+        """`compute_loss` (the compiled and regularization losses, or a
+        user's override) plus the margin term, scaled per replica as Keras
+        scales its own; updates the loss logs with unscaled values."""
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        losses = []
-        compiled = None
-        if self._compile_loss is not None:
-            compiled = self._compile_loss(y, y_pred, sample_weight)
-            losses.append(compiled)
-        losses.extend(self._aggregate_additional_loss(loss) for loss in self.losses)
-        if margin_loss is not None:
-            losses.append(self.margin.weight * margin_loss / replicas)
-        if not losses:
-            raise ValueError(
-                "No loss to compute: compile() with a `loss`, or give the "
-                "MarginModel a `margin`."
-            )
-        loss = tf.add_n([tf.cast(value, tf.float32) for value in losses])
+        keras_loss = self._keras_loss(x, y, y_pred, sample_weight, training)
+        loss = keras_loss
         batch_size = tf.shape(y_pred)[0]
-        self._loss_tracker.update_state(loss * replicas, sample_weight=batch_size)
-        if self.margin_metrics is not None:
-            self.margin_metrics.ce_loss.update_state(
-                0.0 if compiled is None else tf.cast(compiled, tf.float32) * replicas,
-                sample_weight=batch_size,
+        if margin is not None:
+            margin_loss, nearest = margin
+            loss = keras_loss + self.margin.weight * margin_loss / replicas
+            self.margin_metrics.update(
+                keras_loss * replicas, margin_loss, nearest, batch_size, sample_weight
             )
-            self.margin_metrics.margin_loss.update_state(
-                margin_loss, sample_weight=batch_size
-            )
+        tracker = _keras_internals.loss_tracker(self)
+        tracker.update_state(loss * replicas, sample_weight=batch_size)
         return loss
+
+    def _keras_loss(self, x, y, y_pred, sample_weight, training):
+        """`compute_loss` as float32; 0 when a margin model has nothing else
+        to compute (``compile(loss=None)``, no regularization)."""
+        overridden = type(self).compute_loss is not keras.Model.compute_loss
+        if self.margin is not None and self.loss is None and not self.losses and not overridden:
+            return tf.zeros((), tf.float32)
+        loss = self.compute_loss(x, y, y_pred, sample_weight, training=training)
+        return tf.cast(loss, tf.float32)
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
-            y_pred, margin_loss = self._outputs_and_margin(
-                x, y, sample_weight, training=True, tape=tape
-            )
-            loss = self._total_loss(y, y_pred, sample_weight, margin_loss)
+            y_pred, margin = self._forward(x, y, sample_weight, training=True, tape=tape)
+            loss = self._loss(x, y, y_pred, sample_weight, margin, training=True)
             if self.optimizer is not None:
                 loss = self.optimizer.scale_loss(loss)
         if self.trainable_weights:
@@ -400,8 +381,6 @@ class MarginModel(keras.Model):
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y_pred, margin_loss = self._outputs_and_margin(
-            x, y, sample_weight, training=False
-        )
-        self._total_loss(y, y_pred, sample_weight, margin_loss)
+        y_pred, margin = self._forward(x, y, sample_weight, training=False)
+        self._loss(x, y, y_pred, sample_weight, margin, training=False)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

@@ -6,6 +6,8 @@ import re
 import keras
 from keras import ops
 
+from marginfit import _keras_internals
+
 _FORBIDDEN_INNER = (keras.optimizers.MultiOptimizer, keras.optimizers.LossScaleOptimizer)
 
 
@@ -155,7 +157,7 @@ class _LayerFinder:
 
     def __init__(self, model):
         self.model = model
-        self.layers = list(model._flatten_layers(include_self=False, recursive=True))
+        self.layers = _keras_internals.flatten_layers(model)
 
     def find(self, layer, position):
         if isinstance(layer, keras.layers.Layer):
@@ -267,7 +269,7 @@ class BacktrackingSGD(keras.optimizers.Optimizer):
         )
 
     def update_step(self, gradient, variable, learning_rate):
-        index = self._get_variable_index(variable)
+        index = _keras_internals.variable_index(self, variable)
         previous_weight = self.previous_weights[index]
         previous_gradient = self.previous_gradients[index]
         learning_rate = ops.cast(learning_rate, variable.dtype)

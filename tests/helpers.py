@@ -1,10 +1,13 @@
-"""Small models and data shared by the tests."""
+"""Small models, data, the reference margin and round-trip checks shared by
+the tests."""
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import copy
+import json
 
 import keras
+import numpy as np
+import reference
+import tensorflow as tf
 from sklearn.datasets import load_digits
 
 import marginfit
@@ -41,3 +44,100 @@ def conv_net(
     )
     taps = keras.Model(inputs, [outputs, conv, dense])
     return model, taps
+
+
+# ------------------------------------------------- the margin of conv_net
+
+LAYERS = ["input", "conv", "dense"]
+# Margins of the size of this untrained net's distances, so that for every
+# norm some examples are clipped, some penalised and some beyond the margin.
+GAMMA = {1: [0.8, 0.6, 0.4], 2: [0.2, 0.15, 0.15], np.inf: [0.04, 0.02, 0.04]}
+ALPHA = 2.0
+
+
+def margin_for(norm, **options):
+    """A margin on conv_net's input, conv and dense layers, sized to its
+    untrained distances for ``norm``."""
+    return marginfit.LargeMargin(LAYERS, gamma=GAMMA[norm], norm=norm, alpha=ALPHA, **options)
+
+
+def reference_loss(taps, x, y, margin, training=False, sample_weight=None):
+    config = margin.get_config()
+    return reference.margin_loss(
+        taps,
+        x,
+        y,
+        gamma=config["gamma"],
+        alpha=config["alpha"],
+        aggregation=config["aggregation"],
+        sample_weight=sample_weight,
+        layers=LAYERS,
+        norm=margin.norm,
+        top_k=config["top_k"],
+        space=config["space"],
+        epsilon=config["epsilon"],
+        layer_weights=config["layer_weights"],
+        approximate=config["approximate"],
+        training=training,
+    )
+
+
+def reference_gradients(model, taps, x, y, margin, ce_weight=1.0):
+    """Gradients of the reference margin loss (+ cross-entropy) w.r.t. the
+    model's trainable weights."""
+    with tf.GradientTape() as tape:
+        total = margin.weight * reference_loss(taps, x, y, margin)[0]
+        if ce_weight:
+            total += ce_weight * CE(y, taps(x)[0])
+    return [g.numpy() for g in tape.gradient(total, model.trainable_weights)]
+
+
+# ------------------------------------------------------------ round trips
+# One helper that round-trips any public marginfit object, as Keras'
+# `run_layer_test` does for layers: through get_config/from_config, Keras
+# serialization, and (for models) a .keras file.
+
+
+def normalized(config):
+    """A config as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(config))
+
+
+def assert_same_config(actual, expected):
+    actual, expected = normalized(actual), normalized(expected)
+    different = sorted(
+        key for key in set(actual) | set(expected)
+        if actual.get(key) != expected.get(key)
+    )
+    assert not different, {
+        key: (actual.get(key), expected.get(key)) for key in different
+    }
+
+
+def assert_config_round_trip(obj):
+    """``obj`` survives get_config/from_config and Keras (de)serialization
+    with an identical config, and without `custom_objects`."""
+    config = obj.get_config()
+    # Keras' Model.from_config consumes the dict it is given.
+    clone = type(obj).from_config(copy.deepcopy(config))
+    assert type(clone) is type(obj)
+    assert_same_config(clone.get_config(), config)
+    revived = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(obj)
+    )
+    assert type(revived) is type(obj)
+    assert_same_config(revived.get_config(), config)
+    return revived
+
+
+def assert_model_file_round_trip(model, path, x):
+    """``model`` saved to ``path`` reloads (safe mode, no custom objects) as
+    the same class with the same config and the same predictions on ``x``."""
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    assert type(loaded) is type(model)
+    assert_same_config(loaded.get_config(), model.get_config())
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6
+    )
+    return loaded

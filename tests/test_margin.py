@@ -2,12 +2,12 @@
 
 import re
 
-import helpers  # noqa: F401  (quiet TensorFlow logs)
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from roundtrip import assert_config_round_trip
+from helpers import assert_config_round_trip
 
 from marginfit import LargeMargin
 from marginfit import margin as margin_lib

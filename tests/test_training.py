@@ -8,9 +8,12 @@ import sys
 
 import keras
 import numpy as np
+import pytest
 import reference
+import tensorflow as tf
 from helpers import CE, conv_net, digits
 
+import marginfit
 from marginfit import LargeMargin
 
 HERE = os.path.dirname(__file__)
@@ -80,6 +83,7 @@ def test_callbacks_monitor_margin_metrics_without_mode(tmp_path):
         keras.callbacks.ModelCheckpoint(
             str(tmp_path / "best.keras"), monitor="val_margin_loss", save_best_only=True
         ),
+        keras.callbacks.EarlyStopping(monitor="val_violation_rate", patience=10),
         keras.callbacks.CSVLogger(str(tmp_path / "log.csv")),
         keras.callbacks.TensorBoard(str(tmp_path / "tensorboard")),
     ]
@@ -91,6 +95,7 @@ def test_callbacks_monitor_margin_metrics_without_mode(tmp_path):
     assert callbacks[0].monitor_op is keras.ops.less
     assert callbacks[1].monitor_op is keras.ops.greater
     assert callbacks[2].monitor_op is keras.ops.less
+    assert callbacks[3].monitor_op is keras.ops.less
     expected = {"loss", "ce_loss", "margin_loss", "violation_rate", "accuracy"} | {
         f"distance_{name}" for name in ("input", "conv", "dense")
     }
@@ -127,3 +132,39 @@ def test_mirrored_strategy_matches_one_device():
     assert report["max_weight_change"] > 1e-2
     for key in ("loss", "margin_loss", "ce_loss", "distance_input"):
         np.testing.assert_allclose(report["mirrored"][key], report["single"][key], rtol=1e-5)
+
+
+def test_distance_histograms_reach_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    margin = LargeMargin(["input", "dense"], gamma=0.2, alpha=2.0)
+    model, _ = conv_net(margin)
+    model.compile("adam", loss=CE)
+    x, y = digits(48)
+    histograms = marginfit.DistanceHistograms(tmp_path, (x[32:], y[32:]), every=2)
+    model.fit(x[:32], y[:32], epochs=3, batch_size=16, callbacks=[histograms], verbose=0)
+    events = event_accumulator.EventAccumulator(
+        str(tmp_path / "validation"), size_guidance={event_accumulator.TENSORS: 0}
+    )
+    events.Reload()
+    assert sorted(events.Tags()["tensors"]) == ["distance/dense", "distance/input"]
+    written = events.Tensors("distance/input")
+    # Every 2 epochs, and after the last: epochs 1 and 2 (0-based).
+    assert [event.step for event in written] == [1, 2]
+    # The last histogram holds the final model's distances: count and range.
+    buckets = tf.make_ndarray(written[-1].tensor_proto)  # [bucket, (left, right, count)]
+    expected = model.margin_distances(x[32:], y[32:])["input"]
+    assert buckets[:, 2].sum() == len(expected)
+    np.testing.assert_allclose(
+        [buckets[0, 0], buckets[-1, 1]], [expected.min(), expected.max()], rtol=1e-5
+    )
+
+
+def test_distance_histograms_need_a_margin(tmp_path):
+    model, _ = conv_net(None)
+    model.compile("adam", loss=CE)
+    x, y = digits(8)
+    with pytest.raises(ValueError, match="needs a MarginModel with a margin"):
+        model.fit(x, y, callbacks=[marginfit.DistanceHistograms(tmp_path, (x, y))], verbose=0)
+    with pytest.raises(ValueError, match="`every` must be an int >= 1"):
+        marginfit.DistanceHistograms(tmp_path, (x, y), every=0)

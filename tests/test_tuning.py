@@ -1,7 +1,7 @@
 """keras-tuner searches over MarginHyperModel: real trials on small data."""
 
 import json
-import math
+import re
 import subprocess
 import sys
 
@@ -12,13 +12,14 @@ import pytest
 from helpers import digits
 
 import marginfit
-import tuning
+from marginfit import tuning
 
 X_TRAIN, Y_TRAIN = digits(192)
 X_VAL, Y_VAL = digits(96, offset=192)
 FIT = dict(validation_data=(X_VAL, Y_VAL), batch_size=64, verbose=0)
 # Small networks keep each trial to a few seconds.
 SMALL = dict(conv_filters=[4, 8], dense_units=[8, 16], conv_layers=(0, 1), dense_layers=(1, 2))
+HYPERMODEL = tuning.MarginHyperModel(input_shape=(8, 8, 1), num_classes=10)
 
 # What every fit() of a search saw, appended by `Recorder` (keras-tuner
 # deep-copies callbacks per trial, so they report to this module-level list).
@@ -36,8 +37,10 @@ class Recorder(keras.callbacks.Callback):
         })
 
 
-def hypermodel(**space):
-    return tuning.MarginHyperModel(input_shape=(8, 8, 1), num_classes=10, **{**SMALL, **space})
+def make_tuner(kind, objective, directory, space=None, **options):
+    """A tuner over HYPERMODEL, narrowed to SMALL and ``space``."""
+    hp = tuning.hyperparameters(HYPERMODEL, {**SMALL, **(space or {})})
+    return tuning.make_tuner(kind, HYPERMODEL, objective, str(directory), hyperparameters=hp, **options)
 
 
 def expected_margin_layers(placement, hidden):
@@ -49,7 +52,7 @@ def expected_margin_layers(placement, hidden):
 
 def test_random_search_trains_the_models_its_trials_report(tmp_path):
     SEEN.clear()
-    tuner = tuning.make_tuner("random", hypermodel(), "val_accuracy", str(tmp_path), max_trials=3, seed=1)
+    tuner = make_tuner("random", "val_accuracy", tmp_path, max_trials=3, seed=1)
     tuner.search(X_TRAIN, Y_TRAIN, epochs=1, callbacks=[Recorder()], **FIT)
     trials = sorted(tuner.oracle.trials.values(), key=lambda t: int(t.trial_id))
     assert [t.status for t in trials] == ["COMPLETED"] * 3
@@ -63,7 +66,7 @@ def test_random_search_trains_the_models_its_trials_report(tmp_path):
         assert seen["margin"]["layers"] == expected_margin_layers(values["margin_layers"], hidden)
         assert seen["margin"]["norm"] == ("inf" if values["norm"] == "inf" else int(values["norm"]))
         assert seen["rates"] == pytest.approx(
-            {"lower": values["lower_learning_rate"], "upper": values["upper_learning_rate"]}, rel=1e-6
+            {"features": values["lower_learning_rate"], "head": values["upper_learning_rate"]}, rel=1e-6
         )
         assert seen["conv"] == [values["conv_filters"]] * values["conv_layers"]
         assert seen["dense"] == [values["dense_units"]] * values["dense_layers"]
@@ -87,7 +90,7 @@ def assert_best_is_best(tuner, direction):
 
 
 def test_bayesian_optimization_minimises_the_margin_loss(tmp_path):
-    tuner = tuning.make_tuner("bayesian", hypermodel(), "val_margin_loss", str(tmp_path), max_trials=3)
+    tuner = make_tuner("bayesian", "val_margin_loss", tmp_path, max_trials=3)
     assert tuner.oracle.objective.direction == "min"
     tuner.search(X_TRAIN, Y_TRAIN, epochs=1, **FIT)
     assert len(tuning.results(tuner)) == 3
@@ -96,9 +99,7 @@ def test_bayesian_optimization_minimises_the_margin_loss(tmp_path):
 
 def test_hyperband_on_a_distance_objective(tmp_path):
     # With the margin fixed on the input, every trial logs val_distance_input.
-    tuner = tuning.make_tuner(
-        "hyperband", hypermodel(margin_layers="input"), "val_distance_input", str(tmp_path), epochs=3
-    )
+    tuner = make_tuner("hyperband", "val_distance_input", tmp_path, {"margin_layers": "input"}, epochs=3)
     assert tuner.oracle.objective.direction == "max"
     tuner.search(X_TRAIN, Y_TRAIN, **FIT)
     rows = tuning.results(tuner)
@@ -120,7 +121,7 @@ class Interrupt(keras.callbacks.Callback):
 
 def test_an_interrupted_search_resumes_without_redoing_finished_trials(tmp_path):
     SEEN.clear()
-    first = tuning.make_tuner("random", hypermodel(), "val_accuracy", str(tmp_path), max_trials=3, seed=3)
+    first = make_tuner("random", "val_accuracy", tmp_path, max_trials=3, seed=3)
     with pytest.raises(KeyboardInterrupt):
         first.search(X_TRAIN, Y_TRAIN, epochs=1, callbacks=[Recorder(), Interrupt(at=2)], **FIT)
     assert len(SEEN) == 2  # trial 0 finished, trial 1 interrupted
@@ -128,7 +129,7 @@ def test_an_interrupted_search_resumes_without_redoing_finished_trials(tmp_path)
     assert list(finished) == ["0"]
 
     SEEN.clear()
-    resumed = tuning.make_tuner("random", hypermodel(), "val_accuracy", str(tmp_path), max_trials=3, seed=3)
+    resumed = make_tuner("random", "val_accuracy", tmp_path, max_trials=3, seed=3)
     resumed.search(X_TRAIN, Y_TRAIN, epochs=1, callbacks=[Recorder()], **FIT)
     trials = resumed.oracle.trials
     assert sorted(trials) == ["0", "1", "2"]
@@ -141,32 +142,47 @@ def test_an_interrupted_search_resumes_without_redoing_finished_trials(tmp_path)
 @pytest.mark.parametrize(
     "space, message",
     [
-        (dict(gamma=0.0), "`gamma` values must be > 0"),
-        (dict(gamma=(-1.0, 10.0)), "`gamma` values must be > 0"),
+        (dict(gamma=0.0), "`gamma` must be a positive"),
+        (dict(gamma=(-1.0, 10.0)), "does not support negative values"),
         (dict(gamma=(10.0, 1.0)), "low > high"),
         (dict(margin_layers=[]), "empty choice"),
-        (dict(margin_layers=["output"]), "is not one of"),
-        (dict(norm=3), "`norm` must be 1, 2 or inf"),
-        (dict(lower_learning_rate=(0.0, 1e-2)), "`lower_learning_rate` values must be > 0"),
-        (dict(dense_layers=(-1, 2)), ">= 0"),
-        (dict(alpha=0.0), "alpha"),
+        (dict(margin_layers=["output"]), "Unknown margin placement 'output'"),
+        (dict(norm=3), "Unsupported `norm=3`"),
+        (dict(conv_layers=(0, 1), dense_layers=(0, 2)), "at least one hidden layer"),
+        (dict(depth=3), "Unknown hyperparameter 'depth'"),
+        (dict(norm=(1, 2)), "'norm' takes a (low, high) range only if it is numeric"),
     ],
 )
-def test_bad_ranges_fail_at_construction(space, message):
-    with pytest.raises(ValueError, match=message):
-        hypermodel(**space)
+def test_bad_settings_fail_before_the_search(space, message, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_tuner("random", "val_accuracy", tmp_path, space)
 
 
-def test_fixed_values_and_tuner_overrides():
-    model = hypermodel(gamma=50.0, norm=math.inf, margin_layers="input+last_hidden",
-                       conv_layers=1, dense_layers=1).build(kt.HyperParameters())
+def test_bad_fixed_margin_options_fail_at_construction():
+    with pytest.raises(ValueError, match="alpha"):
+        tuning.MarginHyperModel(input_shape=(8, 8, 1), num_classes=10, alpha=0.0)
+    with pytest.raises(ValueError, match="input_shape"):
+        tuning.MarginHyperModel(input_shape=(8, 8), num_classes=10)
+
+
+def test_the_space_is_declared_in_build_and_fixed_through_hyperparameters():
+    declared = tuning.declared(HYPERMODEL)
+    assert set(declared) == {
+        "conv_layers", "conv_filters", "dense_units", "dense_layers", "norm", "margin_layers",
+        "gamma", "lower_learning_rate", "upper_learning_rate", "ce_weight",
+    }
+    assert declared["gamma"].sampling == "log"
+    hp = tuning.hyperparameters(HYPERMODEL, {
+        "gamma": 50.0, "norm": "inf", "margin_layers": "input+last_hidden",
+        "conv_layers": 1, "dense_layers": 1, "lower_learning_rate": (1e-3, 1e-2),
+    })
+    assert hp.get("gamma") == 50.0
+    # A narrowed range keeps the sampling it is declared with.
+    assert [e.sampling for e in hp.space if e.name == "lower_learning_rate"] == ["log"]
+    model = HYPERMODEL.build(hp)
     assert model.margin.gamma == (50.0, 50.0)
     assert model.margin.layers == ("input", "dense1")
     assert model.margin.get_config()["norm"] == "inf"
-    # keras-tuner's own way: a value set in the HyperParameters wins.
-    hp = kt.HyperParameters()
-    hp.Fixed("gamma", 7.0)
-    assert hypermodel().build(hp).margin.gamma[0] == 7.0
 
 
 def test_objective_directions():
@@ -191,7 +207,7 @@ def test_command_line_search_and_best_model_in_a_fresh_process(tmp_path):
     np.savez(tmp_path / "data.npz", x=x[..., 0], y=y)  # [n, 8, 8]: a channel is added
     output = tmp_path / "out"
     stdout = run(
-        "-m", "tuning", "--data", str(tmp_path / "data.npz"), "--trials", "2", "--epochs", "1",
+        "-m", "marginfit.tuning", "--data", str(tmp_path / "data.npz"), "--trials", "2", "--epochs", "1",
         "--objective", "val_margin_loss", "--output", str(output),
         "--set", "conv_filters=4", "--set", "dense_units=8,16", "--set", "gamma=0.1:10",
         cwd=tmp_path,

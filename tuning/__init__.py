@@ -1,14 +1,31 @@
-"""Hyperparameter search for `marginfit.MarginModel` with keras-tuner."""
+"""Hyperparameter search for `marginfit.MarginModel` with keras-tuner.
 
-from tuning.hypermodel import MARGIN_PLACEMENTS, MarginHyperModel
-from tuning.search import TUNERS, best_model, format_table, make_tuner, objective, results, write_results
+Installed as `marginfit.tuning` (from the repository's top-level `tuning/`).
+"""
+
+from marginfit.tuning.hypermodel import MARGIN_PLACEMENTS, MarginHyperModel
+from marginfit.tuning.search import (
+    TUNERS,
+    best_model,
+    check,
+    declared,
+    format_table,
+    hyperparameters,
+    make_tuner,
+    objective,
+    results,
+    write_results,
+)
 
 __all__ = [
     "MARGIN_PLACEMENTS",
     "MarginHyperModel",
     "TUNERS",
     "best_model",
+    "check",
+    "declared",
     "format_table",
+    "hyperparameters",
     "make_tuner",
     "objective",
     "results",

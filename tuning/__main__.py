@@ -1,3 +1,3 @@
-from tuning.cli import main
+from marginfit.tuning.cli import main
 
 raise SystemExit(main())

@@ -1,6 +1,6 @@
-"""The search command: ``python -m tuning`` (or ``marginfit-tune``).
+"""The search command: ``marginfit-tune`` (or ``python -m marginfit.tuning``).
 
-    python -m tuning --tuner random --trials 10 --epochs 5 \\
+    marginfit-tune --tuner random --trials 10 --epochs 5 \\
         --objective val_accuracy --output tuning_results \\
         --set gamma=1:10000 --set norm=2,inf --set conv_layers=1
 
@@ -14,14 +14,13 @@ validation metrics) into the output directory.
 import argparse
 import json
 import os
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import marginfit  # noqa: E402
-from tuning import search  # noqa: E402
-from tuning.hypermodel import MarginHyperModel  # noqa: E402
+import marginfit
+from marginfit.tuning import search
+from marginfit.tuning.hypermodel import MarginHyperModel
 
 
 def parse_setting(text):
@@ -40,6 +39,13 @@ def parse_setting(text):
     return name, _number(value)
 
 
+def _positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, received {text}")
+    return value
+
+
 def _number(text):
     for kind in (int, float):
         try:
@@ -50,24 +56,29 @@ def _number(text):
 
 
 def main(argv=None):
-    """Entry point of the console script; returns the exit status."""
-    run(argv)
+    """Entry point of the console script; returns the exit status. Bad
+    settings (an unknown hyperparameter, a bad range, unreadable data) end
+    with one line naming the problem instead of a traceback."""
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except (ValueError, RuntimeError) as error:
+        raise SystemExit(f"marginfit-tune: {error}") from error
     return 0
 
 
 def run(argv=None):
     """Runs the search command line ``argv``; returns the best trial's summary."""
     parser = argparse.ArgumentParser(
-        prog="python -m tuning", description=__doc__.splitlines()[0],
+        prog="marginfit-tune", description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
     )
     parser.add_argument("--data", default="digits",
                         help="'digits' (bundled), a .npz file with x and y arrays (or x_train, y_train, "
                              "x_test, y_test), or mnist/fashion_mnist/cifar10 (needs network)")
     parser.add_argument("--tuner", default="random", choices=search.TUNERS)
-    parser.add_argument("--trials", type=int, default=10, help="trials of random/bayesian search")
-    parser.add_argument("--epochs", type=int, default=5, help="epochs per trial (Hyperband: its max_epochs)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--trials", type=_positive, default=10, help="trials of random/bayesian search")
+    parser.add_argument("--epochs", type=_positive, default=5, help="epochs per trial (Hyperband: its max_epochs)")
+    parser.add_argument("--batch-size", type=_positive, default=64)
     parser.add_argument("--objective", default="val_accuracy", help="a log name, e.g. val_margin_loss; 'name:min|max' for others")
     parser.add_argument("--output", default="tuning_results", help="directory of the search and its results")
     parser.add_argument("--set", dest="settings", type=parse_setting, action="append", default=[],
@@ -80,11 +91,11 @@ def run(argv=None):
     hypermodel = MarginHyperModel(
         input_shape=x_train.shape[1:],
         num_classes=marginfit.data.num_classes(y_train, y_val),
-        **dict(args.settings),
     )
     tuner = search.make_tuner(
         args.tuner, hypermodel, args.objective, args.output, max_trials=args.trials,
         epochs=args.epochs, overwrite=args.overwrite, seed=args.seed,
+        hyperparameters=search.hyperparameters(hypermodel, dict(args.settings)),
     )
     tuner.search(
         x_train, y_train, validation_data=(x_val, y_val), epochs=args.epochs,

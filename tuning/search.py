@@ -6,9 +6,94 @@ import os
 
 import keras_tuner as kt
 
-from marginfit.metrics import metric_direction
+from marginfit import metrics
 
 TUNERS = ("random", "bayesian", "hyperband")
+_HP = kt.engine.hyperparameters
+
+
+def declared(hypermodel):
+    """``{name: hyperparameter}`` that ``hypermodel.build`` declares with no
+    value fixed (one dry build)."""
+    hp = kt.HyperParameters()
+    hypermodel.build(hp)
+    return {entry.name: entry for entry in hp.space}
+
+
+def hyperparameters(hypermodel, settings):
+    """A `keras_tuner.HyperParameters` fixing or narrowing the hypermodel's
+    own hyperparameters, of the kind each is declared with.
+
+    Args:
+        hypermodel: The `keras_tuner.HyperModel`.
+        settings: ``{name: value}``: a single value fixes it, a ``(low,
+            high)`` tuple narrows a numeric range (keeping its sampling), a
+            list restricts the choices.
+
+    Raises:
+        ValueError: For a name the hypermodel does not declare (the valid
+            ones are listed) or a value keras-tuner refuses.
+    """
+    known = declared(hypermodel)
+    hp = kt.HyperParameters()
+    for name, value in settings.items():
+        if name not in known:
+            raise ValueError(
+                f"Unknown hyperparameter {name!r}; the search space has {sorted(known)}."
+            )
+        entry = known[name]
+        kind = _value_type(entry)
+        if isinstance(value, tuple):
+            if not isinstance(entry, (_HP.Int, _HP.Float)) or len(value) != 2:
+                raise ValueError(
+                    f"{name!r} takes a (low, high) range only if it is numeric "
+                    f"and ranged; give a value or a list of values instead."
+                )
+            low, high = (kind(bound) for bound in value)
+            if low > high:
+                raise ValueError(f"{name!r} range {value!r} has low > high; swap them.")
+            ranged = hp.Int if isinstance(entry, _HP.Int) else hp.Float
+            ranged(name, low, high, sampling=entry.sampling)
+        elif isinstance(value, list):
+            if not value:
+                raise ValueError(f"{name!r} is an empty choice; give at least one value.")
+            hp.Choice(name, [kind(item) for item in value])
+        else:
+            hp.Fixed(name, kind(value))
+    return hp
+
+
+def _value_type(entry):
+    if isinstance(entry, _HP.Int):
+        return int
+    if isinstance(entry, _HP.Float):
+        return float
+    values = getattr(entry, "values", None) or [entry.default]
+    return type(values[0])
+
+
+def check(hypermodel, hp):
+    """Builds the hypermodel at the defaults of ``hp`` and at each range's
+    upper end, so that a bad value fails now, not in the middle of a search.
+
+    Raises:
+        ValueError: Naming the values that could not be built.
+    """
+    trials = [hp.copy()]
+    for entry in hp.space:
+        if isinstance(entry, (_HP.Int, _HP.Float, _HP.Choice)):
+            upper = hp.copy()
+            upper.values[entry.name] = (
+                entry.values[-1] if isinstance(entry, _HP.Choice) else entry.max_value
+            )
+            trials.append(upper)
+    for trial in trials:
+        try:
+            hypermodel.build(trial)
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                f"The hyperparameters {trial.values} cannot be built: {error}"
+            ) from error
 
 
 def objective(name):
@@ -28,7 +113,7 @@ def objective(name):
                 f"Objective direction must be 'min' or 'max'; received {direction!r}."
             )
         return kt.Objective(name, direction)
-    ours = metric_direction(name)
+    ours = metrics.direction(name)
     if ours is not None:
         return kt.Objective(name, "min" if ours == "down" else "max")
     if kt.engine.metrics_tracking.infer_metric_direction(name.removeprefix("val_")) is None:
@@ -41,18 +126,27 @@ def objective(name):
 
 def make_tuner(
     kind, hypermodel, objective_name, directory, project_name="search",
-    max_trials=10, epochs=5, overwrite=False, seed=0,
+    max_trials=10, epochs=5, overwrite=False, seed=0, hyperparameters=None,
 ):
     """A keras-tuner tuner of ``kind`` (one of `TUNERS`).
+
+    ``hyperparameters`` (a `keras_tuner.HyperParameters`, e.g. from
+    `hyperparameters`) fixes or narrows the search space; it is checked with
+    `check` first.
 
     ``max_trials`` bounds RandomSearch and BayesianOptimization; Hyperband
     sizes itself from ``epochs`` (its ``max_epochs``, with factor 3). With
     ``overwrite=False`` an existing search in ``directory/project_name``
     resumes: finished trials are kept, interrupted ones are run again.
     """
+    if kind not in TUNERS:
+        raise ValueError(f"Unknown tuner {kind!r}; use one of {list(TUNERS)}.")
+    hyperparameters = hyperparameters or kt.HyperParameters()
+    check(hypermodel, hyperparameters)
     common = dict(
         objective=objective(objective_name), directory=directory,
         project_name=project_name, overwrite=overwrite, seed=seed,
+        hyperparameters=hyperparameters,
     )
     if kind == "random":
         return kt.RandomSearch(hypermodel, max_trials=max_trials, **common)
@@ -61,9 +155,7 @@ def make_tuner(
             hypermodel, max_trials=max_trials,
             num_initial_points=min(2, max_trials), **common
         )
-    if kind == "hyperband":
-        return kt.Hyperband(hypermodel, max_epochs=epochs, factor=3, **common)
-    raise ValueError(f"Unknown tuner {kind!r}; use one of {list(TUNERS)}.")
+    return kt.Hyperband(hypermodel, max_epochs=epochs, factor=3, **common)
 
 
 def results(tuner):
