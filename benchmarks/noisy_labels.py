@@ -42,11 +42,16 @@ def main(argv=None):
     print(f"{'label noise':>11} {'model':>14} {'mean acc':>9} {'min':>6} {'max':>6}")
     for noise in [float(n) for n in args.noise.split(",")]:
         for name, with_margin in (("cross-entropy", False), ("margin", True)):
-            values = [accuracy(noise, seed, with_margin, args.epochs, args.extra)
-                      for seed in range(args.seeds)]
+            values = [
+                accuracy(noise, seed, with_margin, args.epochs, args.extra)
+                for seed in range(args.seeds)
+            ]
             table[f"{noise:g} {name}"] = values
-            print(f"{noise:>11.0%} {name:>14} {statistics.mean(values):>9.4f} "
-                  f"{min(values):>6.3f} {max(values):>6.3f}", flush=True)
+            print(
+                f"{noise:>11.0%} {name:>14} {statistics.mean(values):>9.4f} "
+                f"{min(values):>6.3f} {max(values):>6.3f}",
+                flush=True,
+            )
     print(json.dumps({"epochs": args.epochs, "accuracies": table}))
 
 

@@ -41,7 +41,11 @@ BATCH = 64
 def cnn():
     """The paper's MNIST CNN; margin on the input and both pooled outputs."""
     network = networks.classifier(
-        (28, 28, 1), 10, conv_filters=(32, 64), kernel_size=5, dense_units=(512,),
+        (28, 28, 1),
+        10,
+        conv_filters=(32, 64),
+        kernel_size=5,
+        dense_units=(512,),
         margin_after_pooling=True,
     )
     return network, ["input", *network.hidden[:2]]
@@ -83,8 +87,10 @@ def seconds_per_step(step, steps):
 
 
 def variant_name(options, jit):
-    return (f"{'approximate' if options['approximate'] else 'exact'} top_k={options['top_k']} "
-            f"norm={options['norm']} jit={'on' if jit else 'off'}")
+    return (
+        f"{'approximate' if options['approximate'] else 'exact'} top_k={options['top_k']} "
+        f"norm={options['norm']} jit={'on' if jit else 'off'}"
+    )
 
 
 def time_variants(architecture, variants, repeats, steps, min_seconds=0.5):
@@ -100,14 +106,13 @@ def time_variants(architecture, variants, repeats, steps, min_seconds=0.5):
     counts = {}
     for key, model in models.items():  # trace, compile and warm up
         model.train_on_batch(x, y)
-        estimate = seconds_per_step(lambda: model.train_on_batch(x, y), 2)
+        estimate = seconds_per_step(lambda model=model: model.train_on_batch(x, y), 2)
         counts[key] = max(steps, math.ceil(min_seconds / estimate))
     times = {key: [] for key in models}
     for _ in range(repeats):
         for key, model in models.items():
-            times[key].append(
-                seconds_per_step(lambda: model.train_on_batch(x, y), counts[key])
-            )
+            step = lambda model=model: model.train_on_batch(x, y)  # noqa: E731
+            times[key].append(seconds_per_step(step, counts[key]))
     return {key: statistics.median(values) for key, values in times.items()}
 
 
@@ -147,9 +152,13 @@ def naive_ratio(steps=2):
     ce_seconds = seconds_per_step(lambda: ce.train_on_batch(x, y), 10)
     model = build("cnn")
     names = ["pool1", "pool2"]
-    taps = keras.Model(model.inputs, [model.outputs[0], *(model.get_layer(n).output for n in names)])
+    taps = keras.Model(
+        model.inputs, [model.outputs[0], *(model.get_layer(n).output for n in names)]
+    )
     xt = tf.constant(x)
-    naive_seconds = seconds_per_step(lambda: naive_step(model, taps, xt, y, ["input", *names]), steps)
+    naive_seconds = seconds_per_step(
+        lambda: naive_step(model, taps, xt, y, ["input", *names]), steps
+    )
     return naive_seconds / ce_seconds
 
 
@@ -182,7 +191,9 @@ def _resident_kib(field):
 def peak_memory(architecture, options):
     result = subprocess.run(
         [sys.executable, __file__, "--memory-child", architecture, json.dumps(options)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(result.stdout.strip().splitlines()[-1])["growth_mib"]
 
@@ -210,10 +221,15 @@ def main(argv=None):
     report = {"batch_size": BATCH, "ratios": {}}
     print(f"{'model':<5} {'variant':<38} {'ratio to CE':>11}")
     for architecture in ARCHITECTURES:
-        chosen = variants if architecture == "cnn" else [
-            (options, jit) for options, jit in variants
-            if options["top_k"] == 1 and options["norm"] == 2 and not jit
-        ]
+        chosen = (
+            variants
+            if architecture == "cnn"
+            else [
+                (options, jit)
+                for options, jit in variants
+                if options["top_k"] == 1 and options["norm"] == 2 and not jit
+            ]
+        )
         median = time_variants(architecture, chosen, args.repeats, args.steps)
         for options, jit in chosen:
             name = variant_name(options, jit)

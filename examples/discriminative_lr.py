@@ -31,14 +31,24 @@ def main(argv=None):
     model = marginfit.MarginModel(
         inputs, logits, margin=marginfit.LargeMargin(["input", "dense"], gamma=10000.0)
     )
-    optimizer = marginfit.discriminative_optimizer(model, [
-        (keras.optimizers.Adam(2e-3, name="features"), ["conv1", "conv2"]),
-        (keras.optimizers.Nadam(5e-4, name="head"), ["dense", "logits"]),
-    ])
-    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    optimizer = marginfit.discriminative_optimizer(
+        model,
+        [
+            (keras.optimizers.Adam(2e-3, name="features"), ["conv1", "conv2"]),
+            (keras.optimizers.Nadam(5e-4, name="head"), ["dense", "logits"]),
+        ],
+    )
+    model.compile(
+        optimizer,
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     history = model.fit(
-        x_train, y_train, epochs=args.epochs, batch_size=64, verbose=2,
+        x_train,
+        y_train,
+        epochs=args.epochs,
+        batch_size=64,
+        verbose=2,
         callbacks=[marginfit.GroupLearningRateScheduler(lambda epoch: 0.5 ** (epoch // 5))],
     )
     logs = model.evaluate(x_test, y_test, return_dict=True, verbose=0)

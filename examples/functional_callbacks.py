@@ -32,22 +32,30 @@ def main(argv=None):
     model = marginfit.MarginModel(
         inputs, logits, margin=marginfit.LargeMargin(["input", "conv", "hidden"], gamma=10000.0)
     )
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    model.compile(
+        "adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"]
+    )
     best = os.path.join(args.output, "best.keras")
     model.fit(
-        x_train, y_train, validation_split=0.1, epochs=args.epochs, verbose=2,
+        x_train,
+        y_train,
+        validation_split=0.1,
+        epochs=args.epochs,
+        verbose=2,
         callbacks=[
-            keras.callbacks.EarlyStopping(monitor="val_margin_loss", patience=5,
-                                          restore_best_weights=True),
+            keras.callbacks.EarlyStopping(
+                monitor="val_margin_loss", patience=5, restore_best_weights=True
+            ),
             keras.callbacks.ModelCheckpoint(best, monitor="val_margin_loss", save_best_only=True),
             keras.callbacks.CSVLogger(os.path.join(args.output, "history.csv")),
             keras.callbacks.TensorBoard(os.path.join(args.output, "tensorboard")),
         ],
     )
     logs = model.evaluate(x_test, y_test, return_dict=True, verbose=0)
-    print(f"test accuracy {logs['accuracy']:.4f}, margin loss {logs['margin_loss']:.1f}; "
-          f"best model in {best}")
+    print(
+        f"test accuracy {logs['accuracy']:.4f}, margin loss {logs['margin_loss']:.1f}; "
+        f"best model in {best}"
+    )
     return logs
 
 

@@ -1,6 +1,6 @@
 """Large-margin training of a small CNN on the bundled digits, in plain fit().
 
-    python examples/quickstart.py [--epochs 15] [--approximate | --exact]
+python examples/quickstart.py [--epochs 15] [--approximate | --exact]
 """
 
 import argparse
@@ -28,7 +28,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--exact", action="store_true", help="differentiate through the gradient norm")
+    parser.add_argument(
+        "--exact", action="store_true", help="differentiate through the gradient norm"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -44,11 +46,17 @@ def main(argv=None):
         metrics=["accuracy"],
     )
     model.fit(
-        x_train, y_train, validation_split=0.1, epochs=args.epochs,
-        batch_size=args.batch_size, verbose=2,
-        callbacks=[keras.callbacks.EarlyStopping(
-            monitor="val_margin_loss", patience=5, restore_best_weights=True
-        )],
+        x_train,
+        y_train,
+        validation_split=0.1,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        verbose=2,
+        callbacks=[
+            keras.callbacks.EarlyStopping(
+                monitor="val_margin_loss", patience=5, restore_best_weights=True
+            )
+        ],
     )
     logs = model.evaluate(x_test, y_test, return_dict=True, verbose=0)
     print("\ntest results")

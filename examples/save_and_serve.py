@@ -1,6 +1,6 @@
 """Save, reload and resume; export a SavedModel and serve it.
 
-    python examples/save_and_serve.py [--epochs 5] [--output runs/serving]
+python examples/save_and_serve.py [--epochs 5] [--output runs/serving]
 """
 
 import argparse
@@ -24,11 +24,14 @@ def main(argv=None):
 
     (x_train, y_train), (x_test, y_test) = marginfit.load_digits()
     inputs = keras.Input((8, 8, 1), name="pixels")
-    hidden = keras.layers.Dense(64, activation="relu", name="hidden")(keras.layers.Flatten()(inputs))
+    hidden = keras.layers.Dense(64, activation="relu", name="hidden")(
+        keras.layers.Flatten()(inputs)
+    )
     logits = keras.layers.Dense(10, name="logits")(hidden)
     model = marginfit.MarginModel(inputs, logits, margin=marginfit.LargeMargin(["input", "hidden"]))
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    model.compile(
+        "adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"]
+    )
     model.fit(x_train, y_train, epochs=args.epochs, verbose=0)
 
     # 1. A .keras file: the MarginModel, its margin, compile config and optimizer state.
@@ -50,8 +53,10 @@ def main(argv=None):
     )
     restored = marginfit.load_model(directory)  # trainable again
     logs = restored.evaluate(x_test, y_test, return_dict=True, verbose=0)
-    print(f"served predictions match the model to {difference:.1e}; restored "
-          f"{type(restored).__name__} test accuracy {logs['accuracy']:.4f}")
+    print(
+        f"served predictions match the model to {difference:.1e}; restored "
+        f"{type(restored).__name__} test accuracy {logs['accuracy']:.4f}"
+    )
     return {"serving_difference": difference, **logs}
 
 

@@ -41,12 +41,15 @@ def main(argv=None):
 
     (x_train, y_train), (x_test, y_test) = marginfit.load_digits()
     model = DigitsNet(margin=marginfit.LargeMargin(["input", "hidden"], gamma=10000.0))
-    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    model.compile(
+        "adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"]
+    )
     model.fit(x_train, y_train, epochs=args.epochs, batch_size=64, verbose=2)
     logs = model.evaluate(x_test, y_test, return_dict=True, verbose=0)
-    print(f"test accuracy {logs['accuracy']:.4f}, mean input distance "
-          f"{logs['distance_input']:.4f}, hidden distance {logs['distance_hidden']:.4f}")
+    print(
+        f"test accuracy {logs['accuracy']:.4f}, mean input distance "
+        f"{logs['distance_input']:.4f}, hidden distance {logs['distance_hidden']:.4f}"
+    )
     return logs
 
 

@@ -1,6 +1,6 @@
 """A keras-tuner search over gamma, architecture and learning rates.
 
-    python examples/tuning_search.py [--trials 6] [--epochs 4] [--output runs/tuning]
+python examples/tuning_search.py [--trials 6] [--epochs 4] [--output runs/tuning]
 """
 
 import argparse
@@ -28,17 +28,24 @@ def main(argv=None):
     hp.Choice("dense_units", [32, 64])
     hp.Float("gamma", 1e-2, 1e4, sampling="log")
     tuner = keras_tuner.RandomSearch(
-        hypermodel, hyperparameters=hp, objective=tuning.objective("val_margin_loss"),
+        hypermodel,
+        hyperparameters=hp,
+        objective=tuning.objective("val_margin_loss"),
         max_trials=args.trials,
-        directory=args.output, project_name="digits", overwrite=True, seed=0,
+        directory=args.output,
+        project_name="digits",
+        overwrite=True,
+        seed=0,
     )
     tuner.search(x_train, y_train, validation_data=(x_val, y_val), epochs=args.epochs, verbose=0)
     rows = tuning.results(tuner)
     print(tuning.format_table(rows, "val_margin_loss"))
     best = tuning.best_model(tuner)
     logs = best.evaluate(x_val, y_val, return_dict=True, verbose=0)
-    print(f"best trial {rows[0]['trial']}: val_margin_loss {logs['margin_loss']:.4f}, "
-          f"val_accuracy {logs['accuracy']:.4f}")
+    print(
+        f"best trial {rows[0]['trial']}: val_margin_loss {logs['margin_loss']:.4f}, "
+        f"val_accuracy {logs['accuracy']:.4f}"
+    )
     return {"rows": rows, **logs}
 
 

@@ -1,9 +1,9 @@
 """marginfit: large-margin training inside plain Keras `fit()`/`evaluate()`."""
 
+from marginfit import networks
 from marginfit.callbacks import DistanceHistograms, GroupLearningRateScheduler
 from marginfit.data import load_digits
 from marginfit.losses import HuberLoss
-from marginfit import networks
 from marginfit.margin import LargeMargin
 from marginfit.metrics import ViolationRate
 from marginfit.model import MarginModel

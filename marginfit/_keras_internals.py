@@ -125,7 +125,10 @@ def verify():
 
     expect(callable(functional_init_arguments), "keras.src.models.model.functional_init_arguments")
     expect(issubclass(Functional, keras.Model), "keras.src.models.functional.Functional")
-    expect(hasattr(MetricsList, "get_result"), "keras.src.trainers.compile_utils.MetricsList.get_result")
+    expect(
+        hasattr(MetricsList, "get_result"),
+        "keras.src.trainers.compile_utils.MetricsList.get_result",
+    )
     expect(hasattr(keras.layers.Layer, "_flatten_layers"), "keras.layers.Layer._flatten_layers")
     expect(
         hasattr(keras.optimizers.Optimizer, "_get_variable_index"),

@@ -55,8 +55,7 @@ class GroupLearningRateScheduler(keras.callbacks.Callback):
         factor = self.schedule(epoch)
         if not isinstance(factor, (int, float)) or isinstance(factor, bool):
             raise ValueError(
-                f"`schedule({epoch})` must return a float factor; received "
-                f"{factor!r}."
+                f"`schedule({epoch})` must return a float factor; received {factor!r}."
             )
         for optimizer in sub_optimizers(self.model.optimizer):
             rate = self.base_rates[optimizer.name] * float(factor)

@@ -24,7 +24,6 @@ from marginfit import networks
 from marginfit.margin import LargeMargin
 from marginfit.model import MarginModel
 
-
 # ------------------------------------------------------------------ options
 
 
@@ -32,7 +31,9 @@ def _floats(text):
     try:
         return [float(part) for part in text.split(",") if part]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, received {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, received {text!r}"
+        ) from None
 
 
 def _rate(text):
@@ -40,6 +41,12 @@ def _rate(text):
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), received {text}")
     return value
+
+
+def _norm(text):
+    if text not in ("1", "2", "inf"):
+        raise argparse.ArgumentTypeError(f"must be 1, 2 or inf, received {text}")
+    return text
 
 
 def _non_negative(text):
@@ -55,55 +62,118 @@ def _positive(kind):
         if not value > 0:
             raise argparse.ArgumentTypeError(f"must be > 0, received {text}")
         return value
+
     return parse
+
+
+# {group: [(flag, type, default, help)]}: the options of both commands.
+_OPTIONS = {
+    "data": [
+        (
+            "--data",
+            str,
+            "digits",
+            "'digits' (bundled with scikit-learn, the default), a .npz file with "
+            "x_train/y_train/x_test/y_test (or x/y, split 75/25), or "
+            f"{'/'.join(data_lib.KERAS_DATASETS)} (downloaded by keras.datasets; needs network)",
+        ),
+        (
+            "--label-noise",
+            _rate,
+            0.0,
+            "share of training labels replaced by a random other class (default 0)",
+        ),
+    ],
+    "training": [
+        ("--epochs", _positive(int), 60, "epochs (default 60, the authors' setting)"),
+        ("--batch-size", _positive(int), 64, "batch size (default 64)"),
+        (
+            "--lr-features",
+            _positive(float),
+            1e-3,
+            "Adam learning rate of the conv (or first dense) layers (default 1e-3)",
+        ),
+        (
+            "--lr-head",
+            _positive(float),
+            1e-3,
+            "Adam learning rate of the other layers (default 1e-3)",
+        ),
+        ("--seed", int, 0, "seed of weights, split and noise (default 0)"),
+    ],
+    "margin": [
+        (
+            "--gamma",
+            _positive(float),
+            10000.0,
+            "desired margin (default 10000, the authors' setting)",
+        ),
+        (
+            "--alpha",
+            _positive(float),
+            4.0,
+            "distances below gamma*(1-alpha) are clipped (default 4)",
+        ),
+        ("--norm", _norm, "2", "distance norm: 1, 2 or inf (default 2)"),
+        (
+            "--ce-weight",
+            _non_negative,
+            0.0,
+            "weight of the cross-entropy next to the margin loss (default 0: the margin "
+            "alone, the authors' setting, which resists label noise best)",
+        ),
+        (
+            "--layers",
+            str,
+            "all",
+            "comma-separated margin layers: input, conv1, conv2, dense1 (flat inputs: "
+            "dense1), or 'all' = input and every hidden layer (default)",
+        ),
+    ],
+}
 
 
 def parser():
     """The argument parser of the `marginfit` command."""
     common = argparse.ArgumentParser(add_help=False)
-    data = common.add_argument_group("data")
-    data.add_argument("--data", default="digits",
-                      help="'digits' (bundled with scikit-learn, the default), a .npz file with "
-                           "x_train/y_train/x_test/y_test (or x/y, split 75/25), or "
-                           f"{'/'.join(data_lib.KERAS_DATASETS)} (downloaded by keras.datasets; "
-                           "needs network)")
-    data.add_argument("--label-noise", type=_rate, default=0.0,
-                      help="share of training labels replaced by a random other class (default 0)")
-    training = common.add_argument_group("training")
-    training.add_argument("--epochs", type=_positive(int), default=60, help="epochs (default 60, the authors' setting)")
-    training.add_argument("--batch-size", type=_positive(int), default=64, help="batch size (default 64)")
-    training.add_argument("--lr-features", type=_positive(float), default=1e-3,
-                          help="Adam learning rate of the conv (or first dense) layers (default 1e-3)")
-    training.add_argument("--lr-head", type=_positive(float), default=1e-3,
-                          help="Adam learning rate of the other layers (default 1e-3)")
-    training.add_argument("--seed", type=int, default=0, help="seed of weights, split and noise (default 0)")
-    margin = common.add_argument_group("margin")
-    margin.add_argument("--gamma", type=_positive(float), default=10000.0,
-                        help="desired margin (default 10000, the authors' setting)")
-    margin.add_argument("--alpha", type=_positive(float), default=4.0,
-                        help="distances below gamma*(1-alpha) are clipped (default 4)")
-    margin.add_argument("--norm", choices=["1", "2", "inf"], default="2", help="distance norm (default 2)")
-    margin.add_argument("--ce-weight", type=_non_negative, default=0.0,
-                        help="weight of the cross-entropy next to the margin loss (default 0: the "
-                             "margin alone, the authors' setting, which resists label noise best)")
-    margin.add_argument("--layers", default="all",
-                        help="comma-separated margin layers: input, conv1, conv2, dense1 (flat "
-                             "inputs: dense1), or 'all' = input and every hidden layer (default)")
+    for group, options in _OPTIONS.items():
+        arguments = common.add_argument_group(group)
+        for flag, kind, default, help_text in options:
+            arguments.add_argument(flag, type=kind, default=default, help=help_text)
     common.add_argument("--output", help="output directory (default runs/<command>)")
 
-    top = argparse.ArgumentParser(prog="marginfit", description=__doc__.splitlines()[0],
-                                  epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    top = argparse.ArgumentParser(
+        prog="marginfit",
+        description=__doc__.splitlines()[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = top.add_subparsers(dest="command", required=True)
-    commands.add_parser("train", parents=[common], help="train one model with the margin",
-                        description="Train a small network with the large-margin loss.")
+    commands.add_parser(
+        "train",
+        parents=[common],
+        help="train one model with the margin",
+        description="Train a small network with the large-margin loss.",
+    )
     compare = commands.add_parser(
-        "compare", parents=[common], help="cross-entropy vs margin: report with table and plots",
+        "compare",
+        parents=[common],
+        help="cross-entropy vs margin: report with table and plots",
         description="Train the same network with cross-entropy and with the margin, then write "
-                    "report.md with accuracy under label noise and FGSM/PGD, and PNG figures.")
-    compare.add_argument("--noise-levels", type=_floats, default=[0.4],
-                         help="label-noise rates to compare at (default 0.4)")
-    compare.add_argument("--eps", type=_floats, default=[0.05, 0.1, 0.2],
-                         help="L-inf radii of the FGSM/PGD evaluation, input units (default 0.05,0.1,0.2)")
+        "report.md with accuracy under label noise and FGSM/PGD, and PNG figures.",
+    )
+    compare.add_argument(
+        "--noise-levels",
+        type=_floats,
+        default=[0.4],
+        help="label-noise rates to compare at (default 0.4)",
+    )
+    compare.add_argument(
+        "--eps",
+        type=_floats,
+        default=[0.05, 0.1, 0.2],
+        help="L-inf radii of the FGSM/PGD evaluation, input units (default 0.05,0.1,0.2)",
+    )
     return top
 
 
@@ -122,9 +192,7 @@ def load(source, label_noise=0.0, seed=0):
 
 def margin_from(args, network):
     """The `LargeMargin` the options ask for, on ``network``'s layers."""
-    layers = (
-        networks.margin_layers(network) if args.layers == "all" else args.layers.split(",")
-    )
+    layers = networks.margin_layers(network) if args.layers == "all" else args.layers.split(",")
     norm = np.inf if args.norm == "inf" else int(args.norm)
     return LargeMargin(layers, gamma=args.gamma, alpha=args.alpha, norm=norm)
 
@@ -136,7 +204,10 @@ def build(args, input_shape, num_classes, with_margin=True):
     network = networks.classifier(input_shape, num_classes)
     margin = margin_from(args, network)
     model = networks.margin_classifier(
-        network, margin if with_margin else None, args.lr_features, args.lr_head,
+        network,
+        margin if with_margin else None,
+        args.lr_features,
+        args.lr_head,
         args.ce_weight,
     )
     return model, margin
@@ -146,8 +217,12 @@ def fit(args, model, data, output, verbose=1):
     (x_train, y_train), (x_test, y_test) = data
     started = time.perf_counter()
     history = model.fit(
-        x_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
-        validation_data=(x_test, y_test), verbose=verbose,
+        x_train,
+        y_train,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        validation_data=(x_test, y_test),
+        verbose=verbose,
         callbacks=[keras.callbacks.CSVLogger(os.path.join(output, "history.csv"))],
     )
     logs = model.evaluate(x_test, y_test, batch_size=256, return_dict=True, verbose=0)
@@ -184,8 +259,13 @@ def compare(args, argv):
 
     output = args.output or os.path.join("runs", "compare")
     os.makedirs(output, exist_ok=True)
-    results = {"command": _command_line(argv), "noise": {}, "attacks": {}, "curves": {},
-               "distances": {}}
+    results = {
+        "command": _command_line(argv),
+        "noise": {},
+        "attacks": {},
+        "curves": {},
+        "distances": {},
+    }
     for noise in [0.0, *args.noise_levels]:
         data = load(args.data, noise, args.seed)
         shape, classes = data[0][0].shape[1:], data_lib.num_classes(data[0][1], data[1][1])

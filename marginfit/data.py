@@ -112,8 +112,7 @@ def load(source, seed=0):
     if str(source).endswith(".npz"):
         return load_npz(source, seed=seed)
     raise ValueError(
-        f"Data {source!r} is neither 'digits', a .npz file nor one of "
-        f"{list(KERAS_DATASETS)}."
+        f"Data {source!r} is neither 'digits', a .npz file nor one of {list(KERAS_DATASETS)}."
     )
 
 

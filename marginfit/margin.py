@@ -132,8 +132,7 @@ class LargeMargin:
             name = layer.name if isinstance(layer, keras.layers.Layer) else layer
             _require(
                 isinstance(name, str) and name,
-                f"`layers` must hold layer names or layer objects; received "
-                f"{layer!r}.",
+                f"`layers` must hold layer names or layer objects; received {layer!r}.",
             )
             _require(
                 name not in names,
@@ -151,23 +150,18 @@ class LargeMargin:
         def positive_weight(value):
             _require(
                 value > 0 and math.isfinite(value),
-                f"`layer_weights` must hold positive finite floats; received "
-                f"{layer_weights!r}.",
+                f"`layer_weights` must hold positive finite floats; received {layer_weights!r}.",
             )
 
         self.gamma = _per_layer("gamma", gamma, len(names), positive_gamma)
         self.layer_weights = (
             None
             if layer_weights is None
-            else _per_layer(
-                "layer_weights", layer_weights, len(names), positive_weight
-            )
+            else _per_layer("layer_weights", layer_weights, len(names), positive_weight)
         )
         self.norm = _parse_norm(norm)
         _require(
-            isinstance(top_k, numbers.Integral)
-            and not isinstance(top_k, bool)
-            and top_k >= 1,
+            isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k >= 1,
             f"`top_k` must be an integer >= 1; received {top_k!r}.",
         )
         self.top_k = int(top_k)
@@ -219,9 +213,7 @@ class LargeMargin:
             "alpha": self.alpha,
             "epsilon": self.epsilon,
             "approximate": self.approximate,
-            "layer_weights": (
-                None if self.layer_weights is None else list(self.layer_weights)
-            ),
+            "layer_weights": (None if self.layer_weights is None else list(self.layer_weights)),
             "space": self.space,
             "weight": self.weight,
             "coupling": self.coupling,
@@ -232,9 +224,7 @@ class LargeMargin:
         return cls(**config)
 
     def __eq__(self, other):
-        return isinstance(other, LargeMargin) and (
-            self.get_config() == other.get_config()
-        )
+        return isinstance(other, LargeMargin) and (self.get_config() == other.get_config())
 
     def __repr__(self):
         arguments = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
@@ -253,15 +243,11 @@ def class_indices(labels, num_classes):
         ``[batch]`` int32 class indices.
     """
     labels = tf.convert_to_tensor(labels)
-    if labels.shape.rank == 2 and labels.shape[-1] == num_classes and (
-        num_classes > 1
-    ):
+    if labels.shape.rank == 2 and labels.shape[-1] == num_classes and (num_classes > 1):
         return tf.argmax(labels, axis=-1, output_type=tf.int32)
     indices = tf.cast(tf.reshape(labels, [-1]), tf.int32)
     # XLA drops assertions; outside XLA a bad label stops the step here.
-    tf.debugging.assert_non_negative(
-        indices, message="Labels must be class indices >= 0."
-    )
+    tf.debugging.assert_non_negative(indices, message="Labels must be class indices >= 0.")
     tf.debugging.assert_less(
         indices,
         num_classes,

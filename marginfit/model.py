@@ -68,8 +68,7 @@ class MarginModel(keras.Model):
             margin = keras.saving.deserialize_keras_object(margin)
         if margin is not None and not isinstance(margin, LargeMargin):
             raise TypeError(
-                f"`margin` must be a `marginfit.LargeMargin` or None; "
-                f"received {margin!r}."
+                f"`margin` must be a `marginfit.LargeMargin` or None; received {margin!r}."
             )
         if output not in _OUTPUT_KINDS:
             raise ValueError(
@@ -110,16 +109,12 @@ class MarginModel(keras.Model):
                 "subclass `MarginModel` and let `call` accept "
                 "`return_activations` (see `MarginModel.call_with_activations`)."
             )
-        return cls(
-            inputs, outputs, margin=margin, output=output, name=name or model.name
-        )
+        return cls(inputs, outputs, margin=margin, output=output, name=name or model.name)
 
     def get_config(self):
         config = super().get_config()
         config["margin"] = (
-            None
-            if self.margin is None
-            else keras.saving.serialize_keras_object(self.margin)
+            None if self.margin is None else keras.saving.serialize_keras_object(self.margin)
         )
         config["output"] = self.output_kind
         return config
@@ -248,7 +243,7 @@ class MarginModel(keras.Model):
     def _forward(self, x, y, sample_weight, training, tape=None):
         """The forward pass of one step, with the margin.
 
-        Returns ``(y_pred, margin)``: the ``[batch, classes]`` outputs and
+        Returns ``(y_pred, penalty)``: the ``[batch, classes]`` outputs and
         ``(margin_loss, nearest)`` from `margin.margin_loss`, or None for a
         model without a margin.
         """
@@ -299,9 +294,7 @@ class MarginModel(keras.Model):
                 "under its name."
             )
         targets = [x if name == INPUT else activations[name] for name in margin.layers]
-        distances = margin_lib.layer_distances(
-            tape, differences, targets, margin, outer_tape
-        )
+        distances = margin_lib.layer_distances(tape, differences, targets, margin, outer_tape)
         return y_pred, distances
 
     def margin_distances(self, x, y, batch_size=256):
@@ -338,16 +331,20 @@ class MarginModel(keras.Model):
 
     # ----------------------------------------------------------- the steps
 
-    def _loss(self, x, y, y_pred, sample_weight, margin, training):
+    def _loss(self, x, y, y_pred, sample_weight, penalty, training):
         """`compute_loss` (the compiled and regularization losses, or a
-        user's override) plus the margin term, scaled per replica as Keras
-        scales its own; updates the loss logs with unscaled values."""
+        user's override) plus the margin term; updates the loss logs.
+
+        Keras scales `compute_loss` per replica (the replicas' gradients are
+        summed); the margin term is scaled the same way, and the logs get
+        unscaled values.
+        """
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         keras_loss = self._keras_loss(x, y, y_pred, sample_weight, training)
         loss = keras_loss
         batch_size = tf.shape(y_pred)[0]
-        if margin is not None:
-            margin_loss, nearest = margin
+        if penalty is not None:
+            margin_loss, nearest = penalty
             loss = keras_loss + self.margin.weight * margin_loss / replicas
             self.margin_metrics.update(
                 keras_loss * replicas, margin_loss, nearest, batch_size, sample_weight
@@ -368,19 +365,19 @@ class MarginModel(keras.Model):
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
-            y_pred, margin = self._forward(x, y, sample_weight, training=True, tape=tape)
-            loss = self._loss(x, y, y_pred, sample_weight, margin, training=True)
+            y_pred, penalty = self._forward(x, y, sample_weight, training=True, tape=tape)
+            loss = self._loss(x, y, y_pred, sample_weight, penalty, training=True)
             if self.optimizer is not None:
                 loss = self.optimizer.scale_loss(loss)
         if self.trainable_weights:
             gradients = tape.gradient(loss, self.trainable_weights)
             self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
         else:
-            warnings.warn("The model does not have any trainable weights.")
+            warnings.warn("The model does not have any trainable weights.", stacklevel=2)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y_pred, margin = self._forward(x, y, sample_weight, training=False)
-        self._loss(x, y, y_pred, sample_weight, margin, training=False)
+        y_pred, penalty = self._forward(x, y, sample_weight, training=False)
+        self._loss(x, y, y_pred, sample_weight, penalty, training=False)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

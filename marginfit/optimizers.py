@@ -114,8 +114,7 @@ def discriminative_optimizer(model, groups, default=None, name=None):
 def _checked_group(group, position):
     if not (isinstance(group, (tuple, list)) and len(group) == 2):
         raise ValueError(
-            f"Group {position} must be an (optimizer, layers) pair; received "
-            f"{group!r}."
+            f"Group {position} must be an (optimizer, layers) pair; received {group!r}."
         )
     optimizer, layers = group
     if isinstance(layers, (str, keras.layers.Layer)):
@@ -198,9 +197,7 @@ def _optimizer_map(optimizers, variables_of_group, default, exact):
     if default is None:
         default = optimizers[0]
         mapped = mapped[1:]
-    patterns = {
-        _group_pattern(variables, exact): optimizer for optimizer, variables in mapped
-    }
+    patterns = {_group_pattern(variables, exact): optimizer for optimizer, variables in mapped}
     return keras.optimizers.OptimizerMap(default, patterns)
 
 
@@ -261,12 +258,8 @@ class BacktrackingSGD(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(variables)
-        self.previous_weights = self.add_optimizer_variables(
-            variables, "previous_weight"
-        )
-        self.previous_gradients = self.add_optimizer_variables(
-            variables, "previous_gradient"
-        )
+        self.previous_weights = self.add_optimizer_variables(variables, "previous_weight")
+        self.previous_gradients = self.add_optimizer_variables(variables, "previous_gradient")
 
     def update_step(self, gradient, variable, learning_rate):
         index = _keras_internals.variable_index(self, variable)

@@ -46,38 +46,64 @@ def write(results, output, eps_list):
         axes.set(xlabel="epoch", ylabel="accuracy", title="Training curves (clean labels)")
         axes.legend()
 
-    figures.append(("Training curves", _figure(os.path.join(output, "curves.png"), command, curves)))
+    figures.append(
+        ("Training curves", _figure(os.path.join(output, "curves.png"), command, curves))
+    )
     for layer in results["distances"]["margin"]:
+
         def histogram(axes, layer=layer):
             values = [results["distances"][name][layer] for name in MODELS]
             bins = np.histogram_bin_edges(np.concatenate(values), bins=40)
             for name, layer_values in zip(MODELS, values):
                 axes.hist(layer_values, bins=bins, alpha=0.6, label=name)
-            axes.set(xlabel=f"estimated distance to the boundary at {layer!r}",
-                     ylabel="test examples", title=f"Distances at {layer}")
+            axes.set(
+                xlabel=f"estimated distance to the boundary at {layer!r}",
+                ylabel="test examples",
+                title=f"Distances at {layer}",
+            )
             axes.legend()
-        figures.append((f"Distances at {layer}", _figure(
-            os.path.join(output, f"distances_{layer}.png"), command, histogram)))
+
+        figures.append(
+            (
+                f"Distances at {layer}",
+                _figure(os.path.join(output, f"distances_{layer}.png"), command, histogram),
+            )
+        )
 
     def attacks(axes):
         for name in MODELS:
             for attack, style in (("fgsm", "-o"), ("pgd", "--s")):
-                axes.plot(eps_list, results["attacks"][name][attack], style, label=f"{name} {attack}")
+                axes.plot(
+                    eps_list, results["attacks"][name][attack], style, label=f"{name} {attack}"
+                )
         axes.set(xlabel="eps (L-inf)", ylabel="test accuracy", title="Accuracy under attack")
         axes.legend()
 
-    figures.append(("Accuracy under attack", _figure(os.path.join(output, "robustness.png"), command, attacks)))
+    figures.append(
+        ("Accuracy under attack", _figure(os.path.join(output, "robustness.png"), command, attacks))
+    )
 
-    rows = [(f"test accuracy, {float(noise):.0%} label noise", *(row[m] for m in MODELS))
-            for noise, row in results["noise"].items()]
+    rows = [
+        (f"test accuracy, {float(noise):.0%} label noise", *(row[m] for m in MODELS))
+        for noise, row in results["noise"].items()
+    ]
     for attack in ("fgsm", "pgd"):
-        rows += [(f"{attack.upper()} accuracy, eps {eps:g}",
-                  *(results["attacks"][m][attack][i] for m in MODELS))
-                 for i, eps in enumerate(eps_list)]
+        rows += [
+            (
+                f"{attack.upper()} accuracy, eps {eps:g}",
+                *(results["attacks"][m][attack][i] for m in MODELS),
+            )
+            for i, eps in enumerate(eps_list)
+        ]
     lines = [
-        "# marginfit compare", "", f"Produced by: `{command}`", "",
-        "| | cross-entropy | margin |", "| --- | --- | --- |",
-        *(f"| {label} | {ce:.4f} | {margin:.4f} |" for label, ce, margin in rows), "",
+        "# marginfit compare",
+        "",
+        f"Produced by: `{command}`",
+        "",
+        "| | cross-entropy | margin |",
+        "| --- | --- | --- |",
+        *(f"| {label} | {ce:.4f} | {margin:.4f} |" for label, ce, margin in rows),
+        "",
     ]
     for title, name in figures:
         lines += [f"## {title}", "", f"![{title}]({name})", "", f"Produced by: `{command}`", ""]

@@ -41,9 +41,7 @@ def save_model(model, path, overwrite=True):
     """
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path):
-        replaceable = os.path.isdir(path) and (
-            _is_saved_model(path) or not os.listdir(path)
-        )
+        replaceable = os.path.isdir(path) and (_is_saved_model(path) or not os.listdir(path))
         if not replaceable:
             raise FileExistsError(
                 f"{path!r} exists and is not a SavedModel directory; "
@@ -51,8 +49,7 @@ def save_model(model, path, overwrite=True):
             )
         if not overwrite:
             raise FileExistsError(
-                f"{path!r} already holds a SavedModel. Pass overwrite=True "
-                "to replace it."
+                f"{path!r} already holds a SavedModel. Pass overwrite=True to replace it."
             )
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)

@@ -22,9 +22,7 @@ def digits(count=24, offset=0):
     return x[..., None], data.target[offset : offset + count].astype("int64")
 
 
-def conv_net(
-    margin=None, seed=0, output="logits", batchnorm=False, regularizer=None, **kwargs
-):
+def conv_net(margin=None, seed=0, output="logits", batchnorm=False, regularizer=None, **kwargs):
     """A small conv net on 8x8x1 digits as a `MarginModel`, and a plain
     Keras model on the same layers returning ``[outputs, conv, dense]``."""
     keras.utils.set_random_seed(seed)
@@ -33,15 +31,13 @@ def conv_net(
     hidden = keras.layers.Flatten(name="flatten")(conv)
     if batchnorm:
         hidden = keras.layers.BatchNormalization(name="batchnorm")(hidden)
-    dense = keras.layers.Dense(
-        16, activation="tanh", kernel_regularizer=regularizer, name="dense"
-    )(hidden)
+    dense = keras.layers.Dense(16, activation="tanh", kernel_regularizer=regularizer, name="dense")(
+        hidden
+    )
     outputs = keras.layers.Dense(
         10, activation="softmax" if output == "probabilities" else None, name="logits"
     )(dense)
-    model = marginfit.MarginModel(
-        inputs, outputs, margin=margin, output=output, **kwargs
-    )
+    model = marginfit.MarginModel(inputs, outputs, margin=margin, output=output, **kwargs)
     taps = keras.Model(inputs, [outputs, conv, dense])
     return model, taps
 
@@ -106,12 +102,9 @@ def normalized(config):
 def assert_same_config(actual, expected):
     actual, expected = normalized(actual), normalized(expected)
     different = sorted(
-        key for key in set(actual) | set(expected)
-        if actual.get(key) != expected.get(key)
+        key for key in set(actual) | set(expected) if actual.get(key) != expected.get(key)
     )
-    assert not different, {
-        key: (actual.get(key), expected.get(key)) for key in different
-    }
+    assert not different, {key: (actual.get(key), expected.get(key)) for key in different}
 
 
 def assert_config_round_trip(obj):
@@ -122,9 +115,7 @@ def assert_config_round_trip(obj):
     clone = type(obj).from_config(copy.deepcopy(config))
     assert type(clone) is type(obj)
     assert_same_config(clone.get_config(), config)
-    revived = keras.saving.deserialize_keras_object(
-        keras.saving.serialize_keras_object(obj)
-    )
+    revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(obj))
     assert type(revived) is type(obj)
     assert_same_config(revived.get_config(), config)
     return revived
@@ -137,7 +128,5 @@ def assert_model_file_round_trip(model, path, x):
     loaded = keras.models.load_model(path, safe_mode=True)
     assert type(loaded) is type(model)
     assert_same_config(loaded.get_config(), model.get_config())
-    np.testing.assert_allclose(
-        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6
-    )
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
     return loaded

@@ -100,8 +100,8 @@ def margin_loss(
     for k in range(len(x)):
         distances = example_distances(tap_model, x[k : k + 1], y[k], **distance_options)
         example_total = 0.0
-        for l, (per_layer, g) in enumerate(zip(distances, gammas)):
-            nearest[l, k] = min(float(d) for d in per_layer)
+        for layer, (per_layer, g) in enumerate(zip(distances, gammas)):
+            nearest[layer, k] = min(float(d) for d in per_layer)
             if aggregation == "max":
                 per_layer = [tf.reduce_min(tf.stack(per_layer))]
             for d in per_layer:
@@ -137,11 +137,11 @@ def batch_coupled_distances(tap_model, x, y, *, layers, norm=2, top_k=1, epsilon
             )
         hidden = iter(hidden)
         sources = [x if name == "input" else next(hidden) for name in layers]
-        for l, source in enumerate(sources):
+        for layer, source in enumerate(sources):
             summed = tape.gradient(difference, source).numpy().reshape(len(x), -1)
             jacobian = tape.jacobian(difference, source).numpy()
             diagonal = jacobian.reshape(len(x), len(x), -1)[batch, batch]
             for target, gradient in ((coupled, summed), (own, diagonal)):
                 gradient_norm = np.linalg.norm(gradient, ord=DUAL[norm], axis=-1)
-                target[l].append(difference.numpy() / (gradient_norm + epsilon))
+                target[layer].append(difference.numpy() / (gradient_norm + epsilon))
     return coupled, own

@@ -1,17 +1,17 @@
 """Saves a MarginModel in one process and resumes it in another.
 
-    python saving_worker.py save DIR
-        Trains a MarginModel with per-group optimizers (Adam and
-        BacktrackingSGD) for 2 epochs, writing a `.keras` file, a
-        `marginfit.save_model` directory, ModelCheckpoint files (`.keras`,
-        `.weights.h5`) and a BackupAndRestore backup of a run interrupted
-        after 2 epochs; then trains 2 more epochs and records the expected
-        state in DIR/expected.npz. Does the same for a regression model made
-        of our components (HuberLoss, BacktrackingSGD, Keras' L1 and
-        LayerNormalization), and serializes a ViolationRate.
-    python saving_worker.py resume DIR
-        In a fresh process, restores each of them, checks it against the
-        record and trains it 2 more epochs; prints one JSON report.
+python saving_worker.py save DIR
+    Trains a MarginModel with per-group optimizers (Adam and
+    BacktrackingSGD) for 2 epochs, writing a `.keras` file, a
+    `marginfit.save_model` directory, ModelCheckpoint files (`.keras`,
+    `.weights.h5`) and a BackupAndRestore backup of a run interrupted
+    after 2 epochs; then trains 2 more epochs and records the expected
+    state in DIR/expected.npz. Does the same for a regression model made
+    of our components (HuberLoss, BacktrackingSGD, Keras' L1 and
+    LayerNormalization), and serializes a ViolationRate.
+python saving_worker.py resume DIR
+    In a fresh process, restores each of them, checks it against the
+    record and trains it 2 more epochs; prints one JSON report.
 """
 
 import json
@@ -53,8 +53,14 @@ def fresh_model():
 def fit(model, epochs, callbacks=(), initial_epoch=0):
     x, y = data()
     model.fit(
-        x, y, batch_size=32, epochs=epochs, initial_epoch=initial_epoch,
-        shuffle=False, verbose=0, callbacks=list(callbacks),
+        x,
+        y,
+        batch_size=32,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        shuffle=False,
+        verbose=0,
+        callbacks=list(callbacks),
     )
 
 
@@ -85,12 +91,16 @@ class Interrupt(keras.callbacks.Callback):
 
 def save(directory):
     model = fresh_model()
-    fit(model, EPOCHS, callbacks=[
-        keras.callbacks.ModelCheckpoint(os.path.join(directory, "checkpoint.keras")),
-        keras.callbacks.ModelCheckpoint(
-            os.path.join(directory, "checkpoint.weights.h5"), save_weights_only=True
-        ),
-    ])
+    fit(
+        model,
+        EPOCHS,
+        callbacks=[
+            keras.callbacks.ModelCheckpoint(os.path.join(directory, "checkpoint.keras")),
+            keras.callbacks.ModelCheckpoint(
+                os.path.join(directory, "checkpoint.weights.h5"), save_weights_only=True
+            ),
+        ],
+    )
     model.save(os.path.join(directory, "model.keras"))
     marginfit.save_model(model, os.path.join(directory, "saved_model"))
     saved = state(model)
@@ -99,10 +109,14 @@ def save(directory):
 
     interrupted = fresh_model()
     try:
-        fit(interrupted, 2 * EPOCHS, callbacks=[
-            keras.callbacks.BackupAndRestore(os.path.join(directory, "backup")),
-            Interrupt(),
-        ])
+        fit(
+            interrupted,
+            2 * EPOCHS,
+            callbacks=[
+                keras.callbacks.BackupAndRestore(os.path.join(directory, "backup")),
+                Interrupt(),
+            ],
+        )
     except KeyboardInterrupt:
         pass
     np.savez(
@@ -112,8 +126,14 @@ def save(directory):
         **{f"optimizer/{path}": value for path, value in saved["optimizer"].items()},
     )
     with open(os.path.join(directory, "expected.json"), "w") as file:
-        json.dump({"logs": saved["logs"], "model_config": model.get_config(),
-                   "optimizer_config": model.optimizer.get_config()}, file)
+        json.dump(
+            {
+                "logs": saved["logs"],
+                "model_config": model.get_config(),
+                "optimizer_config": model.optimizer.get_config(),
+            },
+            file,
+        )
     save_components(directory)
 
 
@@ -126,9 +146,9 @@ def regression_data():
 def components_model():
     keras.utils.set_random_seed(1)
     inputs = keras.Input((4,))
-    hidden = keras.layers.Dense(
-        16, kernel_regularizer=keras.regularizers.L1(0.01), name="hidden"
-    )(inputs)
+    hidden = keras.layers.Dense(16, kernel_regularizer=keras.regularizers.L1(0.01), name="hidden")(
+        inputs
+    )
     hidden = keras.layers.LayerNormalization(epsilon=1e-3, name="norm")(hidden)
     model = keras.Model(inputs, keras.layers.Dense(1, name="out")(hidden))
     model.compile(marginfit.BacktrackingSGD(0.05), loss=marginfit.HuberLoss(2.5))
@@ -137,8 +157,15 @@ def components_model():
 
 def fit_regression(model, initial_epoch):
     x, y = regression_data()
-    model.fit(x, y, batch_size=16, epochs=initial_epoch + EPOCHS,
-              initial_epoch=initial_epoch, shuffle=False, verbose=0)
+    model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=initial_epoch + EPOCHS,
+        initial_epoch=initial_epoch,
+        shuffle=False,
+        verbose=0,
+    )
 
 
 def save_components(directory):
@@ -150,7 +177,8 @@ def save_components(directory):
     slots = [v.numpy() for v in model.optimizer.variables]
     fit_regression(model, EPOCHS)
     np.savez(
-        os.path.join(directory, "components.npz"), loss=loss,
+        os.path.join(directory, "components.npz"),
+        loss=loss,
         **{f"slot_{i}": v for i, v in enumerate(slots)},
         **{f"weight_{i}": w.numpy() for i, w in enumerate(model.weights)},
     )
@@ -175,7 +203,9 @@ def resume_components(directory):
         "norm_epsilon": model.get_layer("norm").epsilon,
         "optimizer_class": type(model.optimizer).__name__,
         "loss_difference": abs(float(loss) - float(expected["loss"])),
-        "slot_difference": max_difference(slots, [expected[f"slot_{i}"] for i in range(len(slots))]),
+        "slot_difference": max_difference(
+            slots, [expected[f"slot_{i}"] for i in range(len(slots))]
+        ),
         "slot_count": len(slots),
         "resumed_weight_difference": max_difference(
             [w.numpy() for w in model.weights],
@@ -219,30 +249,40 @@ def resume(directory):
             "margin_config": model.margin.get_config(),
             "optimizer_class": type(model.optimizer).__name__,
             "sub_optimizers": [
-                [type(opt).__name__, opt.name, int(opt.iterations)] for opt in model.optimizer.optimizers
+                [type(opt).__name__, opt.name, int(opt.iterations)]
+                for opt in model.optimizer.optimizers
             ],
         }
         if kind == "backup":
             recorder = EpochRecorder()
-            fit(model, 2 * EPOCHS, callbacks=[
-                keras.callbacks.BackupAndRestore(os.path.join(directory, "backup")),
-                recorder,
-            ])
+            fit(
+                model,
+                2 * EPOCHS,
+                callbacks=[
+                    keras.callbacks.BackupAndRestore(os.path.join(directory, "backup")),
+                    recorder,
+                ],
+            )
             entry["epochs_run"] = recorder.epochs
         else:
             current = state(model)
             entry["logs"] = current["logs"]
-            entry["same_model_config"] = json.loads(json.dumps(model.get_config())) == recorded["model_config"]
+            entry["same_model_config"] = (
+                json.loads(json.dumps(model.get_config())) == recorded["model_config"]
+            )
             entry["same_optimizer_config"] = (
                 json.loads(json.dumps(model.optimizer.get_config())) == recorded["optimizer_config"]
             )
-            entry["prediction_difference"] = max_difference([current["predictions"]], [expected["predictions"]])
+            entry["prediction_difference"] = max_difference(
+                [current["predictions"]], [expected["predictions"]]
+            )
             paths = sorted(current["optimizer"])
             entry["optimizer_paths_match"] = paths == sorted(
-                key[len("optimizer/"):] for key in expected.files if key.startswith("optimizer/")
+                key[len("optimizer/") :] for key in expected.files if key.startswith("optimizer/")
             )
             entry["optimizer_state_difference"] = max_difference(
-                [current["optimizer"][p] for p in paths], [expected[f"optimizer/{p}"] for p in paths]
+                [current["optimizer"][p] for p in paths],
+                [expected[f"optimizer/{p}"] for p in paths],
             )
             fit(model, 2 * EPOCHS, initial_epoch=EPOCHS)
         entry["resumed_weight_difference"] = max_difference(
@@ -254,7 +294,9 @@ def resume(directory):
             served = tf.saved_model.load(os.path.join(directory, "saved_model"))
             signature = served.signatures["serving_default"]
             (output,) = signature(tf.constant(x)).values()
-            layer = keras.layers.TFSMLayer(os.path.join(directory, "saved_model"), call_endpoint="serve")
+            layer = keras.layers.TFSMLayer(
+                os.path.join(directory, "saved_model"), call_endpoint="serve"
+            )
             entry["serve_difference"] = max_difference(
                 [served.serve(x), output, layer(x)], [expected["predictions"]] * 3
             )

@@ -12,7 +12,9 @@ def linear_model(seed=0):
     keras.utils.set_random_seed(seed)
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3)])
     rng = np.random.default_rng(seed)
-    model.set_weights([rng.normal(size=(5, 3)).astype("float32"), rng.normal(size=3).astype("float32")])
+    model.set_weights(
+        [rng.normal(size=(5, 3)).astype("float32"), rng.normal(size=3).astype("float32")]
+    )
     return model
 
 

@@ -20,12 +20,34 @@ def parse(*argv):
 def test_defaults_and_options():
     args = parse("train")
     assert (args.data, args.epochs, args.batch_size, args.gamma, args.alpha, args.norm) == (
-        "digits", 60, 64, 10000.0, 4.0, "2")
+        "digits",
+        60,
+        64,
+        10000.0,
+        4.0,
+        "2",
+    )
     assert (args.layers, args.label_noise, args.lr_features, args.lr_head, args.seed) == (
-        "all", 0.0, 1e-3, 1e-3, 0)
+        "all",
+        0.0,
+        1e-3,
+        1e-3,
+        0,
+    )
     assert args.ce_weight == 0.0
-    args = parse("compare", "--noise-levels", "0.2,0.4,0.6", "--eps", "0.1", "--norm", "inf",
-                 "--layers", "input,dense", "--lr-head", "3e-4")
+    args = parse(
+        "compare",
+        "--noise-levels",
+        "0.2,0.4,0.6",
+        "--eps",
+        "0.1",
+        "--norm",
+        "inf",
+        "--layers",
+        "input,dense",
+        "--lr-head",
+        "3e-4",
+    )
     assert args.noise_levels == [0.2, 0.4, 0.6] and args.eps == [0.1]
     assert (args.norm, args.layers, args.lr_head) == ("inf", "input,dense", 3e-4)
 
@@ -34,7 +56,7 @@ def test_defaults_and_options():
     "argv, message",
     [
         (["train", "--label-noise", "1.5"], "must be in [0, 1)"),
-        (["train", "--norm", "3"], "invalid choice"),
+        (["train", "--norm", "3"], "must be 1, 2 or inf"),
         (["train", "--epochs", "0"], "must be > 0"),
         (["train", "--gamma", "-1"], "must be > 0"),
         (["compare", "--eps", "a,b"], "comma-separated numbers"),
@@ -85,17 +107,35 @@ def test_train_writes_model_history_and_summary(tmp_path):
     assert "distance_input" in summary["test"]
     model = keras.models.load_model(tmp_path / "model.keras")
     assert model.margin.layers == ("input", "conv1", "conv2", "dense1")
-    assert json.loads((tmp_path / "summary.json").read_text())["command"].startswith("marginfit train")
+    assert json.loads((tmp_path / "summary.json").read_text())["command"].startswith(
+        "marginfit train"
+    )
     assert (tmp_path / "history.csv").read_text().count("\n") == 3
 
 
 def test_train_on_a_flat_npz_with_its_own_split(tmp_path):
     x, y = digits(300)
     flat = x.reshape(300, -1)
-    np.savez(tmp_path / "d.npz", x_train=flat[:200], y_train=y[:200], x_test=flat[200:], y_test=y[200:])
-    summary = cli.run(["train", "--data", str(tmp_path / "d.npz"), "--epochs", "1", "--layers",
-                       "input,dense1", "--label-noise", "0.2", "--ce-weight", "0",
-                       "--output", str(tmp_path / "out")])
+    np.savez(
+        tmp_path / "d.npz", x_train=flat[:200], y_train=y[:200], x_test=flat[200:], y_test=y[200:]
+    )
+    summary = cli.run(
+        [
+            "train",
+            "--data",
+            str(tmp_path / "d.npz"),
+            "--epochs",
+            "1",
+            "--layers",
+            "input,dense1",
+            "--label-noise",
+            "0.2",
+            "--ce-weight",
+            "0",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
     model = keras.models.load_model(tmp_path / "out" / "model.keras")
     assert [layer.name for layer in model.layers if layer.weights] == ["dense1", "logits"]
     assert model.margin.layers == ("input", "dense1")
@@ -103,10 +143,26 @@ def test_train_on_a_flat_npz_with_its_own_split(tmp_path):
 
 
 def test_compare_writes_the_report(tmp_path):
-    results = cli.run(["compare", "--epochs", "1", "--noise-levels", "0.4", "--eps", "0.05,0.1",
-                       "--output", str(tmp_path)])
+    results = cli.run(
+        [
+            "compare",
+            "--epochs",
+            "1",
+            "--noise-levels",
+            "0.4",
+            "--eps",
+            "0.05,0.1",
+            "--output",
+            str(tmp_path),
+        ]
+    )
     report = (tmp_path / "report.md").read_text()
-    for row in ("0% label noise", "40% label noise", "FGSM accuracy, eps 0.1", "PGD accuracy, eps 0.05"):
+    for row in (
+        "0% label noise",
+        "40% label noise",
+        "FGSM accuracy, eps 0.1",
+        "PGD accuracy, eps 0.05",
+    ):
         assert row in report
     assert report.count("Produced by: `marginfit compare") >= 1 + 6
     for name in ("curves", "robustness", "distances_input", "distances_dense1"):

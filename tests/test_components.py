@@ -13,9 +13,7 @@ RNG = np.random.default_rng(0)
 def huber_reference(y_true, y_pred, threshold):
     error = y_true - y_pred
     small = np.abs(error) <= threshold
-    per_element = np.where(
-        small, error**2 / 2, threshold * np.abs(error) - threshold**2 / 2
-    )
+    per_element = np.where(small, error**2 / 2, threshold * np.abs(error) - threshold**2 / 2)
     return per_element.mean(axis=-1)
 
 

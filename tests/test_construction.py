@@ -7,10 +7,8 @@ import numpy as np
 import pytest
 import reference
 import tensorflow as tf
-from helpers import CE, conv_net, digits
-from helpers import assert_config_round_trip, assert_model_file_round_trip
+from helpers import CE, assert_config_round_trip, assert_model_file_round_trip, conv_net, digits
 
-import marginfit
 from marginfit import LargeMargin, MarginModel
 
 MARGIN = LargeMargin(["input", "hidden"], gamma=0.2, alpha=2.0, top_k=2)

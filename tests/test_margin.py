@@ -2,12 +2,13 @@
 
 import re
 
-
+import hypothesis
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import assert_config_round_trip
+from helpers import assert_config_round_trip, normalized
+from hypothesis import strategies as st
 
 from marginfit import LargeMargin
 from marginfit import margin as margin_lib
@@ -87,8 +88,6 @@ def test_empty_and_duplicate_layers_are_rejected():
         LargeMargin(["dense", "dense"])
 
 
-
-
 def test_score_differences_against_numpy():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(6, 5)).astype("float32")
@@ -99,9 +98,7 @@ def test_score_differences_against_numpy():
         for k in range(6):
             others = np.delete(scores[k], labels[k])
             top = np.sort(others)[::-1][:3]
-            np.testing.assert_allclose(
-                got[k], scores[k, labels[k]] - top, rtol=1e-6, atol=1e-7
-            )
+            np.testing.assert_allclose(got[k], scores[k, labels[k]] - top, rtol=1e-6, atol=1e-7)
     # Differences of log-probabilities equal differences of logits.
     from_probabilities = margin_lib.score_differences(
         probabilities, labels, 3, "logits", "probabilities"
@@ -128,9 +125,7 @@ def test_class_indices_from_sparse_and_one_hot_labels():
 def test_dual_norm_against_numpy(order):
     gradients = np.random.default_rng(1).normal(size=(4, 3, 2, 5)).astype("float32")
     expected = np.linalg.norm(gradients.reshape(4, -1), ord=order, axis=-1)
-    np.testing.assert_allclose(
-        margin_lib.dual_norm(gradients, order), expected, rtol=1e-6
-    )
+    np.testing.assert_allclose(margin_lib.dual_norm(gradients, order), expected, rtol=1e-6)
 
 
 def test_two_norm_has_a_finite_gradient_at_zero():
@@ -165,3 +160,65 @@ def test_dual_norm_of_float16_gradients_does_not_overflow():
     norms = margin_lib.dual_norm(gradients, 2)
     assert norms.dtype == tf.float32
     np.testing.assert_allclose(norms, [30000.0, 30000.0], rtol=1e-6)
+
+
+LAYER_NAMES = st.lists(
+    st.sampled_from(["input", "conv", "dense", "block/dense", "logits"]),
+    min_size=1,
+    max_size=3,
+    unique=True,
+)
+POSITIVE = st.floats(1e-6, 1e6, allow_nan=False)
+
+
+@st.composite
+def margin_configs(draw):
+    layers = draw(LAYER_NAMES)
+    per_layer = st.lists(POSITIVE, min_size=len(layers), max_size=len(layers))
+    return dict(
+        layers=layers,
+        gamma=draw(POSITIVE | per_layer),
+        norm=draw(st.sampled_from([1, 2, np.inf, "inf"])),
+        top_k=draw(st.integers(1, 9)),
+        aggregation=draw(st.sampled_from(["max", "sum"])),
+        alpha=draw(POSITIVE),
+        epsilon=draw(st.floats(0.0, 1.0)),
+        approximate=draw(st.booleans()),
+        layer_weights=draw(st.none() | per_layer),
+        space=draw(st.sampled_from(["probabilities", "logits"])),
+        weight=draw(st.floats(0.0, 1e3)),
+        coupling=draw(st.sampled_from(["batch", "inference"])),
+    )
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(margin_configs())
+def test_every_valid_config_round_trips(config):
+    margin = LargeMargin(**config)
+    revived = assert_config_round_trip(margin)
+    assert revived == margin
+    assert LargeMargin.from_config(normalized(margin.get_config())) == margin
+
+
+INVALID = {
+    "gamma": st.floats(max_value=0.0) | st.just(float("inf")) | st.just(float("nan")),
+    "norm": st.integers(3, 100) | st.sampled_from(["l2", "two", 0, -1, True]),
+    "top_k": st.integers(max_value=0) | st.floats(1.5, 3.5) | st.just(True),
+    "aggregation": st.text(max_size=8).filter(lambda text: text not in ("max", "sum")),
+    "alpha": st.floats(max_value=0.0),
+    "epsilon": st.floats(max_value=-1e-9),
+    "layer_weights": st.lists(st.floats(max_value=0.0), min_size=1, max_size=1),
+    "space": st.text(max_size=8).filter(lambda text: text not in ("probabilities", "logits")),
+    "weight": st.floats(max_value=-1e-9),
+    "coupling": st.text(max_size=8).filter(lambda text: text not in ("batch", "inference")),
+}
+
+
+@hypothesis.settings(max_examples=100, deadline=None)
+@hypothesis.given(
+    st.sampled_from(sorted(INVALID)).flatmap(lambda name: st.tuples(st.just(name), INVALID[name]))
+)
+def test_every_invalid_value_is_refused_by_name(argument):
+    name, value = argument
+    with pytest.raises(ValueError, match=re.escape(f"`{name}")):
+        LargeMargin(["dense"], **{name: value})

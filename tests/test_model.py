@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from helpers import (
     CE,
-    GAMMA,
     LAYERS,
     conv_net,
     digits,
@@ -16,14 +15,13 @@ from helpers import (
     reference_loss,
 )
 
-from marginfit import LargeMargin, MarginModel
+from marginfit import MarginModel
+
 
 def assert_logs_match_reference(logs, expected_loss, nearest, margin, sample_weight=None):
     np.testing.assert_allclose(logs["margin_loss"], float(expected_loss), rtol=1e-5)
     for name, distances in zip(LAYERS, nearest):
-        np.testing.assert_allclose(
-            logs[f"distance_{name}"], distances.mean(), rtol=1e-5, atol=1e-7
-        )
+        np.testing.assert_allclose(logs[f"distance_{name}"], distances.mean(), rtol=1e-5, atol=1e-7)
     # An example violates the margin when any layer's distance is below gamma.
     violated = np.any(
         [distances < gamma for distances, gamma in zip(nearest, margin.gamma)], axis=0
@@ -44,9 +42,7 @@ def assert_logs_match_reference(logs, expected_loss, nearest, margin, sample_wei
     ],
 )
 def test_evaluate_matches_naive_reference(norm, top_k, aggregation, approximate):
-    margin = margin_for(
-        norm, top_k=top_k, aggregation=aggregation, approximate=approximate
-    )
+    margin = margin_for(norm, top_k=top_k, aggregation=aggregation, approximate=approximate)
     model, taps = conv_net(margin)
     model.compile(loss=CE)
     x, y = digits(20)
@@ -56,9 +52,7 @@ def test_evaluate_matches_naive_reference(norm, top_k, aggregation, approximate)
     assert_logs_match_reference(logs, expected_loss, nearest, margin)
     expected_ce = CE(y, taps(x)[0])
     np.testing.assert_allclose(logs["ce_loss"], expected_ce, rtol=1e-5)
-    np.testing.assert_allclose(
-        logs["loss"], logs["ce_loss"] + logs["margin_loss"], rtol=1e-5
-    )
+    np.testing.assert_allclose(logs["loss"], logs["ce_loss"] + logs["margin_loss"], rtol=1e-5)
 
 
 def test_layer_weights_sample_weights_and_one_hot_labels():
@@ -68,7 +62,11 @@ def test_layer_weights_sample_weights_and_one_hot_labels():
     x, y = digits(16)
     weights = np.linspace(0.0, 2.0, len(x)).astype("float32")
     logs = model.evaluate(
-        x, np.eye(10)[y], sample_weight=weights, batch_size=16, return_dict=True,
+        x,
+        np.eye(10)[y],
+        sample_weight=weights,
+        batch_size=16,
+        return_dict=True,
         verbose=0,
     )
     expected_loss, nearest = reference_loss(taps, x, y, margin, sample_weight=weights)
@@ -100,8 +98,15 @@ def sgd_step(margin, x, y, learning_rate=0.5, loss=CE, **fit_options):
 
 @pytest.mark.parametrize(
     "approximate, norm, aggregation",
-    [(True, 2, "sum"), (True, np.inf, "sum"), (False, 2, "sum"), (False, np.inf, "sum"),
-     (True, 2, "max"), (False, 2, "max"), (False, np.inf, "max")],
+    [
+        (True, 2, "sum"),
+        (True, np.inf, "sum"),
+        (False, 2, "sum"),
+        (False, np.inf, "sum"),
+        (True, 2, "max"),
+        (False, 2, "max"),
+        (False, np.inf, "max"),
+    ],
 )
 def test_one_sgd_step_follows_the_reference_gradient(approximate, norm, aggregation):
     margin = margin_for(norm, top_k=2, aggregation=aggregation, approximate=approximate)
@@ -117,10 +122,9 @@ def test_one_sgd_step_follows_the_reference_gradient(approximate, norm, aggregat
     # so this test tells them apart.
     other = margin_for(norm, top_k=2, aggregation=aggregation, approximate=not approximate)
     other_gradients = reference_gradients(fresh, fresh_taps, x, y, other)
-    assert max(
-        np.abs(a - b).max() / np.abs(a).max()
-        for a, b in zip(expected, other_gradients)
-    ) > 1e-2
+    assert (
+        max(np.abs(a - b).max() / np.abs(a).max() for a, b in zip(expected, other_gradients)) > 1e-2
+    )
 
 
 def test_margin_only_training_with_loss_none():

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 from helpers import CE, conv_net, digits, margin_for, reference_gradients
 
-
 import marginfit
 from marginfit import BacktrackingSGD, discriminative_optimizer
 
@@ -16,9 +15,7 @@ def two_group_step(margin, features, head, fit_options=None, **compile_options):
     """Weights before and after one fit() step with ``features`` on the conv
     layer and ``head`` on dense + logits; and the model."""
     model, _ = conv_net(margin)
-    optimizer = discriminative_optimizer(
-        model, [(features, ["conv"]), (head, ["dense", "logits"])]
-    )
+    optimizer = discriminative_optimizer(model, [(features, ["conv"]), (head, ["dense", "logits"])])
     model.compile(optimizer, loss=CE, **compile_options)
     x, y = digits(8)
     before = [w.numpy() for w in model.trainable_weights]
@@ -40,9 +37,7 @@ HEAD = slice(2, None)
 @pytest.mark.parametrize("approximate", [True, False])
 def test_each_group_steps_with_its_own_rate(approximate):
     margin = margin_for(2, top_k=2, approximate=approximate)
-    _, before, after = two_group_step(
-        margin, SGD(0.5, name="features"), SGD(0.05, name="head")
-    )
+    _, before, after = two_group_step(margin, SGD(0.5, name="features"), SGD(0.05, name="head"))
     gradients = expected_gradients(margin)
     rates = [0.5, 0.5, 0.05, 0.05, 0.05, 0.05]
     for w0, w1, g, rate in zip(before, after, gradients, rates):
@@ -89,7 +84,8 @@ def test_learning_rate_schedules_run_per_group():
     decay = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=1, decay_rate=0.5)
     model, _ = conv_net(margin_for(2))
     optimizer = discriminative_optimizer(
-        model, [(SGD(decay, name="features"), ["conv"]), (SGD(0.01, name="head"), ["dense", "logits"])]
+        model,
+        [(SGD(decay, name="features"), ["conv"]), (SGD(0.01, name="head"), ["dense", "logits"])],
     )
     model.compile(optimizer, loss=CE)
     x, y = digits(24)
@@ -103,7 +99,8 @@ def test_learning_rate_schedules_run_per_group():
 def group_rates_after(callback, epochs=3):
     model, _ = conv_net(margin_for(2))
     optimizer = discriminative_optimizer(
-        model, [(SGD(0.2, name="features"), ["conv"]), (SGD(0.02, name="head"), ["dense", "logits"])]
+        model,
+        [(SGD(0.2, name="features"), ["conv"]), (SGD(0.02, name="head"), ["dense", "logits"])],
     )
     model.compile(optimizer, loss=CE)
     x, y = digits(16)
@@ -116,7 +113,9 @@ def test_group_scheduler_keeps_the_ratios():
     rates, history = group_rates_after(
         marginfit.GroupLearningRateScheduler(lambda epoch: 0.5**epoch)
     )
-    np.testing.assert_allclose([rates["features"], rates["head"]], [0.2 * 0.25, 0.02 * 0.25], rtol=1e-6)
+    np.testing.assert_allclose(
+        [rates["features"], rates["head"]], [0.2 * 0.25, 0.02 * 0.25], rtol=1e-6
+    )
     np.testing.assert_allclose(history["learning_rate_head"], [0.02, 0.01, 0.005], rtol=1e-6)
     # Explicit base rates, as when resuming a run.
     rates, _ = group_rates_after(
@@ -133,7 +132,9 @@ def test_keras_schedulers_on_groups():
     relative, _ = group_rates_after(
         keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.5)
     )
-    np.testing.assert_allclose([relative["features"], relative["head"]], [0.2 / 8, 0.02 / 8], rtol=1e-6)
+    np.testing.assert_allclose(
+        [relative["features"], relative["head"]], [0.2 / 8, 0.02 / 8], rtol=1e-6
+    )
 
 
 def test_reduce_lr_on_plateau_keeps_the_ratios():
@@ -176,12 +177,17 @@ def test_nested_layers_by_object_name_and_path():
         ],
     )
     assert routed(optimizer, model) == {
-        "block/inner_a/kernel": "first", "block/inner_a/bias": "first",
-        "block/inner_b/kernel": "second", "block/inner_b/bias": "second",
-        "logits/kernel": "third", "logits/bias": "third",
+        "block/inner_a/kernel": "first",
+        "block/inner_a/bias": "first",
+        "block/inner_b/kernel": "second",
+        "block/inner_b/bias": "second",
+        "logits/kernel": "third",
+        "logits/bias": "third",
     }
     model, block = nested_model()
-    whole = discriminative_optimizer(model, [(SGD(name="block"), [block])], default=SGD(name="rest"))
+    whole = discriminative_optimizer(
+        model, [(SGD(name="block"), [block])], default=SGD(name="rest")
+    )
     assert routed(whole, model)["block/inner_b/bias"] == "block"
     assert routed(whole, model)["logits/kernel"] == "rest"
 
@@ -197,9 +203,12 @@ def test_layer_names_with_regex_characters_are_escaped():
         [(SGD(name="a"), ["dense.1"]), (SGD(name="b"), ["dense+1"]), (SGD(name="c"), ["dense_1"])],
     )
     assert set(routed(optimizer, model).items()) == {
-        ("dense.1/kernel", "a"), ("dense.1/bias", "a"),
-        ("dense+1/kernel", "b"), ("dense+1/bias", "b"),
-        ("dense_1/kernel", "c"), ("dense_1/bias", "c"),
+        ("dense.1/kernel", "a"),
+        ("dense.1/bias", "a"),
+        ("dense+1/kernel", "b"),
+        ("dense+1/bias", "b"),
+        ("dense_1/kernel", "c"),
+        ("dense_1/bias", "c"),
     }
 
 
@@ -207,13 +216,25 @@ def test_layer_names_with_regex_characters_are_escaped():
     "groups, default, message",
     [
         ([(SGD(name="a"), ["nope"])], None, "does not have. Its layers are"),
-        ([(SGD(name="a"), ["conv"]), (SGD(name="b"), ["conv", "dense"])], None, "Put each layer in one group"),
+        (
+            [(SGD(name="a"), ["conv"]), (SGD(name="b"), ["conv", "dense"])],
+            None,
+            "Put each layer in one group",
+        ),
         ([(SGD(name="a"), ["conv", "dense"])], None, "belong to no group"),
         ([(SGD(name="a"), ["conv"]), (SGD(name="a"), ["dense", "logits"])], None, "name="),
         ([(SGD(name="a"), ["flatten"])], SGD(name="b"), "no trainable variables"),
         ([(SGD(name="a"), [])], None, "names no layer"),
-        ([(keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(SGD())), ["conv"])], None, "plain Keras optimizer"),
-        ([(SGD(name="a"), ["conv", keras.layers.Dense(3)])], SGD(name="b"), "is not a layer of model"),
+        (
+            [(keras.optimizers.MultiOptimizer(keras.optimizers.OptimizerMap(SGD())), ["conv"])],
+            None,
+            "plain Keras optimizer",
+        ),
+        (
+            [(SGD(name="a"), ["conv", keras.layers.Dense(3)])],
+            SGD(name="b"),
+            "is not a layer of model",
+        ),
     ],
 )
 def test_group_errors_name_the_fix(groups, default, message):

@@ -21,7 +21,9 @@ ITERATIONS = saving_worker.EPOCHS * 3  # 96 examples in batches of 32
 def run_worker(*arguments):
     result = subprocess.run(
         [sys.executable, os.path.join(HERE, "saving_worker.py"), *arguments],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
@@ -43,7 +45,8 @@ def test_restored_model_is_the_same_margin_model(report, kind):
     assert entry["optimizer_class"] == "MultiOptimizer"
     iterations = 0 if kind == "backup" else ITERATIONS  # backup: fresh model
     assert entry["sub_optimizers"] == [
-        ["BacktrackingSGD", "head", iterations], ["Adam", "features", iterations]
+        ["BacktrackingSGD", "head", iterations],
+        ["Adam", "features", iterations],
     ]
 
 
@@ -122,13 +125,19 @@ def damaged_files(directory):
         "truncated": (truncated, "not a Keras archive"),
         "text": (text, "not a Keras archive"),
         "config": (
-            rewritten(source, directory / "config.keras",
-                      lambda name, data: b"{oops" if name == "config.json" else data),
+            rewritten(
+                source,
+                directory / "config.keras",
+                lambda name, data: b"{oops" if name == "config.json" else data,
+            ),
             "Could not load the model",
         ),
         "weights": (
-            rewritten(source, directory / "weights.keras",
-                      lambda name, data: data[: len(data) // 2] if name.endswith(".h5") else data),
+            rewritten(
+                source,
+                directory / "weights.keras",
+                lambda name, data: data[: len(data) // 2] if name.endswith(".h5") else data,
+            ),
             "Could not load the model",
         ),
         "missing": (directory / "absent.keras", "no such file or directory"),
@@ -171,7 +180,9 @@ def test_save_model_never_replaces_foreign_files_or_leaves_half_a_model(saved, t
         marginfit.save_model(unbuilt, target)
     x, _ = digits(4)
     restored = marginfit.load_model(target)
-    np.testing.assert_allclose(restored.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
+    np.testing.assert_allclose(
+        restored.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6
+    )
     assert [p for p in os.listdir(tmp_path) if p.startswith(".marginfit-")] == []
 
 

@@ -33,12 +33,16 @@ def first_step_margin_loss(margin, x, y, batchnorm=True):
 
 def test_inference_coupling_uses_each_examples_own_gradient():
     x, y = digits(8)
-    margin = LargeMargin(
-        LAYERS, gamma=0.2, alpha=2.0, top_k=2, coupling="inference"
-    )
+    margin = LargeMargin(LAYERS, gamma=0.2, alpha=2.0, top_k=2, coupling="inference")
     logged, taps = first_step_margin_loss(margin, x, y)
     expected, _ = reference.margin_loss(
-        taps, x, y, gamma=0.2, alpha=2.0, layers=LAYERS, top_k=2,
+        taps,
+        x,
+        y,
+        gamma=0.2,
+        alpha=2.0,
+        layers=LAYERS,
+        top_k=2,
         training=False,
     )
     np.testing.assert_allclose(logged, float(expected), rtol=1e-5)
@@ -88,8 +92,13 @@ def test_callbacks_monitor_margin_metrics_without_mode(tmp_path):
         keras.callbacks.TensorBoard(str(tmp_path / "tensorboard")),
     ]
     history = model.fit(
-        x[:48], y[:48], validation_data=(x[48:], y[48:]), epochs=3, batch_size=16,
-        callbacks=callbacks, verbose=0,
+        x[:48],
+        y[:48],
+        validation_data=(x[48:], y[48:]),
+        epochs=3,
+        batch_size=16,
+        callbacks=callbacks,
+        verbose=0,
     )
     # Losses are minimised, distances to the boundary maximised.
     assert callbacks[0].monitor_op is keras.ops.less
@@ -122,16 +131,28 @@ def test_mirrored_strategy_matches_one_device():
     """Two logical CPUs need a fresh process: devices are fixed at start-up."""
     result = subprocess.run(
         [sys.executable, os.path.join(HERE, "distributed_fit.py")],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["replicas"] == 2
-    assert report["max_weight_difference"] < 1e-5
     # The margin moved the weights: the check is not vacuous.
     assert report["max_weight_change"] > 1e-2
-    for key in ("loss", "margin_loss", "ce_loss", "distance_input"):
-        np.testing.assert_allclose(report["mirrored"][key], report["single"][key], rtol=1e-5)
+    # Two replicas sum the same gradients in another order than one device.
+    # How far float32 rounding alone moves this training is measured on one
+    # device by reversing the examples inside each batch (deterministic ops):
+    # the replicas' difference must be of that size, not more.
+    assert report["max_weight_difference"] <= 2 * report["max_rounding_difference"]
+    keys = ("loss", "margin_loss", "ce_loss", "distance_input")
+    single, mirrored, reordered = (report[run] for run in ("single", "mirrored", "reordered"))
+    rounding = max(abs(reordered[k] - single[k]) / abs(single[k]) for k in keys)
+    float32_eps = float(np.finfo(np.float32).eps)
+    for key in keys:
+        np.testing.assert_allclose(
+            mirrored[key], single[key], rtol=2 * rounding + 4 * float32_eps, err_msg=key
+        )
 
 
 def test_distance_histograms_reach_tensorboard(tmp_path):

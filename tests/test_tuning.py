@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import keras
-import keras_tuner as kt
 import numpy as np
 import pytest
 from helpers import digits
@@ -29,18 +28,22 @@ SEEN = []
 class Recorder(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         model = self.model
-        SEEN.append({
-            "margin": model.margin.get_config(),
-            "rates": {o.name: float(o.learning_rate) for o in model.optimizer.optimizers},
-            "conv": [l.filters for l in model.layers if isinstance(l, keras.layers.Conv2D)],
-            "dense": [l.units for l in model.layers if isinstance(l, keras.layers.Dense)][:-1],
-        })
+        SEEN.append(
+            {
+                "margin": model.margin.get_config(),
+                "rates": {o.name: float(o.learning_rate) for o in model.optimizer.optimizers},
+                "conv": [x.filters for x in model.layers if isinstance(x, keras.layers.Conv2D)],
+                "dense": [x.units for x in model.layers if isinstance(x, keras.layers.Dense)][:-1],
+            }
+        )
 
 
 def make_tuner(kind, objective, directory, space=None, **options):
     """A tuner over HYPERMODEL, narrowed to SMALL and ``space``."""
     hp = tuning.hyperparameters(HYPERMODEL, {**SMALL, **(space or {})})
-    return tuning.make_tuner(kind, HYPERMODEL, objective, str(directory), hyperparameters=hp, **options)
+    return tuning.make_tuner(
+        kind, HYPERMODEL, objective, str(directory), hyperparameters=hp, **options
+    )
 
 
 def expected_margin_layers(placement, hidden):
@@ -62,11 +65,14 @@ def test_random_search_trains_the_models_its_trials_report(tmp_path):
         hidden = [f"conv{i + 1}" for i in range(values["conv_layers"])] + [
             f"dense{i + 1}" for i in range(values["dense_layers"])
         ]
-        assert seen["margin"]["gamma"] == pytest.approx([values["gamma"]] * len(seen["margin"]["layers"]))
+        assert seen["margin"]["gamma"] == pytest.approx(
+            [values["gamma"]] * len(seen["margin"]["layers"])
+        )
         assert seen["margin"]["layers"] == expected_margin_layers(values["margin_layers"], hidden)
         assert seen["margin"]["norm"] == ("inf" if values["norm"] == "inf" else int(values["norm"]))
         assert seen["rates"] == pytest.approx(
-            {"features": values["lower_learning_rate"], "head": values["upper_learning_rate"]}, rel=1e-6
+            {"features": values["lower_learning_rate"], "head": values["upper_learning_rate"]},
+            rel=1e-6,
         )
         assert seen["conv"] == [values["conv_filters"]] * values["conv_layers"]
         assert seen["dense"] == [values["dense_units"]] * values["dense_layers"]
@@ -99,7 +105,9 @@ def test_bayesian_optimization_minimises_the_margin_loss(tmp_path):
 
 def test_hyperband_on_a_distance_objective(tmp_path):
     # With the margin fixed on the input, every trial logs val_distance_input.
-    tuner = make_tuner("hyperband", "val_distance_input", tmp_path, {"margin_layers": "input"}, epochs=3)
+    tuner = make_tuner(
+        "hyperband", "val_distance_input", tmp_path, {"margin_layers": "input"}, epochs=3
+    )
     assert tuner.oracle.objective.direction == "max"
     tuner.search(X_TRAIN, Y_TRAIN, **FIT)
     rows = tuning.results(tuner)
@@ -125,7 +133,9 @@ def test_an_interrupted_search_resumes_without_redoing_finished_trials(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         first.search(X_TRAIN, Y_TRAIN, epochs=1, callbacks=[Recorder(), Interrupt(at=2)], **FIT)
     assert len(SEEN) == 2  # trial 0 finished, trial 1 interrupted
-    finished = {t.trial_id: t.score for t in first.oracle.trials.values() if t.status == "COMPLETED"}
+    finished = {
+        t.trial_id: t.score for t in first.oracle.trials.values() if t.status == "COMPLETED"
+    }
     assert list(finished) == ["0"]
 
     SEEN.clear()
@@ -168,14 +178,29 @@ def test_bad_fixed_margin_options_fail_at_construction():
 def test_the_space_is_declared_in_build_and_fixed_through_hyperparameters():
     declared = tuning.declared(HYPERMODEL)
     assert set(declared) == {
-        "conv_layers", "conv_filters", "dense_units", "dense_layers", "norm", "margin_layers",
-        "gamma", "lower_learning_rate", "upper_learning_rate", "ce_weight",
+        "conv_layers",
+        "conv_filters",
+        "dense_units",
+        "dense_layers",
+        "norm",
+        "margin_layers",
+        "gamma",
+        "lower_learning_rate",
+        "upper_learning_rate",
+        "ce_weight",
     }
     assert declared["gamma"].sampling == "log"
-    hp = tuning.hyperparameters(HYPERMODEL, {
-        "gamma": 50.0, "norm": "inf", "margin_layers": "input+last_hidden",
-        "conv_layers": 1, "dense_layers": 1, "lower_learning_rate": (1e-3, 1e-2),
-    })
+    hp = tuning.hyperparameters(
+        HYPERMODEL,
+        {
+            "gamma": 50.0,
+            "norm": "inf",
+            "margin_layers": "input+last_hidden",
+            "conv_layers": 1,
+            "dense_layers": 1,
+            "lower_learning_rate": (1e-3, 1e-2),
+        },
+    )
     assert hp.get("gamma") == 50.0
     # A narrowed range keeps the sampling it is declared with.
     assert [e.sampling for e in hp.space if e.name == "lower_learning_rate"] == ["log"]
@@ -196,7 +221,11 @@ def test_objective_directions():
 
 def run(*command, cwd):
     result = subprocess.run(
-        [sys.executable, *command], capture_output=True, text=True, timeout=600, cwd=cwd,
+        [sys.executable, *command],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
@@ -207,9 +236,24 @@ def test_command_line_search_and_best_model_in_a_fresh_process(tmp_path):
     np.savez(tmp_path / "data.npz", x=x[..., 0], y=y)  # [n, 8, 8]: a channel is added
     output = tmp_path / "out"
     stdout = run(
-        "-m", "marginfit.tuning", "--data", str(tmp_path / "data.npz"), "--trials", "2", "--epochs", "1",
-        "--objective", "val_margin_loss", "--output", str(output),
-        "--set", "conv_filters=4", "--set", "dense_units=8,16", "--set", "gamma=0.1:10",
+        "-m",
+        "marginfit.tuning",
+        "--data",
+        str(tmp_path / "data.npz"),
+        "--trials",
+        "2",
+        "--epochs",
+        "1",
+        "--objective",
+        "val_margin_loss",
+        "--output",
+        str(output),
+        "--set",
+        "conv_filters=4",
+        "--set",
+        "dense_units=8,16",
+        "--set",
+        "gamma=0.1:10",
         cwd=tmp_path,
     )
     rows = json.loads((output / "results.json").read_text())
@@ -228,7 +272,8 @@ def test_command_line_search_and_best_model_in_a_fresh_process(tmp_path):
     )
     reloaded = json.loads(
         run("-c", check, str(tmp_path / "data.npz"), str(output / "best.keras"), cwd=tmp_path)
-        .strip().splitlines()[-1]
+        .strip()
+        .splitlines()[-1]
     )
     for key, value in best["validation"].items():
         np.testing.assert_allclose(reloaded[key], value, rtol=1e-6, err_msg=key)

@@ -69,20 +69,42 @@ def main(argv=None):
 def run(argv=None):
     """Runs the search command line ``argv``; returns the best trial's summary."""
     parser = argparse.ArgumentParser(
-        prog="marginfit-tune", description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
+        prog="marginfit-tune",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
     )
-    parser.add_argument("--data", default="digits",
-                        help="'digits' (bundled), a .npz file with x and y arrays (or x_train, y_train, "
-                             "x_test, y_test), or mnist/fashion_mnist/cifar10 (needs network)")
+    parser.add_argument(
+        "--data",
+        default="digits",
+        help="'digits' (bundled), a .npz file with x and y arrays (or x_train, y_train, "
+        "x_test, y_test), or mnist/fashion_mnist/cifar10 (needs network)",
+    )
     parser.add_argument("--tuner", default="random", choices=search.TUNERS)
-    parser.add_argument("--trials", type=_positive, default=10, help="trials of random/bayesian search")
-    parser.add_argument("--epochs", type=_positive, default=5, help="epochs per trial (Hyperband: its max_epochs)")
+    parser.add_argument(
+        "--trials", type=_positive, default=10, help="trials of random/bayesian search"
+    )
+    parser.add_argument(
+        "--epochs", type=_positive, default=5, help="epochs per trial (Hyperband: its max_epochs)"
+    )
     parser.add_argument("--batch-size", type=_positive, default=64)
-    parser.add_argument("--objective", default="val_accuracy", help="a log name, e.g. val_margin_loss; 'name:min|max' for others")
-    parser.add_argument("--output", default="tuning_results", help="directory of the search and its results")
-    parser.add_argument("--set", dest="settings", type=parse_setting, action="append", default=[],
-                        metavar="NAME=VALUE", help="narrow or fix a hyperparameter (repeatable)")
+    parser.add_argument(
+        "--objective",
+        default="val_accuracy",
+        help="a log name, e.g. val_margin_loss; 'name:min|max' for others",
+    )
+    parser.add_argument(
+        "--output", default="tuning_results", help="directory of the search and its results"
+    )
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        type=parse_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="narrow or fix a hyperparameter (repeatable)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -93,13 +115,23 @@ def run(argv=None):
         num_classes=marginfit.data.num_classes(y_train, y_val),
     )
     tuner = search.make_tuner(
-        args.tuner, hypermodel, args.objective, args.output, max_trials=args.trials,
-        epochs=args.epochs, overwrite=args.overwrite, seed=args.seed,
+        args.tuner,
+        hypermodel,
+        args.objective,
+        args.output,
+        max_trials=args.trials,
+        epochs=args.epochs,
+        overwrite=args.overwrite,
+        seed=args.seed,
         hyperparameters=search.hyperparameters(hypermodel, dict(args.settings)),
     )
     tuner.search(
-        x_train, y_train, validation_data=(x_val, y_val), epochs=args.epochs,
-        batch_size=args.batch_size, verbose=1,
+        x_train,
+        y_train,
+        validation_data=(x_val, y_val),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        verbose=1,
     )
     rows = search.results(tuner)
     print("\n" + search.format_table(rows, tuner.oracle.objective.name))
@@ -109,14 +141,22 @@ def run(argv=None):
 
     best = search.best_model(tuner)
     best.save(os.path.join(args.output, "best.keras"))
-    validation = best.evaluate(x_val, y_val, batch_size=args.batch_size, return_dict=True, verbose=0)
-    summary = {"trial": rows[0]["trial"], "objective": tuner.oracle.objective.name,
-               "score": rows[0]["score"], "hyperparameters": tuner.get_best_hyperparameters(1)[0].values,
-               "validation": {k: float(np.asarray(v)) for k, v in validation.items()}}
+    validation = best.evaluate(
+        x_val, y_val, batch_size=args.batch_size, return_dict=True, verbose=0
+    )
+    summary = {
+        "trial": rows[0]["trial"],
+        "objective": tuner.oracle.objective.name,
+        "score": rows[0]["score"],
+        "hyperparameters": tuner.get_best_hyperparameters(1)[0].values,
+        "validation": {k: float(np.asarray(v)) for k, v in validation.items()},
+    }
     with open(os.path.join(args.output, "best.json"), "w") as file:
         json.dump(summary, file, indent=2)
-    print(f"\nbest trial {summary['trial']}: {summary['objective']} = {summary['score']:.4f}; "
-          f"model in {os.path.join(args.output, 'best.keras')}")
+    print(
+        f"\nbest trial {summary['trial']}: {summary['objective']} = {summary['score']:.4f}; "
+        f"model in {os.path.join(args.output, 'best.keras')}"
+    )
     return summary
 
 

@@ -109,9 +109,7 @@ def objective(name):
     name, _, direction = name.partition(":")
     if direction:
         if direction not in ("min", "max"):
-            raise ValueError(
-                f"Objective direction must be 'min' or 'max'; received {direction!r}."
-            )
+            raise ValueError(f"Objective direction must be 'min' or 'max'; received {direction!r}.")
         return kt.Objective(name, direction)
     ours = metrics.direction(name)
     if ours is not None:
@@ -125,8 +123,16 @@ def objective(name):
 
 
 def make_tuner(
-    kind, hypermodel, objective_name, directory, project_name="search",
-    max_trials=10, epochs=5, overwrite=False, seed=0, hyperparameters=None,
+    kind,
+    hypermodel,
+    objective_name,
+    directory,
+    project_name="search",
+    max_trials=10,
+    epochs=5,
+    overwrite=False,
+    seed=0,
+    hyperparameters=None,
 ):
     """A keras-tuner tuner of ``kind`` (one of `TUNERS`).
 
@@ -144,16 +150,18 @@ def make_tuner(
     hyperparameters = hyperparameters or kt.HyperParameters()
     check(hypermodel, hyperparameters)
     common = dict(
-        objective=objective(objective_name), directory=directory,
-        project_name=project_name, overwrite=overwrite, seed=seed,
+        objective=objective(objective_name),
+        directory=directory,
+        project_name=project_name,
+        overwrite=overwrite,
+        seed=seed,
         hyperparameters=hyperparameters,
     )
     if kind == "random":
         return kt.RandomSearch(hypermodel, max_trials=max_trials, **common)
     if kind == "bayesian":
         return kt.BayesianOptimization(
-            hypermodel, max_trials=max_trials,
-            num_initial_points=min(2, max_trials), **common
+            hypermodel, max_trials=max_trials, num_initial_points=min(2, max_trials), **common
         )
     return kt.Hyperband(hypermodel, max_epochs=epochs, factor=3, **common)
 
@@ -161,7 +169,8 @@ def make_tuner(
 def results(tuner):
     """One row per finished trial, best first: ``{"trial", "score", **hyperparameters}``."""
     trials = [
-        trial for trial in tuner.oracle.trials.values()
+        trial
+        for trial in tuner.oracle.trials.values()
         if trial.status == kt.engine.trial.TrialStatus.COMPLETED and trial.score is not None
     ]
     maximise = tuner.oracle.objective.direction == "max"
