@@ -1,6 +1,7 @@
 """Callbacks: per-group learning rates, distance histograms for TensorBoard."""
 
 import os
+import warnings
 
 import keras
 import tensorflow as tf
@@ -145,3 +146,39 @@ class DistanceHistograms(keras.callbacks.Callback):
                 tf.summary.histogram(f"distance/{layer}", values, step=epoch)
         self._writer.flush()
         self._last_written = epoch
+
+
+class DeadExamplesWarning(keras.callbacks.Callback):
+    """Warns once per `fit()` when most examples are dead for the margin.
+
+    `MarginModel.fit` adds it: at the end of the first epoch whose
+    ``dead_rate`` log exceeds ``threshold`` it warns that the margin cannot
+    move those examples.
+
+    Args:
+        threshold: Share of dead examples, in [0, 1], above which to warn.
+    """
+
+    def __init__(self, threshold=0.5):
+        super().__init__()
+        self.threshold = threshold
+        self.warned = False
+
+    def on_train_begin(self, logs=None):
+        self.warned = False
+
+    def on_epoch_end(self, epoch, logs=None):
+        rate = (logs or {}).get("dead_rate")
+        if self.warned or rate is None or not rate > self.threshold:
+            return
+        self.warned = True
+        warnings.warn(
+            f"In epoch {epoch + 1}, {rate:.0%} of the examples are dead for the "
+            "margin: on the wrong side of a boundary whose difference has an "
+            "exactly zero gradient at a margin layer (ReLUs that never fire, "
+            "saturated outputs). Their distances (difference / epsilon) are not "
+            "geometry, and no gradient moves them. Lower the learning rate, check "
+            "the initialization, or choose layers the outputs still depend on.",
+            RuntimeWarning,
+            stacklevel=2,
+        )

@@ -43,10 +43,25 @@ def _rate(text):
     return value
 
 
-def _norm(text):
-    if text not in ("1", "2", "inf"):
-        raise argparse.ArgumentTypeError(f"must be 1, 2 or inf, received {text}")
-    return text
+def _fraction(text):
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), received {text}")
+    return value
+
+
+def _choice(*choices):
+    def parse(text):
+        if text not in choices:
+            raise argparse.ArgumentTypeError(
+                f"must be one of {', '.join(choices)}, received {text}"
+            )
+        return text
+
+    return parse
+
+
+_norm = _choice("1", "2", "inf")
 
 
 def _non_negative(text):
@@ -73,7 +88,8 @@ _OPTIONS = {
             "--data",
             str,
             "digits",
-            "'digits' (bundled with scikit-learn, the default), a .npz file with "
+            "'digits' (bundled with scikit-learn, the default), 'digits28' (the same digits "
+            "resized to 20x20 and placed at random in 28x28), a .npz file with "
             "x_train/y_train/x_test/y_test (or x/y, split 75/25), or "
             f"{'/'.join(data_lib.KERAS_DATASETS)} (downloaded by keras.datasets; needs network)",
         ),
@@ -99,6 +115,13 @@ _OPTIONS = {
             1e-3,
             "Adam learning rate of the other layers (default 1e-3)",
         ),
+        (
+            "--validation-split",
+            _fraction,
+            0.1,
+            "share of the (noisy) training data held out for the val_ logs (default 0.1); "
+            "the test set is evaluated once, after training",
+        ),
         ("--seed", int, 0, "seed of weights, split and noise (default 0)"),
     ],
     "margin": [
@@ -115,6 +138,20 @@ _OPTIONS = {
             "distances below gamma*(1-alpha) are clipped (default 4)",
         ),
         ("--norm", _norm, "2", "distance norm: 1, 2 or inf (default 2)"),
+        (
+            "--competitors",
+            _choice("top", "sampled"),
+            None,
+            "competing classes: 'sampled' (drawn at random per example and step, the "
+            "default) or 'top' (the highest-scoring, the authors' choice)",
+        ),
+        ("--top-k", _positive(int), None, "competitors per example (default 1)"),
+        (
+            "--aggregation",
+            _choice("max", "sum"),
+            None,
+            "'max' (the nearest competitor, default) or 'sum' (every one)",
+        ),
         (
             "--ce-weight",
             _non_negative,
@@ -194,7 +231,9 @@ def margin_from(args, network):
     """The `LargeMargin` the options ask for, on ``network``'s layers."""
     layers = networks.margin_layers(network) if args.layers == "all" else args.layers.split(",")
     norm = np.inf if args.norm == "inf" else int(args.norm)
-    return LargeMargin(layers, gamma=args.gamma, alpha=args.alpha, norm=norm)
+    chosen = {"competitors": args.competitors, "top_k": args.top_k, "aggregation": args.aggregation}
+    defaults = {name: value for name, value in chosen.items() if value is not None}
+    return LargeMargin(layers, gamma=args.gamma, alpha=args.alpha, norm=norm, **defaults)
 
 
 def build(args, input_shape, num_classes, with_margin=True):
@@ -214,14 +253,17 @@ def build(args, input_shape, num_classes, with_margin=True):
 
 
 def fit(args, model, data, output, verbose=1):
+    """Fits on the training data less a validation split (the logs' ``val_``
+    metrics, for callbacks); the test set is evaluated once, at the end."""
     (x_train, y_train), (x_test, y_test) = data
+    (x_fit, y_fit), validation = data_lib.split(x_train, y_train, args.validation_split, args.seed)
     started = time.perf_counter()
     history = model.fit(
-        x_train,
-        y_train,
+        x_fit,
+        y_fit,
         epochs=args.epochs,
         batch_size=args.batch_size,
-        validation_data=(x_test, y_test),
+        validation_data=validation,
         verbose=verbose,
         callbacks=[keras.callbacks.CSVLogger(os.path.join(output, "history.csv"))],
     )

@@ -34,6 +34,7 @@ _DUAL_ORDER = {1: math.inf, 2: 2, math.inf: 1}
 _AGGREGATIONS = ("max", "sum")
 _SPACES = ("probabilities", "logits")
 _COUPLINGS = ("batch", "inference")
+_COMPETITORS = ("top", "sampled")
 
 
 def _parse_norm(norm):
@@ -80,6 +81,16 @@ class LargeMargin:
         norm: Norm ``p`` of the distance: 1, 2 or ``"inf"``. Gradients are
             measured in the dual norm (2 -> 2, 1 -> inf, inf -> 1).
         top_k: Number of competing classes per example.
+        competitors: Which classes compete: ``"sampled"`` (the default:
+            ``top_k`` classes drawn uniformly from the others, anew for each
+            example and training step; evaluation draws with a fixed seed) or
+            ``"top"`` (the ``top_k`` highest-scoring classes other than the
+            label, the authors' choice). Sampled competitors make the loss,
+            in expectation, the mean over every competitor (with
+            ``aggregation="sum"``: the sum, up to the factor ``top_k /
+            (classes - 1)``) at the cost of ``top_k`` backward passes; it
+            stays consistent under heavy label noise, where the top-scoring
+            competitor's margin prefers a constant output (see the README).
         aggregation: ``"max"`` penalises the nearest of the ``top_k``
             boundaries; ``"sum"`` adds one term per competitor.
         alpha: Distances below ``gamma * (1 - alpha)`` are clipped, so that
@@ -110,6 +121,7 @@ class LargeMargin:
         gamma=10000.0,
         norm=2,
         top_k=1,
+        competitors="sampled",
         aggregation="max",
         alpha=4.0,
         epsilon=1e-6,
@@ -166,6 +178,12 @@ class LargeMargin:
         )
         self.top_k = int(top_k)
         _require(
+            competitors in _COMPETITORS,
+            f"Unknown `competitors={competitors!r}`; use 'top' (highest-scoring "
+            "classes) or 'sampled' (classes drawn at random).",
+        )
+        self.competitors = competitors
+        _require(
             aggregation in _AGGREGATIONS,
             f"Unknown `aggregation={aggregation!r}`; use 'max' (nearest "
             "competitor) or 'sum' (one term per competitor).",
@@ -209,6 +227,7 @@ class LargeMargin:
             "gamma": list(self.gamma),
             "norm": "inf" if math.isinf(self.norm) else self.norm,
             "top_k": self.top_k,
+            "competitors": self.competitors,
             "aggregation": self.aggregation,
             "alpha": self.alpha,
             "epsilon": self.epsilon,
@@ -257,7 +276,7 @@ def class_indices(labels, num_classes):
     return indices
 
 
-def score_differences(outputs, labels, top_k, space, output_kind):
+def score_differences(outputs, labels, top_k, space, output_kind, draws=None):
     """Score of the label minus the scores of its ``top_k`` competitors.
 
     Args:
@@ -267,10 +286,14 @@ def score_differences(outputs, labels, top_k, space, output_kind):
         top_k: Number of competitors per example.
         space: ``"probabilities"`` or ``"logits"``: where differences are taken.
         output_kind: ``"logits"`` or ``"probabilities"``: what ``outputs`` are.
+        draws: None for the ``top_k`` highest-scoring competitors; else
+            ``[batch, classes]`` random keys in [0, 1) (e.g. uniform): the
+            ``top_k`` classes other than the label with the largest keys are
+            the competitors (uniform keys: drawn without replacement).
 
     Returns:
-        ``[batch, top_k]`` float32 differences ``f_y - f_j``, competitors
-        sorted from the highest-scoring one down.
+        ``[batch, top_k]`` float32 differences ``f_y - f_j``; highest-scoring
+        competitors first, or in the order of their keys.
     """
     outputs = tf.cast(outputs, tf.float32)
     if space == output_kind:
@@ -284,8 +307,13 @@ def score_differences(outputs, labels, top_k, space, output_kind):
     num_classes = scores.shape[-1]
     is_label = tf.one_hot(labels, num_classes, on_value=True, off_value=False)
     label_scores = tf.reduce_sum(tf.where(is_label, scores, 0.0), axis=-1)
-    others = tf.where(is_label, tf.float32.min, scores)
-    competitor_scores = tf.math.top_k(others, k=top_k, sorted=True).values
+    if draws is None:
+        others = tf.where(is_label, tf.float32.min, scores)
+        competitor_scores = tf.math.top_k(others, k=top_k, sorted=True).values
+    else:
+        keys = tf.where(is_label, -1.0, tf.cast(draws, tf.float32))
+        competitors = tf.math.top_k(keys, k=top_k, sorted=True).indices
+        competitor_scores = tf.gather(scores, competitors, batch_dims=1)
     return label_scores[:, None] - competitor_scores
 
 
@@ -366,16 +394,22 @@ def layer_distances(tape, differences, activations, margin, outer_tape=None):
             records only the backward passes it must differentiate through.
 
     Returns:
-        One float32 tensor of signed distances per layer: ``[batch, top_k]``,
-        or ``[batch, 1]`` (the nearest competitor's) for an exact, ``"max"``
-        aggregated margin with ``top_k > 1``.
+        ``(distances, dead)``: one float32 tensor of signed distances per
+        layer, ``[batch, top_k]``, or ``[batch, 1]`` (the nearest
+        competitor's) for an exact, ``"max"`` aggregated margin with
+        ``top_k > 1``; and a ``[batch]`` bool tensor, True for the examples
+        that no gradient can move: on the wrong side of (or on) a boundary
+        whose difference has a zero gradient at some margin layer (dead
+        ReLUs, saturated outputs). Their distances are ``difference /
+        epsilon``, not geometry.
     """
     if margin.approximate or margin.top_k == 1 or margin.aggregation == "sum":
         # Every competitor's distance enters the loss (or the gradient norm
         # is a constant): one backward pass per competitor.
         record = not margin.approximate
         norms = _gradient_norms(tape, differences, activations, margin, outer_tape, record)
-        return [_distance(differences, n, w, margin) for n, w in zip(norms, _weights(margin))]
+        distances = [_distance(differences, n, w, margin) for n, w in zip(norms, _weights(margin))]
+        return distances, _dead(differences, norms)
     # Exact, "max": only the nearest competitor's distance reaches the loss.
     # Find it with unrecorded passes, then record (and later differentiate
     # through) one backward pass per layer, seeded with each example's
@@ -391,7 +425,14 @@ def layer_distances(tape, differences, activations, margin, outer_tape=None):
         norm = dual_norm(gradient, margin.dual_norm)
         difference = tf.reduce_sum(differences * nearest, axis=-1, keepdims=True)
         distances.append(_distance(difference, norm[:, None], weight, margin))
-    return distances
+    return distances, _dead(differences, norms)
+
+
+def _dead(differences, norms):
+    """``[batch]``: a competitor not beaten whose gradient is exactly zero
+    at some layer."""
+    stuck = [(layer_norms == 0) & (differences <= 0) for layer_norms in norms]
+    return tf.reduce_any(tf.stack(stuck, axis=-1), axis=[1, 2])
 
 
 def _weights(margin):

@@ -6,7 +6,7 @@ import keras
 from marginfit import _keras_internals
 
 DISTANCE_PREFIX = "distance_"
-_LOWER_IS_BETTER = frozenset({"loss", "ce_loss", "margin_loss", "violation_rate"})
+_LOWER_IS_BETTER = frozenset({"loss", "ce_loss", "margin_loss", "violation_rate", "dead_rate"})
 
 
 def direction(log_name):
@@ -86,21 +86,27 @@ class ViolationRate(keras.metrics.Metric):
 
 class MarginMetrics(_keras_internals.MetricsList):
     """The margin's metrics as one group: ``ce_loss``, ``margin_loss``,
-    ``violation_rate`` and one ``distance_<layer>`` per margin layer.
+    ``violation_rate``, ``dead_rate`` and one ``distance_<layer>`` per
+    margin layer.
 
     Grouped so that Keras' monitoring callbacks find their directions.
     """
 
     def __init__(self, layer_names, gamma, name="margin_metrics"):
         self.layer_names = tuple(layer_names)
-        means = ["ce_loss", "margin_loss", *map(distance_metric_name, self.layer_names)]
+        means = [
+            "ce_loss",
+            "margin_loss",
+            "dead_rate",
+            *map(distance_metric_name, self.layer_names),
+        ]
         metrics = [keras.metrics.Mean(name=mean) for mean in means] + [ViolationRate(gamma)]
         for metric in metrics:
             _keras_internals.declare_direction(metric, direction(metric.name))
         super().__init__(metrics, name=name)
         self.by_name = {metric.name: metric for metric in metrics}
 
-    def update(self, ce_loss, margin_loss, nearest, batch_size, sample_weight=None):
+    def update(self, ce_loss, margin_loss, nearest, dead, batch_size, sample_weight=None):
         """Adds one batch to every metric of the group.
 
         Args:
@@ -108,11 +114,13 @@ class MarginMetrics(_keras_internals.MetricsList):
             margin_loss: Scalar, the batch's margin loss.
             nearest: One ``[batch]`` tensor per margin layer: each example's
                 distance to the nearest competitor's boundary.
+            dead: ``[batch]`` bool, the examples no gradient can move.
             batch_size: Number of examples, the weight of the scalar means.
             sample_weight: Optional ``[batch]`` weights of the examples.
         """
         self.by_name["ce_loss"].update_state(ce_loss, sample_weight=batch_size)
         self.by_name["margin_loss"].update_state(margin_loss, sample_weight=batch_size)
+        self.by_name["dead_rate"].update_state(keras.ops.cast(dead, self.dtype))
         for layer_name, layer_nearest in zip(self.layer_names, nearest):
             self.by_name[distance_metric_name(layer_name)].update_state(layer_nearest)
         self.by_name["violation_rate"].update_state(

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from marginfit import _keras_internals
 from marginfit import margin as margin_lib
+from marginfit.callbacks import DeadExamplesWarning
 from marginfit.margin import INPUT, LargeMargin
 from marginfit.metrics import MarginMetrics
 
@@ -81,6 +82,10 @@ class MarginModel(keras.Model):
         # out of Keras' tracking so that it adds nothing to saving or summary.
         self._taps = types.SimpleNamespace(model=None, layers=())
         self.margin_metrics = MarginMetrics(margin.layers, margin.gamma) if margin else None
+        # Draws the competitors of `competitors="sampled"` in training.
+        self.competitor_seeds = (
+            keras.random.SeedGenerator() if margin and margin.competitors == "sampled" else None
+        )
         if margin is not None and self._is_functional:
             self._build_activation_model()
         elif margin is not None:
@@ -244,8 +249,8 @@ class MarginModel(keras.Model):
         """The forward pass of one step, with the margin.
 
         Returns ``(y_pred, penalty)``: the ``[batch, classes]`` outputs and
-        ``(margin_loss, nearest)`` from `margin.margin_loss`, or None for a
-        model without a margin.
+        ``(margin_loss, nearest, dead)``: `margin.margin_loss` and the dead
+        examples of `margin.layer_distances`; None without a margin.
         """
         if self.margin is None:
             return self(x, training=training), None
@@ -257,15 +262,17 @@ class MarginModel(keras.Model):
         if training and self.margin.coupling == "inference":
             # The inference pass runs first, so that it sees the moving
             # statistics as they were before this step's training pass.
-            _, distances = self._margin_distances(x, y, False, tape)
+            _, (distances, dead) = self._margin_distances(x, y, False, tape)
             y_pred = self(x, training=True)
         else:
-            y_pred, distances = self._margin_distances(x, y, training, tape)
-        return y_pred, margin_lib.margin_loss(distances, self.margin, sample_weight)
+            y_pred, (distances, dead) = self._margin_distances(x, y, training, tape)
+        margin_loss, nearest = margin_lib.margin_loss(distances, self.margin, sample_weight)
+        return y_pred, (margin_loss, nearest, dead)
 
-    def _margin_distances(self, x, y, training, outer_tape):
-        """One forward pass: outputs and ``[batch, top_k]`` distances per
-        margin layer."""
+    def _margin_distances(self, x, y, training, outer_tape, top_competitors=False):
+        """One forward pass: outputs, and `margin.layer_distances`'s
+        ``(distances, dead)``; against the top-scoring competitors whatever
+        ``margin.competitors`` says if ``top_competitors``."""
         margin = self.margin
         on_input = INPUT in margin.layers
         if on_input and not isinstance(x, tf.Tensor):
@@ -283,7 +290,12 @@ class MarginModel(keras.Model):
                 self._check_output_shape(y_pred.shape)
             labels = margin_lib.class_indices(y, y_pred.shape[-1])
             differences = margin_lib.score_differences(
-                y_pred, labels, margin.top_k, margin.space, self.output_kind
+                y_pred,
+                labels,
+                margin.top_k,
+                margin.space,
+                self.output_kind,
+                None if top_competitors else self._competitor_draws(tf.shape(y_pred), training),
             )
         missing = [n for n in margin.layers if n != INPUT and n not in activations]
         if missing:
@@ -297,9 +309,20 @@ class MarginModel(keras.Model):
         distances = margin_lib.layer_distances(tape, differences, targets, margin, outer_tape)
         return y_pred, distances
 
+    def _competitor_draws(self, shape, training):
+        """Random keys choosing sampled competitors (fresh in training, a
+        fixed seed in inference); None for the top-scoring ones."""
+        if self.margin.competitors != "sampled":
+            return None
+        if training:
+            return keras.random.uniform(shape, seed=self.competitor_seeds)
+        return tf.random.stateless_uniform(shape, seed=[0, 0])
+
     def margin_distances(self, x, y, batch_size=256):
         """Each example's signed distance to the nearest competitor's boundary
-        at every margin layer, in inference mode.
+        at every margin layer, in inference mode: the nearest of the margin's
+        ``top_k`` highest-scoring competitors (also where the margin trains
+        on sampled ones).
 
         Args:
             x: ``[n, ...]`` inputs.
@@ -317,7 +340,7 @@ class MarginModel(keras.Model):
 
         @tf.function(reduce_retracing=True)
         def nearest(xb, yb):
-            _, distances = self._margin_distances(xb, yb, False, None)
+            _, (distances, _) = self._margin_distances(xb, yb, False, None, True)
             return [tf.reduce_min(d, axis=-1) for d in distances]
 
         parts = [
@@ -330,6 +353,20 @@ class MarginModel(keras.Model):
         }
 
     # ----------------------------------------------------------- the steps
+
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`; with a margin, it also warns once when most
+        examples are dead for the margin (`DeadExamplesWarning`)."""
+        if self.margin is None:
+            return super().fit(*args, **kwargs)
+        bound = inspect.signature(keras.Model.fit).bind_partial(self, *args, **kwargs)
+        callbacks = bound.arguments.get("callbacks") or []
+        if isinstance(callbacks, keras.callbacks.CallbackList):
+            callbacks.append(DeadExamplesWarning())
+        else:
+            callbacks = [*callbacks, DeadExamplesWarning()]
+        bound.arguments["callbacks"] = callbacks
+        return super().fit(*bound.args[1:], **bound.kwargs)
 
     def _loss(self, x, y, y_pred, sample_weight, penalty, training):
         """`compute_loss` (the compiled and regularization losses, or a
@@ -344,10 +381,10 @@ class MarginModel(keras.Model):
         loss = keras_loss
         batch_size = tf.shape(y_pred)[0]
         if penalty is not None:
-            margin_loss, nearest = penalty
+            margin_loss, nearest, dead = penalty
             loss = keras_loss + self.margin.weight * margin_loss / replicas
             self.margin_metrics.update(
-                keras_loss * replicas, margin_loss, nearest, batch_size, sample_weight
+                keras_loss * replicas, margin_loss, nearest, dead, batch_size, sample_weight
             )
         tracker = _keras_internals.loss_tracker(self)
         tracker.update_state(loss * replicas, sample_weight=batch_size)

@@ -42,7 +42,7 @@ def write(results, output, eps_list):
         for name in MODELS:
             history = results["curves"][name]
             axes.plot(history["accuracy"], label=f"{name} train")
-            axes.plot(history["val_accuracy"], "--", label=f"{name} test")
+            axes.plot(history["val_accuracy"], "--", label=f"{name} validation")
         axes.set(xlabel="epoch", ylabel="accuracy", title="Training curves (clean labels)")
         axes.legend()
 

@@ -22,6 +22,7 @@ from marginfit import LargeMargin  # noqa: E402
 
 MARGIN = LargeMargin(
     ["input", "conv", "dense"],
+    competitors="top",
     gamma=[0.8, 0.6, 0.4],
     norm=1,
     alpha=2.0,

@@ -53,7 +53,9 @@ ALPHA = 2.0
 
 def margin_for(norm, **options):
     """A margin on conv_net's input, conv and dense layers, sized to its
-    untrained distances for ``norm``."""
+    untrained distances for ``norm``; the top-scoring competitors (what the
+    reference computes) unless ``competitors`` says otherwise."""
+    options.setdefault("competitors", "top")
     return marginfit.LargeMargin(LAYERS, gamma=GAMMA[norm], norm=norm, alpha=ALPHA, **options)
 
 

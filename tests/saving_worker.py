@@ -27,7 +27,9 @@ from helpers import CE, conv_net, digits
 
 import marginfit
 
-MARGIN = marginfit.LargeMargin(["input", "conv", "dense"], gamma=[0.2, 0.15, 0.15], alpha=2.0)
+MARGIN = marginfit.LargeMargin(
+    ["input", "conv", "dense"], gamma=[0.2, 0.15, 0.15], alpha=2.0, competitors="top"
+)
 EPOCHS = 2
 FORMATS = ("keras", "save_model", "checkpoint_keras", "checkpoint_weights", "backup")
 

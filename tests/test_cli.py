@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from helpers import digits
 
+import marginfit
 from marginfit import cli, data
 
 
@@ -56,7 +57,8 @@ def test_defaults_and_options():
     "argv, message",
     [
         (["train", "--label-noise", "1.5"], "must be in [0, 1)"),
-        (["train", "--norm", "3"], "must be 1, 2 or inf"),
+        (["train", "--norm", "3"], "must be one of 1, 2, inf"),
+        (["train", "--competitors", "best"], "must be one of top, sampled"),
         (["train", "--epochs", "0"], "must be > 0"),
         (["train", "--gamma", "-1"], "must be > 0"),
         (["compare", "--eps", "a,b"], "comma-separated numbers"),
@@ -70,7 +72,7 @@ def test_bad_options_exit_with_a_message(argv, message, capsys):
 
 
 def test_unknown_data_and_missing_network_are_named(monkeypatch, tmp_path):
-    with pytest.raises(SystemExit, match="neither 'digits'"):
+    with pytest.raises(SystemExit, match="neither 'digits', 'digits28'"):
         cli.main(["train", "--data", "images/", "--output", str(tmp_path)])
 
     def offline():
@@ -201,3 +203,40 @@ def test_search_command_errors_are_one_line(argv, message, tmp_path):
     with pytest.raises(SystemExit) as stop:
         tuning_cli.main([*argv, "--output", str(tmp_path)])
     assert str(stop.value).startswith(message) and "\n" not in str(stop.value)
+
+
+def test_training_watches_a_validation_split_of_the_training_data(tmp_path, monkeypatch):
+    seen = {}
+    original = marginfit.MarginModel.fit
+
+    def spy(self, x, y, validation_data=None, **kwargs):
+        seen["fit"], seen["validation"] = x, validation_data[0]
+        return original(self, x, y, validation_data=validation_data, **kwargs)
+
+    monkeypatch.setattr(marginfit.MarginModel, "fit", spy)
+    cli.run(["train", "--epochs", "1", "--validation-split", "0.2", "--output", str(tmp_path)])
+    (x_train, _), _ = data.load_digits()
+    fitted, validation = seen["fit"], seen["validation"]
+    assert len(fitted) + len(validation) == len(x_train)
+    assert abs(len(validation) - 0.2 * len(x_train)) <= 1
+    # Both parts come from the training data: the test set is not watched.
+    training = {example.tobytes() for example in x_train}
+    assert all(example.tobytes() in training for example in np.concatenate([fitted, validation]))
+
+
+def test_digits28_are_the_digits_resized_and_shifted():
+    (x8, y8), (x8_test, y8_test) = data.load_digits(seed=2)
+    (x28, y28), (x28_test, y28_test) = data.load_digits28(seed=2)
+    assert x28.shape[1:] == (28, 28, 1) and x28.dtype == np.float32
+    np.testing.assert_array_equal(y28, y8)  # the same split of the same digits
+    np.testing.assert_array_equal(y28_test, y8_test)
+    assert 0.0 <= x28.min() and x28.max() <= 1.0
+    rows = np.nonzero(x28[..., 0].max(axis=2))
+    top = np.array([rows[1][rows[0] == k].min() for k in range(len(x28))])
+    bottom = np.array([rows[1][rows[0] == k].max() for k in range(len(x28))])
+    assert np.all(bottom - top < 20)  # each digit fits its 20x20 box
+    assert len(np.unique(top)) > 5  # placed at varying heights
+    # Resizing by 20/8 keeps the mean intensity: the digit's ink scales by
+    # (20/8)**2, up to the bilinear edges.
+    ratio = x28.sum(axis=(1, 2, 3)) / x8.sum(axis=(1, 2, 3))
+    assert np.all(np.abs(ratio / (20 / 8) ** 2 - 1) < 0.25), ratio.min()

@@ -11,7 +11,7 @@ from helpers import CE, assert_config_round_trip, assert_model_file_round_trip, 
 
 from marginfit import LargeMargin, MarginModel
 
-MARGIN = LargeMargin(["input", "hidden"], gamma=0.2, alpha=2.0, top_k=2)
+MARGIN = LargeMargin(["input", "hidden"], gamma=0.2, alpha=2.0, top_k=2, competitors="top")
 
 
 def mlp_layers(seed=0):
@@ -101,6 +101,19 @@ def test_public_objects_round_trip_through_their_config():
     model, _ = conv_net(MARGIN.__class__(["conv"], gamma=3.0))
     revived = assert_config_round_trip(model)
     assert revived.margin == model.margin
+
+
+def test_sampled_competitors_round_trip_and_train_after_reloading(tmp_path):
+    model, _ = conv_net(LargeMargin(["input", "conv"], gamma=0.2, competitors="sampled"))
+    model.compile("adam", loss=CE)
+    x, y = digits(16)
+    model.fit(x, y, batch_size=8, verbose=0)
+    loaded = assert_model_file_round_trip(model, tmp_path / "sampled.keras", x)
+    assert loaded.margin.competitors == "sampled"
+    # Evaluation draws with a fixed seed: the same logs each time.
+    first, second = (loaded.evaluate(x, y, return_dict=True, verbose=0) for _ in range(2))
+    assert first == second
+    loaded.fit(x, y, batch_size=8, verbose=0)
 
 
 def test_plain_model_without_margin_matches_keras():

@@ -21,6 +21,7 @@ def test_defaults_match_the_documented_signature():
         "gamma": [10000.0],
         "norm": 2,
         "top_k": 1,
+        "competitors": "sampled",
         "aggregation": "max",
         "alpha": 4.0,
         "epsilon": 1e-6,
@@ -46,6 +47,7 @@ def test_config_round_trip(norm):
         space="logits",
         weight=0.5,
         coupling="inference",
+        competitors="sampled",
     )
     revived = assert_config_round_trip(margin)
     assert revived == margin
@@ -74,6 +76,7 @@ def test_layer_objects_are_accepted_by_name():
         (dict(layer_weights=[1.0, 0.0]), "`layer_weights` must hold positive"),
         (dict(weight=-1.0), "`weight` must be a float >= 0"),
         (dict(coupling="none"), "use 'batch' or 'inference'"),
+        (dict(competitors="random"), "use 'top' (highest-scoring classes) or 'sampled'"),
     ],
 )
 def test_bad_arguments_name_the_fix(arguments, message):
@@ -109,6 +112,39 @@ def test_score_differences_against_numpy():
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_sampled_competitors_are_uniform_distinct_and_never_the_label():
+    rng = np.random.default_rng(0)
+    count, classes, top_k = 4000, 5, 2
+    logits = rng.normal(size=(count, classes)).astype("float32")
+    labels = rng.integers(0, classes, count)
+    draws = rng.random((count, classes)).astype("float32")
+    differences = margin_lib.score_differences(
+        logits, labels, top_k, "logits", "logits", draws
+    ).numpy()
+    # Recover each competitor from its difference.
+    competitors = np.argmin(
+        np.abs(
+            logits[:, None, :]
+            - (logits[np.arange(count), labels][:, None] - differences)[..., None]
+        ),
+        axis=-1,
+    )
+    assert np.all(competitors != labels[:, None])
+    assert np.all(competitors[:, 0] != competitors[:, 1])
+    # The keys' order: competitors are the largest keys of the other classes.
+    masked = np.where(np.eye(classes, dtype=bool)[labels], -1.0, draws)
+    np.testing.assert_array_equal(competitors, np.argsort(-masked, axis=-1)[:, :top_k])
+    # Uniform over the other classes: each of the 4 is chosen in half the
+    # draws (2 of 4); binomial standard deviation sqrt(n p (1-p)).
+    for label in range(classes):
+        chosen = competitors[labels == label].reshape(-1)
+        n = int(np.sum(labels == label))
+        frequencies = np.bincount(chosen, minlength=classes)
+        assert frequencies[label] == 0
+        others = np.delete(frequencies, label)
+        assert np.all(np.abs(others - n / 2) < 5 * np.sqrt(n / 4)), others
 
 
 def test_class_indices_from_sparse_and_one_hot_labels():
@@ -188,6 +224,7 @@ def margin_configs(draw):
         space=draw(st.sampled_from(["probabilities", "logits"])),
         weight=draw(st.floats(0.0, 1e3)),
         coupling=draw(st.sampled_from(["batch", "inference"])),
+        competitors=draw(st.sampled_from(["top", "sampled"])),
     )
 
 
@@ -211,6 +248,7 @@ INVALID = {
     "space": st.text(max_size=8).filter(lambda text: text not in ("probabilities", "logits")),
     "weight": st.floats(max_value=-1e-9),
     "coupling": st.text(max_size=8).filter(lambda text: text not in ("batch", "inference")),
+    "competitors": st.text(max_size=8).filter(lambda text: text not in ("top", "sampled")),
 }
 
 

@@ -239,3 +239,33 @@ def test_a_compute_loss_override_is_honoured():
     for loss in (logs["loss"], history["loss"][0]):
         np.testing.assert_allclose(loss, expected_ce + float(expected_margin), rtol=1e-5)
     np.testing.assert_allclose(logs["ce_loss"], expected_ce, rtol=1e-5)
+
+
+def test_sampled_competitors_against_the_reference():
+    x, y = digits(16)
+    # Sampling every other class and summing is the full sum, in any order.
+    every = margin_for(2, top_k=9, aggregation="sum", competitors="sampled")
+    model, taps = conv_net(every)
+    model.compile(keras.optimizers.SGD(0.0), loss=CE)
+    expected_loss, _ = reference_loss(taps, x, y, margin_for(2, top_k=9, aggregation="sum"))
+    logs = model.evaluate(x, y, batch_size=8, return_dict=True, verbose=0)
+    np.testing.assert_allclose(logs["margin_loss"], float(expected_loss), rtol=1e-5)
+    history = model.fit(x, y, batch_size=8, shuffle=False, verbose=0).history
+    np.testing.assert_allclose(history["margin_loss"][0], float(expected_loss), rtol=1e-5)
+    # One sampled competitor: each step's loss is that of a random other
+    # class, at most that of each example's nearest boundary.
+    one = margin_for(2, competitors="sampled")
+    model, taps = conv_net(one)
+    model.compile(keras.optimizers.SGD(0.0), loss=CE)
+    nearest, _ = reference_loss(taps, x, y, margin_for(2, top_k=9))
+    total, _ = reference_loss(taps, x, y, margin_for(2, top_k=9, aggregation="sum"))
+    losses = [
+        model.fit(x, y, batch_size=16, shuffle=False, verbose=0).history["margin_loss"][0]
+        for _ in range(40)
+    ]
+    assert all(loss <= float(nearest) * (1 + 1e-5) for loss in losses)
+    # Unbiased: the mean over steps is the mean over competitors, sum / 9,
+    # within 5 standard errors of the steps' spread.
+    spread = np.std(losses) / np.sqrt(len(losses))
+    assert abs(np.mean(losses) - float(total) / 9) < 5 * spread + 1e-6
+    assert spread > 0  # the competitors really vary between steps

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import keras
 import numpy as np
@@ -33,7 +34,9 @@ def first_step_margin_loss(margin, x, y, batchnorm=True):
 
 def test_inference_coupling_uses_each_examples_own_gradient():
     x, y = digits(8)
-    margin = LargeMargin(LAYERS, gamma=0.2, alpha=2.0, top_k=2, coupling="inference")
+    margin = LargeMargin(
+        LAYERS, gamma=0.2, alpha=2.0, top_k=2, coupling="inference", competitors="top"
+    )
     logged, taps = first_step_margin_loss(margin, x, y)
     expected, _ = reference.margin_loss(
         taps,
@@ -51,7 +54,7 @@ def test_inference_coupling_uses_each_examples_own_gradient():
 def test_batch_coupling_is_the_authors_batch_summed_gradient():
     x, y = digits(8)
     gamma, alpha = 0.2, 2.0
-    margin = LargeMargin(LAYERS, gamma=gamma, alpha=alpha, coupling="batch")
+    margin = LargeMargin(LAYERS, gamma=gamma, alpha=alpha, coupling="batch", competitors="top")
     logged, taps = first_step_margin_loss(margin, x, y)
     coupled, own = reference.batch_coupled_distances(taps, x, y, layers=LAYERS)
 
@@ -68,7 +71,7 @@ def test_batch_coupling_is_the_authors_batch_summed_gradient():
 
 def test_without_coupling_layers_batch_gradient_is_exact():
     x, y = digits(8)
-    margin = LargeMargin(LAYERS, gamma=0.2, alpha=2.0, coupling="batch")
+    margin = LargeMargin(LAYERS, gamma=0.2, alpha=2.0, coupling="batch", competitors="top")
     logged, taps = first_step_margin_loss(margin, x, y, batchnorm=False)
     expected, _ = reference.margin_loss(
         taps, x, y, gamma=0.2, alpha=2.0, layers=LAYERS, training=True
@@ -105,7 +108,7 @@ def test_callbacks_monitor_margin_metrics_without_mode(tmp_path):
     assert callbacks[1].monitor_op is keras.ops.greater
     assert callbacks[2].monitor_op is keras.ops.less
     assert callbacks[3].monitor_op is keras.ops.less
-    expected = {"loss", "ce_loss", "margin_loss", "violation_rate", "accuracy"} | {
+    expected = {"loss", "ce_loss", "margin_loss", "violation_rate", "dead_rate", "accuracy"} | {
         f"distance_{name}" for name in ("input", "conv", "dense")
     }
     assert set(history.history) == expected | {f"val_{name}" for name in expected} | {
@@ -189,3 +192,39 @@ def test_distance_histograms_need_a_margin(tmp_path):
         model.fit(x, y, callbacks=[marginfit.DistanceHistograms(tmp_path, (x, y))], verbose=0)
     with pytest.raises(ValueError, match="`every` must be an int >= 1"):
         marginfit.DistanceHistograms(tmp_path, (x, y), every=0)
+
+
+def dead_relu_net():
+    """ReLUs that never fire: the outputs are constant and the input gets no
+    gradient."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    hidden = keras.layers.Dense(
+        16, activation="relu", bias_initializer=keras.initializers.Constant(-100.0), name="dead"
+    )(keras.layers.Flatten()(inputs))
+    outputs = keras.layers.Dense(10, name="logits")(hidden)
+    return marginfit.MarginModel(inputs, outputs, margin=LargeMargin(["input"], gamma=0.2))
+
+
+def test_dead_examples_are_counted_and_warned_about_once_per_fit():
+    model = dead_relu_net()
+    model.compile(keras.optimizers.SGD(0.0), loss=None)  # it stays dead
+    x, y = digits(32)
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            history = model.fit(x, y, batch_size=16, epochs=3, verbose=0)
+        dead = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+        assert len(dead) == 1 and "100% of the examples are dead" in str(dead[0].message)
+        assert history.history["dead_rate"] == [1.0, 1.0, 1.0]
+    assert model.evaluate(x, y, return_dict=True, verbose=0)["dead_rate"] == 1.0
+
+
+def test_a_healthy_network_has_no_dead_examples():
+    model, _ = conv_net(LargeMargin(LAYERS, gamma=0.2, alpha=2.0))
+    model.compile("adam", loss=CE)
+    x, y = digits(32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        history = model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert history.history["dead_rate"] == [0.0, 0.0]
