@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from marginfit import _keras_internals
+from marginfit import _keras_internals, checks
 from marginfit import margin as margin_lib
 from marginfit.callbacks import DeadExamplesWarning
 from marginfit.margin import INPUT, LargeMargin
@@ -355,11 +355,17 @@ class MarginModel(keras.Model):
     # ----------------------------------------------------------- the steps
 
     def fit(self, *args, **kwargs):
-        """`keras.Model.fit`; with a margin, it also warns once when most
-        examples are dead for the margin (`DeadExamplesWarning`)."""
+        """`keras.Model.fit`; with a margin, arrays are checked first
+        (`marginfit.checks`) and it warns once when most examples are dead
+        for the margin (`DeadExamplesWarning`)."""
         if self.margin is None:
             return super().fit(*args, **kwargs)
         bound = inspect.signature(keras.Model.fit).bind_partial(self, *args, **kwargs)
+        given = bound.arguments
+        checks.check_arrays(self, given.get("x"), given.get("y"), given.get("sample_weight"))
+        validation = given.get("validation_data")
+        if isinstance(validation, (tuple, list)) and len(validation) in (2, 3):
+            checks.check_arrays(self, *validation, name="fit(validation_data=...)")
         callbacks = bound.arguments.get("callbacks") or []
         if isinstance(callbacks, keras.callbacks.CallbackList):
             callbacks.append(DeadExamplesWarning())
@@ -367,6 +373,17 @@ class MarginModel(keras.Model):
             callbacks = [*callbacks, DeadExamplesWarning()]
         bound.arguments["callbacks"] = callbacks
         return super().fit(*bound.args[1:], **bound.kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        """`keras.Model.evaluate`; with a margin, arrays are checked first
+        (`marginfit.checks`)."""
+        if self.margin is not None:
+            bound = inspect.signature(keras.Model.evaluate).bind_partial(self, *args, **kwargs)
+            given = bound.arguments
+            checks.check_arrays(
+                self, given.get("x"), given.get("y"), given.get("sample_weight"), "evaluate()"
+            )
+        return super().evaluate(*args, **kwargs)
 
     def _loss(self, x, y, y_pred, sample_weight, penalty, training):
         """`compute_loss` (the compiled and regularization losses, or a

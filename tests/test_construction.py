@@ -202,13 +202,16 @@ def test_subclassed_model_missing_an_activation_is_named():
         model.evaluate(x, y, verbose=0)
 
 
-def test_labels_out_of_range_stop_the_step():
+def test_labels_out_of_range_in_a_dataset_stop_the_step():
+    # Arrays are checked before fit()/evaluate() (test_checks.py); a dataset
+    # reaches the step, whose assertion stops it.
     model, _ = conv_net(LargeMargin(["input"]))
     model.compile(loss=None)
     x, y = digits(4)
     y[1] = 10
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
     with pytest.raises(tf.errors.InvalidArgumentError, match="Labels must be"):
-        model.evaluate(x, y, verbose=0)
+        model.evaluate(dataset, verbose=0)
 
 
 def test_missing_labels_are_named():

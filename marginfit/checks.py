@@ -1,0 +1,127 @@
+"""Checks of the arrays given to `MarginModel.fit()`/`evaluate()`, before
+any step runs: each failure names the problem and the fix in its first line.
+
+Only NumPy-convertible arrays are checked here (datasets and generators are
+left to the step); each check is one vectorised pass over the data.
+"""
+
+import numpy as np
+
+from marginfit.margin import INPUT
+
+
+def check_arrays(model, x, y=None, sample_weight=None, name="fit()"):
+    """Raises `ValueError` (or `TypeError`) for data the margin cannot use.
+
+    Args:
+        model: The `MarginModel` (with a margin).
+        x: ``[n, ...]`` inputs.
+        y: ``[n]``/``[n, 1]`` class indices or ``[n, classes]`` one-hot or
+            soft labels.
+        sample_weight: Optional ``[n]`` non-negative weights.
+        name: The call being checked, for the messages.
+    """
+    if not _is_array(x):
+        return
+    x = np.asarray(x)
+    if x.ndim == 0 or len(x) == 0:
+        raise ValueError(f"{name} received no examples (x has shape {x.shape}); give at least one.")
+    if INPUT in model.margin.layers and not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(
+            f"{name} received x of dtype {x.dtype}, but the margin on 'input' needs "
+            "the gradient with respect to the inputs, which integers do not have. "
+            "Cast the inputs to float, e.g. x.astype('float32') / 255."
+        )
+    if np.issubdtype(x.dtype, np.floating):
+        _check_finite(x, "x", name)
+    if y is not None and _is_array(y):
+        _check_labels(model, np.asarray(y), len(x), name)
+    if sample_weight is not None and _is_array(sample_weight):
+        _check_weights(np.asarray(sample_weight), len(x), name)
+
+
+def _is_array(value):
+    return isinstance(value, np.ndarray) or (
+        hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "__array__")
+    )
+
+
+def _check_finite(values, what, name):
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = ~finite.reshape(len(values), -1).all(axis=-1)
+        raise ValueError(
+            f"{name} received {what} with {int((~finite).sum())} non-finite values (NaN or "
+            f"inf) in {int(bad.sum())} examples, the first at index {int(np.argmax(bad))}. "
+            "Remove or impute them: one such example would corrupt every weight."
+        )
+
+
+def _classes(model):
+    """Number of model outputs, or None where not known yet (subclassed)."""
+    try:
+        return model.outputs[0].shape[-1]
+    except (AttributeError, ValueError, IndexError, TypeError):
+        return None
+
+
+def _check_labels(model, y, examples, name):
+    classes = _classes(model)
+    if len(y) != examples:
+        raise ValueError(
+            f"{name} received {len(y)} labels for {examples} examples; give one label per example."
+        )
+    if np.issubdtype(y.dtype, np.floating) or np.issubdtype(y.dtype, np.integer):
+        if np.issubdtype(y.dtype, np.floating):
+            _check_finite(y, "y", name)
+    else:
+        raise TypeError(
+            f"{name} received labels of dtype {y.dtype}; give integer class indices or "
+            "float one-hot labels."
+        )
+    one_hot = y.ndim == 2 and y.shape[-1] != 1
+    if one_hot:
+        if classes is not None and y.shape[-1] != classes:
+            raise ValueError(
+                f"{name} received one-hot (or soft) labels of width {y.shape[-1]}, but the "
+                f"model has {classes} outputs. Give labels of width {classes}, or class "
+                "indices."
+            )
+        return
+    if y.ndim > 2:
+        raise ValueError(
+            f"{name} received labels of shape {y.shape}; give [n] class indices or "
+            "[n, classes] one-hot labels."
+        )
+    flat = y.reshape(-1)
+    if np.issubdtype(flat.dtype, np.floating) and not np.all(flat == np.round(flat)):
+        index = int(np.argmax(flat != np.round(flat)))
+        raise ValueError(
+            f"{name} received non-integer class labels (e.g. {flat[index]} at index "
+            f"{index}): labels would be truncated to integers. Give integer class "
+            "indices 0..classes-1."
+        )
+    if classes is not None:
+        outside = (flat < 0) | (flat >= classes)
+        if outside.any():
+            index = int(np.argmax(outside))
+            raise ValueError(
+                f"{name} received labels outside 0..{classes - 1} (e.g. {flat[index]:g} at "
+                f"index {index}); the model has {classes} outputs. Fix the labels or the "
+                "size of the output layer."
+            )
+
+
+def _check_weights(weights, examples, name):
+    if weights.ndim > 2 or len(weights) != examples or weights.size != examples:
+        raise ValueError(
+            f"{name} received sample_weight of shape {weights.shape} for {examples} "
+            "examples; give one weight per example, shape [n]."
+        )
+    _check_finite(weights.astype("float64"), "sample_weight", name)
+    if (weights < 0).any():
+        index = int(np.argmax(weights.reshape(-1) < 0))
+        raise ValueError(
+            f"{name} received negative sample weights (e.g. at index {index}); weights "
+            "must be >= 0."
+        )
