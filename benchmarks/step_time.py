@@ -7,8 +7,9 @@ variant (784-512-512-10, margin on the input and both hidden layers), and
 times, interleaved in one process, `train_on_batch` of `MarginModel` against
 a plain `keras.Model` on the same layers compiled with sparse categorical
 cross-entropy, for approximate/exact x competitors (sampled top_k=1, the
-default; top-scoring top_k=1 and 9) x norm 2/inf x jit_compile off/on. Prints a table and a JSON line of ratios (margin step / CE step with
-the same jit setting), the peak memory of a few variants relative to CE
+default; top-scoring top_k=1 and 9) x norm 2/inf x jit_compile off/on.
+Prints a table and a JSON line of ratios (margin step / CE step with the
+same jit setting), the peak memory of a few variants relative to CE
 (each in a fresh process), and the ratio of a naive per-example, per-class
 implementation. Absolute times alone mean little; quote the ratios.
 
