@@ -68,6 +68,17 @@ def run(dataset, noise, seed, method, epochs):
     }
 
 
+def spread(runs, dataset, noise, method):
+    """``(mean, min, max)`` test accuracy over the seeds of one setting, or
+    None if it has no run."""
+    values = [
+        r["test_accuracy"]
+        for r in runs
+        if (r["data"], r["noise"], r["method"]) == (dataset, noise, method)
+    ]
+    return (statistics.mean(values), min(values), max(values)) if values else None
+
+
 def table(runs, datasets, noises, methods, command):
     lines = [f"Produced by: `{command}`", ""]
     for dataset in datasets:
@@ -80,16 +91,8 @@ def table(runs, datasets, noises, methods, command):
         for noise in noises:
             cells = []
             for method in methods:
-                values = [
-                    r["test_accuracy"]
-                    for r in runs
-                    if (r["data"], r["noise"], r["method"]) == (dataset, noise, method)
-                ]
-                cells.append(
-                    f"{statistics.mean(values):.4f} ({min(values):.3f}-{max(values):.3f})"
-                    if values
-                    else ""
-                )
+                setting = spread(runs, dataset, noise, method)
+                cells.append("{:.4f} ({:.3f}-{:.3f})".format(*setting) if setting else "")
             lines.append(f"| {noise:.0%} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -104,15 +107,11 @@ def figure(runs, datasets, noises, methods, command, path):
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
     for axis, dataset in zip(axes[0], datasets):
         for method in methods:
-            points = []
-            for noise in noises:
-                values = [
-                    r["test_accuracy"]
-                    for r in runs
-                    if (r["data"], r["noise"], r["method"]) == (dataset, noise, method)
-                ]
-                if values:
-                    points.append((noise, statistics.mean(values), min(values), max(values)))
+            points = [
+                (noise, *setting)
+                for noise in noises
+                if (setting := spread(runs, dataset, noise, method))
+            ]
             if points:
                 x, mean, low, high = zip(*points)
                 axis.plot(x, mean, "-o", label=method)
