@@ -262,17 +262,22 @@ class MarginModel(keras.Model):
         if training and self.margin.coupling == "inference":
             # The inference pass runs first, so that it sees the moving
             # statistics as they were before this step's training pass.
-            _, (distances, dead) = self._margin_distances(x, y, False, tape)
+            _, (distances, dead) = self._margin_distances(x, y, False, tape, "fresh")
             y_pred = self(x, training=True)
         else:
-            y_pred, (distances, dead) = self._margin_distances(x, y, training, tape)
+            draws = "fresh" if training else "fixed"
+            y_pred, (distances, dead) = self._margin_distances(x, y, training, tape, draws)
         margin_loss, nearest = margin_lib.margin_loss(distances, self.margin, sample_weight)
         return y_pred, (margin_loss, nearest, dead)
 
-    def _margin_distances(self, x, y, training, outer_tape, top_competitors=False):
+    def _margin_distances(self, x, y, training, outer_tape, draws):
         """One forward pass: outputs, and `margin.layer_distances`'s
-        ``(distances, dead)``; against the top-scoring competitors whatever
-        ``margin.competitors`` says if ``top_competitors``."""
+        ``(distances, dead)``.
+
+        ``draws`` chooses sampled competitors: ``"fresh"`` (a training step),
+        ``"fixed"`` (a fixed seed, for evaluation) or ``"top"`` (the
+        top-scoring ones, whatever ``margin.competitors`` says).
+        """
         margin = self.margin
         on_input = INPUT in margin.layers
         if on_input and not isinstance(x, tf.Tensor):
@@ -295,7 +300,7 @@ class MarginModel(keras.Model):
                 margin.top_k,
                 margin.space,
                 self.output_kind,
-                None if top_competitors else self._competitor_draws(tf.shape(y_pred), training),
+                self._competitor_draws(tf.shape(y_pred), draws),
             )
         missing = [n for n in margin.layers if n != INPUT and n not in activations]
         if missing:
@@ -309,12 +314,12 @@ class MarginModel(keras.Model):
         distances = margin_lib.layer_distances(tape, differences, targets, margin, outer_tape)
         return y_pred, distances
 
-    def _competitor_draws(self, shape, training):
-        """Random keys choosing sampled competitors (fresh in training, a
-        fixed seed in inference); None for the top-scoring ones."""
-        if self.margin.competitors != "sampled":
+    def _competitor_draws(self, shape, draws):
+        """Random keys choosing sampled competitors (see `_margin_distances`),
+        or None for the top-scoring ones."""
+        if self.margin.competitors != "sampled" or draws == "top":
             return None
-        if training:
+        if draws == "fresh":
             return keras.random.uniform(shape, seed=self.competitor_seeds)
         return tf.random.stateless_uniform(shape, seed=[0, 0])
 
@@ -340,7 +345,7 @@ class MarginModel(keras.Model):
 
         @tf.function(reduce_retracing=True)
         def nearest(xb, yb):
-            _, (distances, _) = self._margin_distances(xb, yb, False, None, True)
+            _, (distances, _) = self._margin_distances(xb, yb, False, None, "top")
             return [tf.reduce_min(d, axis=-1) for d in distances]
 
         parts = [

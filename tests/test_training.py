@@ -228,3 +228,17 @@ def test_a_healthy_network_has_no_dead_examples():
         warnings.simplefilter("error", RuntimeWarning)
         history = model.fit(x, y, batch_size=16, epochs=2, verbose=0)
     assert history.history["dead_rate"] == [0.0, 0.0]
+
+
+def test_inference_coupling_draws_fresh_sampled_competitors():
+    # Without coupling layers the inference pass equals the training pass,
+    # so with frozen weights only the draws can change the loss.
+    x, y = digits(16)
+    margin = LargeMargin(LAYERS, gamma=0.2, alpha=2.0, coupling="inference")
+    assert margin.competitors == "sampled"
+    model, _ = conv_net(margin)
+    model.compile(keras.optimizers.SGD(0.0), loss=None)
+    losses = {model.fit(x, y, batch_size=16, verbose=0).history["margin_loss"][0] for _ in range(4)}
+    assert len(losses) > 1
+    # Evaluation draws with a fixed seed: it repeats.
+    assert len({model.evaluate(x, y, verbose=0)[0] for _ in range(3)}) == 1
