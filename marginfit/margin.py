@@ -307,13 +307,10 @@ def score_differences(outputs, labels, top_k, space, output_kind, draws=None):
     num_classes = scores.shape[-1]
     is_label = tf.one_hot(labels, num_classes, on_value=True, off_value=False)
     label_scores = tf.reduce_sum(tf.where(is_label, scores, 0.0), axis=-1)
-    if draws is None:
-        others = tf.where(is_label, tf.float32.min, scores)
-        competitor_scores = tf.math.top_k(others, k=top_k, sorted=True).values
-    else:
-        keys = tf.where(is_label, -1.0, tf.cast(draws, tf.float32))
-        competitors = tf.math.top_k(keys, k=top_k, sorted=True).indices
-        competitor_scores = tf.gather(scores, competitors, batch_dims=1)
+    keys = scores if draws is None else tf.cast(draws, tf.float32)
+    keys = tf.where(is_label, tf.float32.min, keys)
+    competitors = tf.math.top_k(keys, k=top_k, sorted=True).indices
+    competitor_scores = tf.gather(scores, competitors, batch_dims=1)
     return label_scores[:, None] - competitor_scores
 
 

@@ -365,30 +365,33 @@ class MarginModel(keras.Model):
         for the margin (`DeadExamplesWarning`)."""
         if self.margin is None:
             return super().fit(*args, **kwargs)
-        bound = inspect.signature(keras.Model.fit).bind_partial(self, *args, **kwargs)
+        bound = self._checked_arguments(keras.Model.fit, args, kwargs, "fit()")
         given = bound.arguments
-        checks.check_arrays(self, given.get("x"), given.get("y"), given.get("sample_weight"))
         validation = given.get("validation_data")
         if isinstance(validation, (tuple, list)) and len(validation) in (2, 3):
             checks.check_arrays(self, *validation, name="fit(validation_data=...)")
-        callbacks = bound.arguments.get("callbacks") or []
+        callbacks = given.get("callbacks") or []
         if isinstance(callbacks, keras.callbacks.CallbackList):
             callbacks.append(DeadExamplesWarning())
         else:
             callbacks = [*callbacks, DeadExamplesWarning()]
-        bound.arguments["callbacks"] = callbacks
+        given["callbacks"] = callbacks
         return super().fit(*bound.args[1:], **bound.kwargs)
 
     def evaluate(self, *args, **kwargs):
         """`keras.Model.evaluate`; with a margin, arrays are checked first
         (`marginfit.checks`)."""
         if self.margin is not None:
-            bound = inspect.signature(keras.Model.evaluate).bind_partial(self, *args, **kwargs)
-            given = bound.arguments
-            checks.check_arrays(
-                self, given.get("x"), given.get("y"), given.get("sample_weight"), "evaluate()"
-            )
+            self._checked_arguments(keras.Model.evaluate, args, kwargs, "evaluate()")
         return super().evaluate(*args, **kwargs)
+
+    def _checked_arguments(self, method, args, kwargs, name):
+        """``method``'s arguments bound to ``(self, *args, **kwargs)``, after
+        `checks.check_arrays` of their ``x``, ``y`` and ``sample_weight``."""
+        bound = inspect.signature(method).bind_partial(self, *args, **kwargs)
+        given = bound.arguments
+        checks.check_arrays(self, given.get("x"), given.get("y"), given.get("sample_weight"), name)
+        return bound
 
     def _loss(self, x, y, y_pred, sample_weight, penalty, training):
         """`compute_loss` (the compiled and regularization losses, or a

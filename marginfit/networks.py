@@ -50,14 +50,7 @@ def classifier(
     Returns:
         A `Network`.
     """
-    input_shape = tuple(input_shape)
-    if len(input_shape) not in (1, 3):
-        raise ValueError(
-            f"`input_shape` must be (height, width, channels) or (features,); "
-            f"received {input_shape}."
-        )
-    if not (isinstance(num_classes, int) and num_classes >= 2):
-        raise ValueError(f"`num_classes` must be an int >= 2; received {num_classes!r}.")
+    input_shape = check_shape(input_shape, num_classes)
     inputs = keras.Input(input_shape, name="features")
     x, hidden, conv = inputs, [], []
     if len(input_shape) == 3:
@@ -82,6 +75,24 @@ def classifier(
         )
     logits = keras.layers.Dense(num_classes, name="logits")(x)
     return Network(inputs, logits, tuple(hidden), tuple(conv or hidden[:1]))
+
+
+def check_shape(input_shape, num_classes):
+    """``input_shape`` as a tuple, if `classifier` can build on it.
+
+    Raises:
+        ValueError: For a shape other than ``(height, width, channels)`` or
+            ``(features,)``, or fewer than 2 classes.
+    """
+    input_shape = tuple(input_shape)
+    if len(input_shape) not in (1, 3):
+        raise ValueError(
+            f"`input_shape` must be (height, width, channels) or (features,); "
+            f"received {input_shape}."
+        )
+    if not (isinstance(num_classes, int) and num_classes >= 2):
+        raise ValueError(f"`num_classes` must be an int >= 2; received {num_classes!r}.")
+    return input_shape
 
 
 def margin_layers(network, placement="input+all_hidden"):

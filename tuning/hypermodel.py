@@ -57,11 +57,10 @@ class MarginHyperModel(kt.HyperModel):
         name="margin_hypermodel",
     ):
         super().__init__(name=name)
-        self.input_shape = tuple(input_shape)
+        # Validates the shape, classes and margin options now, not in a trial.
+        self.input_shape = networks.check_shape(input_shape, num_classes)
         self.num_classes = num_classes
         self.margin_options = {"alpha": alpha, "top_k": top_k, "approximate": approximate}
-        # Validates the shape, classes and margin options now, not in a trial.
-        networks.classifier(self.input_shape, num_classes, conv_filters=(1,), dense_units=(1,))
         LargeMargin(["input"], **self.margin_options)
 
     def build(self, hp):
