@@ -182,3 +182,26 @@ class DeadExamplesWarning(keras.callbacks.Callback):
             RuntimeWarning,
             stacklevel=2,
         )
+
+
+class NonFiniteStepError(keras.callbacks.Callback):
+    """Stops `fit()` with a `FloatingPointError` at the first training step
+    whose loss or gradient is not finite.
+
+    `MarginModel.fit` adds it under ``on_nonfinite="raise"``. The model
+    skipped that step's update, so the weights are those from before the
+    batch named in the error.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        count = (logs or {}).get("nonfinite_steps")
+        if count is not None and float(count) > 0:
+            raise FloatingPointError(
+                f"Epoch {self.epoch + 1}, batch {batch + 1}: the loss or a gradient "
+                "is NaN or inf, so the step was skipped and the weights are those "
+                "from before this batch. Check this batch's data, lower the learning "
+                "rate, or clip the gradients (e.g. `clipnorm=1.0`)."
+            )

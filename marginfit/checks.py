@@ -1,13 +1,68 @@
-"""Checks of the arrays given to `MarginModel.fit()`/`evaluate()`, before
+"""Checks of the data given to `MarginModel.fit()`/`evaluate()`, before
 any step runs: each failure names the problem and the fix in its first line.
 
-Only NumPy-convertible arrays are checked here (datasets and generators are
-left to the step); each check is one vectorised pass over the data.
+Arrays are checked whole (one vectorised pass); a `tf.data.Dataset` by its
+first batch. Later batches are guarded in the step: labels out of range stop
+it (`clear_step_errors` lifts the message to the first line), and a
+non-finite loss or gradient skips the update (`marginfit.updates`).
 """
 
-import numpy as np
+import contextlib
+import re
 
-from marginfit.margin import INPUT
+import keras
+import numpy as np
+import tensorflow as tf
+
+from marginfit.margin import INPUT, LABEL_ERROR_PREFIX
+
+
+def check_data(model, x, y=None, sample_weight=None, name="fit()"):
+    """`check_arrays` on arrays, or on the first batch of a `tf.data.Dataset`
+    given as ``x``; other inputs (generators, `PyDataset`) are left to the
+    step."""
+    if isinstance(x, tf.data.Dataset):
+        for batch in x.take(1):
+            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
+            as_numpy = lambda t: None if t is None else tf.nest.map_structure(np.asarray, t)  # noqa: E731
+            check_arrays(
+                model,
+                as_numpy(x),
+                as_numpy(y),
+                as_numpy(sample_weight),
+                f"{name} (first batch of the dataset)",
+            )
+        return
+    check_arrays(model, x, y, sample_weight, name)
+
+
+# Messages of the step's label checks: ours (`margin.class_indices`) and
+# the sparse cross-entropy kernel's, which may fail first.
+_STEP_LABEL_ERRORS = (
+    (re.compile(re.escape(LABEL_ERROR_PREFIX) + r"[^\]\n]*"), ""),
+    (
+        re.compile(
+            r"Received a label value of -?\d+ which is outside the valid range of \[0, \d+\)"
+        ),
+        ". Labels must be class indices 0..classes-1: check the labels or the size of "
+        "the output layer.",
+    ),
+)
+
+
+@contextlib.contextmanager
+def clear_step_errors():
+    """Re-raises a failed label check of the step (a
+    `tf.errors.InvalidArgumentError` whose first line is "Graph execution
+    error") as a `ValueError` whose first line is the check's message."""
+    try:
+        yield
+    except tf.errors.InvalidArgumentError as error:
+        for pattern, advice in _STEP_LABEL_ERRORS:
+            found = pattern.search(error.message or "")
+            if found is not None:
+                raise ValueError(found.group(0).strip() + advice) from error
+        raise
 
 
 def check_arrays(model, x, y=None, sample_weight=None, name="fit()"):

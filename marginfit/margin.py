@@ -30,6 +30,9 @@ import tensorflow as tf
 INPUT = "input"
 """Name under which `LargeMargin.layers` designates the model input."""
 
+LABEL_ERROR_PREFIX = "Labels must be class indices"
+"""Start of the message of the step's label check (see `class_indices`)."""
+
 _DUAL_ORDER = {1: math.inf, 2: 2, math.inf: 1}
 _AGGREGATIONS = ("max", "sum")
 _SPACES = ("probabilities", "logits")
@@ -266,12 +269,16 @@ def class_indices(labels, num_classes):
         return tf.argmax(labels, axis=-1, output_type=tf.int32)
     indices = tf.cast(tf.reshape(labels, [-1]), tf.int32)
     # XLA drops assertions; outside XLA a bad label stops the step here.
-    tf.debugging.assert_non_negative(indices, message="Labels must be class indices >= 0.")
+    tf.debugging.assert_non_negative(
+        indices,
+        message=f"{LABEL_ERROR_PREFIX} >= 0, but a batch holds a negative label. Check the labels.",
+    )
     tf.debugging.assert_less(
         indices,
         num_classes,
-        message=f"Labels must be class indices < {num_classes} (the number of "
-        "model outputs). Check the labels or the size of the output layer.",
+        message=f"{LABEL_ERROR_PREFIX} < {num_classes} (the number of model "
+        "outputs), but a batch holds a larger one. Check the labels or the size "
+        "of the output layer.",
     )
     return indices
 

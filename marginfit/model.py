@@ -8,9 +8,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from marginfit import _keras_internals, checks
+from marginfit import _keras_internals, checks, updates
 from marginfit import margin as margin_lib
-from marginfit.callbacks import DeadExamplesWarning
+from marginfit.callbacks import DeadExamplesWarning, NonFiniteStepError
 from marginfit.margin import INPUT, LargeMargin
 from marginfit.metrics import MarginMetrics
 
@@ -42,6 +42,10 @@ class MarginModel(keras.Model):
     nearest competitor's boundary) to ``loss`` and the compiled metrics.
     `predict()` is the plain forward pass.
 
+    A training step whose loss or any gradient is not finite changes no
+    weight and no optimizer state; ``on_nonfinite`` says what else happens,
+    and the ``nonfinite_steps`` log counts such steps per epoch.
+
     A subclassed model with margins on hidden layers accepts
     ``return_activations=False`` in `call` and, when it is True, returns
     ``(outputs, {layer_name: activation})`` (see `call_with_activations`).
@@ -50,6 +54,15 @@ class MarginModel(keras.Model):
         margin: A `LargeMargin` (or its config dict), or None for a plain
             model with the same API.
         output: What the model emits: ``"logits"`` or ``"probabilities"``.
+        on_nonfinite: What a step with a non-finite loss or gradient does:
+            ``"skip"`` (the default) skips its update and training goes on
+            (a NaN loss still makes the epoch's ``loss`` log NaN, so that
+            `keras.callbacks.TerminateOnNaN` stops training where given);
+            ``"raise"`` skips the update and stops `fit()` with a
+            `FloatingPointError` naming the epoch and batch; ``"apply"``
+            applies it, as a plain Keras model does. Each counts such
+            steps. A `keras.optimizers.LossScaleOptimizer` skips them itself
+            (and lowers its scale), so it gets every step.
         *args, **kwargs: As for `keras.Model`.
     """
 
@@ -60,7 +73,7 @@ class MarginModel(keras.Model):
 
     # `*args`/`**kwargs` exactly: Keras revives Functional subclasses from
     # their config only with this signature.
-    def __init__(self, *args, margin=None, output="logits", **kwargs):
+    def __init__(self, *args, margin=None, output="logits", on_nonfinite="skip", **kwargs):
         if _keras_internals.functional_init_arguments(args, kwargs):
             _keras_internals.init_functional(self, args, kwargs)
         else:
@@ -76,8 +89,15 @@ class MarginModel(keras.Model):
                 f"`output={output!r}` is not supported: say what the model "
                 "emits with output='logits' or output='probabilities'."
             )
+        if on_nonfinite not in updates.NONFINITE_POLICIES:
+            raise ValueError(
+                f"`on_nonfinite={on_nonfinite!r}` is not supported; use 'skip', 'raise' or 'apply'."
+            )
         self.margin = margin
         self.output_kind = output
+        self.on_nonfinite = on_nonfinite
+        self.nonfinite_steps = keras.metrics.Sum(name="nonfinite_steps")
+        _keras_internals.declare_direction(self.nonfinite_steps, "down")
         # Holds the Functional that also returns the margin activations; kept
         # out of Keras' tracking so that it adds nothing to saving or summary.
         self._taps = types.SimpleNamespace(model=None, layers=())
@@ -122,6 +142,7 @@ class MarginModel(keras.Model):
             None if self.margin is None else keras.saving.serialize_keras_object(self.margin)
         )
         config["output"] = self.output_kind
+        config["on_nonfinite"] = self.on_nonfinite
         return config
 
     @property
@@ -221,6 +242,7 @@ class MarginModel(keras.Model):
                     f"Margin layer {name!r} returns {type(tensor).__name__}, "
                     "not one tensor. Choose a layer that returns one tensor."
                 )
+            _check_floating(name, tensor.dtype)
             tensors.append(tensor)
         if not hidden:
             return
@@ -311,6 +333,8 @@ class MarginModel(keras.Model):
                 "under its name."
             )
         targets = [x if name == INPUT else activations[name] for name in margin.layers]
+        for name, target in zip(margin.layers, targets):
+            _check_floating(name, target.dtype)
         distances = margin_lib.layer_distances(tape, differences, targets, margin, outer_tape)
         return y_pred, distances
 
@@ -360,37 +384,48 @@ class MarginModel(keras.Model):
     # ----------------------------------------------------------- the steps
 
     def fit(self, *args, **kwargs):
-        """`keras.Model.fit`; with a margin, arrays are checked first
-        (`marginfit.checks`) and it warns once when most examples are dead
-        for the margin (`DeadExamplesWarning`)."""
-        if self.margin is None:
-            return super().fit(*args, **kwargs)
+        """`keras.Model.fit`, with checks: with a margin, arrays (or a
+        dataset's first batch) are checked first (`marginfit.checks`) and it
+        warns once when most examples are dead for the margin
+        (`DeadExamplesWarning`); with ``on_nonfinite="raise"`` a non-finite
+        step stops it (`NonFiniteStepError`)."""
         bound = self._checked_arguments(keras.Model.fit, args, kwargs, "fit()")
         given = bound.arguments
         validation = given.get("validation_data")
-        if isinstance(validation, (tuple, list)) and len(validation) in (2, 3):
-            checks.check_arrays(self, *validation, name="fit(validation_data=...)")
+        if self.margin is not None and validation is not None:
+            if not isinstance(validation, (tuple, list)):
+                validation = (validation,)
+            checks.check_data(self, *validation, name="fit(validation_data=...)")
+        added = [DeadExamplesWarning()] if self.margin is not None else []
+        if self.on_nonfinite == "raise":
+            added.append(NonFiniteStepError())
         callbacks = given.get("callbacks") or []
         if isinstance(callbacks, keras.callbacks.CallbackList):
-            callbacks.append(DeadExamplesWarning())
+            for callback in added:
+                callbacks.append(callback)
         else:
-            callbacks = [*callbacks, DeadExamplesWarning()]
+            callbacks = [*callbacks, *added]
         given["callbacks"] = callbacks
-        return super().fit(*bound.args[1:], **bound.kwargs)
+        with checks.clear_step_errors():
+            return super().fit(*bound.args[1:], **bound.kwargs)
 
     def evaluate(self, *args, **kwargs):
-        """`keras.Model.evaluate`; with a margin, arrays are checked first
-        (`marginfit.checks`)."""
-        if self.margin is not None:
-            self._checked_arguments(keras.Model.evaluate, args, kwargs, "evaluate()")
-        return super().evaluate(*args, **kwargs)
+        """`keras.Model.evaluate`; with a margin, arrays (or a dataset's first
+        batch) are checked first (`marginfit.checks`)."""
+        self._checked_arguments(keras.Model.evaluate, args, kwargs, "evaluate()")
+        with checks.clear_step_errors():
+            return super().evaluate(*args, **kwargs)
 
     def _checked_arguments(self, method, args, kwargs, name):
         """``method``'s arguments bound to ``(self, *args, **kwargs)``, after
-        `checks.check_arrays` of their ``x``, ``y`` and ``sample_weight``."""
+        `checks.check_data` of their ``x``, ``y`` and ``sample_weight``
+        (with a margin)."""
         bound = inspect.signature(method).bind_partial(self, *args, **kwargs)
         given = bound.arguments
-        checks.check_arrays(self, given.get("x"), given.get("y"), given.get("sample_weight"), name)
+        if self.margin is not None:
+            checks.check_data(
+                self, given.get("x"), given.get("y"), given.get("sample_weight"), name
+            )
         return bound
 
     def _loss(self, x, y, y_pred, sample_weight, penalty, training):
@@ -433,13 +468,43 @@ class MarginModel(keras.Model):
                 loss = self.optimizer.scale_loss(loss)
         if self.trainable_weights:
             gradients = tape.gradient(loss, self.trainable_weights)
-            self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
+            self._apply_gradients(loss, gradients)
         else:
             warnings.warn("The model does not have any trainable weights.", stacklevel=2)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _apply_gradients(self, loss, gradients):
+        """Applies the step's gradients unless ``on_nonfinite`` and a
+        non-finite loss or gradient (on any replica) forbid it; counts such
+        steps in ``nonfinite_steps``."""
+        finite = updates.all_finite([loss, *gradients])
+        updates.count_once(self.nonfinite_steps, tf.logical_not(finite))
+        scaling = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
+        if self.on_nonfinite == "apply" or scaling:
+            self._apply(gradients)
+        else:
+            updates.apply_if(finite, self._apply, (gradients,))
+
+    def _apply(self, gradients):
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y_pred, penalty = self._forward(x, y, sample_weight, training=False)
         self._loss(x, y, y_pred, sample_weight, penalty, training=False)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        # Evaluation updates nothing; its logs leave the count out.
+        return {name: value for name, value in logs.items() if name != "nonfinite_steps"}
+
+
+def _check_floating(layer_name, dtype):
+    """Distances need gradients, which only floating-point tensors have."""
+    if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(dtype)):
+        if layer_name == INPUT:
+            fix = "Cast the inputs to float, e.g. `x.astype('float32') / 255`."
+        else:
+            fix = "Choose a layer with a floating-point output, or cast its output."
+        raise TypeError(
+            f"Margin layer {layer_name!r} outputs {keras.backend.standardize_dtype(dtype)}, "
+            f"which has no gradient, so no distance to the boundary. {fix}"
+        )

@@ -53,12 +53,33 @@ def train(strategy, reverse_batches=False):
     return model, logs
 
 
+def poisoned(strategy, poison):
+    """Weights after one epoch over four batches of ``BATCH`` in the order
+    1, 2, 3, 4, where batch 2 has a NaN pixel in one example if ``poison``,
+    and is left out otherwise (1, 3, 4). Returns ``(weights, logs)``."""
+    with strategy.scope():
+        model, _ = conv_net(MARGIN)
+        model.compile(keras.optimizers.Adam(0.01), loss=CE)
+    x, y = digits(4 * BATCH)
+    if poison:
+        x = x.copy()
+        x[BATCH + 3, 4, 4, 0] = np.nan
+    else:
+        keep = np.r_[0:BATCH, 2 * BATCH : 4 * BATCH]
+        x, y = x[keep], y[keep]
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+    history = model.fit(data, epochs=1, verbose=0)
+    return model.get_weights(), {key: float(v[-1]) for key, v in history.history.items()}
+
+
 def main():
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     model, mirrored_logs = train(mirrored)
     one_device = tf.distribute.OneDeviceStrategy("/cpu:0")
     reference, single_logs = train(one_device)
     reordered, reordered_logs = train(one_device, reverse_batches=True)
+    clean_weights, _ = poisoned(mirrored, poison=False)
+    poisoned_weights, poisoned_logs = poisoned(mirrored, poison=True)
     initial, _ = conv_net(MARGIN)
     pairs = list(zip(model.get_weights(), reference.get_weights()))
     rounding = list(zip(reordered.get_weights(), reference.get_weights()))
@@ -73,6 +94,11 @@ def main():
                     float(np.abs(a - b).max())
                     for a, b in zip(reference.get_weights(), initial.get_weights())
                 ),
+                # A batch with a NaN on one replica changes nothing.
+                "poisoned_max_difference": max(
+                    float(np.abs(a - b).max()) for a, b in zip(clean_weights, poisoned_weights)
+                ),
+                "poisoned_nonfinite_steps": poisoned_logs["nonfinite_steps"],
                 "mirrored": mirrored_logs,
                 "single": single_logs,
                 "reordered": reordered_logs,

@@ -5,10 +5,11 @@ import hypothesis
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from helpers import CE, conv_net, digits
 from hypothesis import strategies as st
 
-from marginfit import LargeMargin
+from marginfit import LargeMargin, MarginModel
 
 X, Y = digits(32)
 
@@ -131,3 +132,55 @@ def test_random_corruptions_of_a_batch_give_the_named_errors(corruption, rows):
 
 MODEL = model()
 keras.utils.set_random_seed(0)
+
+
+DATASET_CASES = [
+    "NaN in x",
+    "float labels",
+    "one-hot of the wrong width",
+    "integer images",
+    "labels too large",
+    "negative sample_weight",
+]
+
+
+@pytest.mark.parametrize("case", DATASET_CASES)
+def test_a_datasets_first_batch_is_checked(case):
+    given, error, message = BAD[case]
+    data = {"x": X, "y": Y, "sample_weight": np.ones(32, "float32"), **given}
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (data["x"], data["y"], data["sample_weight"])
+    ).batch(32)
+    net = model()
+    with pytest.raises(error) as raised:
+        net.fit(dataset, epochs=1, verbose=0)
+    first_line = str(raised.value).splitlines()[0]
+    assert first_line.startswith("fit() (first batch of the dataset) received"), first_line
+    assert message in first_line, first_line
+
+
+@pytest.mark.parametrize("bad_label", [10, -1])
+@pytest.mark.parametrize("loss", [None, CE], ids=["margin alone", "with cross-entropy"])
+def test_labels_out_of_range_in_a_later_batch_lead_the_error(bad_label, loss):
+    """The first batch passes the dataset check; the step's check stops the
+    second, and its message is the first line, not "Graph execution error"."""
+    y = Y.copy()
+    y[20] = bad_label
+    dataset = tf.data.Dataset.from_tensor_slices((X, y)).batch(16)
+    net, _ = conv_net(LargeMargin(["input", "dense"], gamma=0.2, alpha=2.0))
+    net.compile("adam", loss=loss)
+    for run in (lambda: net.fit(dataset, verbose=0), lambda: net.evaluate(dataset, verbose=0)):
+        with pytest.raises(ValueError) as raised:
+            run()
+        first_line = str(raised.value).splitlines()[0]
+        assert "label" in first_line and "Graph execution" not in first_line, first_line
+
+
+def test_a_margin_layer_with_integer_output_is_refused():
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(8, name="hidden")(inputs)
+    bins = keras.layers.Discretization(bin_boundaries=[0.0], name="bins")(hidden)
+    embedded = keras.layers.Embedding(2, 3, name="embedded")(bins)
+    logits = keras.layers.Dense(3, name="logits")(keras.layers.Flatten()(embedded))
+    with pytest.raises(TypeError, match="^Margin layer 'bins' outputs int32"):
+        MarginModel(inputs, logits, margin=LargeMargin(["bins"]))

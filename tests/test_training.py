@@ -148,6 +148,9 @@ def test_mirrored_strategy_matches_one_device():
     # device by reversing the examples inside each batch (deterministic ops):
     # the replicas' difference must be of that size, not more.
     assert report["max_weight_difference"] <= 2 * report["max_rounding_difference"]
+    # A NaN in one replica's share of a batch skips the update on both.
+    assert report["poisoned_nonfinite_steps"] == 1
+    assert report["poisoned_max_difference"] == 0.0
     keys = ("loss", "margin_loss", "ce_loss", "distance_input")
     single, mirrored, reordered = (report[run] for run in ("single", "mirrored", "reordered"))
     rounding = max(abs(reordered[k] - single[k]) / abs(single[k]) for k in keys)

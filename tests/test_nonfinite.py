@@ -1,0 +1,96 @@
+"""A step whose loss or gradient is not finite changes nothing: the weights
+and optimizer state after a poisoned batch are those before it, bit for bit.
+
+Arrays with NaN are refused at fit() entry (tests/test_checks.py); a
+dataset is checked by its first batch, so later batches reach the step."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from helpers import CE, conv_net, digits
+
+from marginfit import LargeMargin
+
+BATCH = 8
+X, Y = digits(3 * BATCH)
+# Top-scoring competitors: sampled ones would be drawn anew in the skipped
+# step too, so that the steps after it draw other competitors.
+MARGIN = LargeMargin(["input", "dense"], gamma=0.2, alpha=2.0, competitors="top")
+
+
+def poisoned(x, batch):
+    """``x`` with one NaN pixel in the given batch (0-based)."""
+    x = x.copy()
+    x[batch * BATCH + 2, 3, 3, 0] = np.nan
+    return x
+
+
+def fit(x, y, policy="skip", callbacks=()):
+    """A fresh conv_net fitted for one epoch on ``x``, ``y`` in batches."""
+    model, _ = conv_net(MARGIN, on_nonfinite=policy)
+    model.compile(keras.optimizers.Adam(0.01), loss=CE)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
+    history = model.fit(data, epochs=1, verbose=0, callbacks=list(callbacks))
+    return model, history.history
+
+
+def state(model):
+    """Weights and optimizer variables (moments, iteration count)."""
+    return [v.numpy() for v in model.weights + model.optimizer.variables]
+
+
+def assert_same_state(a, b):
+    for left, right in zip(state(a), state(b), strict=True):
+        np.testing.assert_array_equal(left, right)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_poisoned_batch_is_skipped_and_training_goes_on(batch):
+    model, logs = fit(poisoned(X, batch), Y)
+    keep = np.arange(len(X)) // BATCH != batch
+    clean, _ = fit(X[keep], Y[keep])
+    assert logs["nonfinite_steps"] == [1.0]
+    assert int(model.optimizer.iterations) == 2
+    assert_same_state(model, clean)
+
+
+def test_raise_stops_fit_naming_the_batch_with_the_weights_before_it():
+    model, _ = conv_net(MARGIN, on_nonfinite="raise")
+    model.compile(keras.optimizers.Adam(0.01), loss=CE)
+    data = tf.data.Dataset.from_tensor_slices((poisoned(X, 1), Y)).batch(BATCH)
+    with pytest.raises(FloatingPointError, match=r"^Epoch 1, batch 2: the loss or a gradient"):
+        model.fit(data, epochs=1, verbose=0)
+    first, _ = fit(X[:BATCH], Y[:BATCH])
+    assert_same_state(model, first)
+
+
+def test_terminate_on_nan_still_stops_training():
+    # conv_net's tanh passes the NaN on to the loss.
+    model, logs = fit(poisoned(X, 1), Y, callbacks=[keras.callbacks.TerminateOnNaN()])
+    assert int(model.optimizer.iterations) == 1
+    first, _ = fit(X[:BATCH], Y[:BATCH])
+    assert_same_state(model, first)
+
+
+def test_apply_updates_like_plain_keras():
+    model, logs = fit(poisoned(X, 1), Y, policy="apply")
+    # The poisoned step, and the next one from the NaN weights it left.
+    assert logs["nonfinite_steps"] == [2.0]
+    assert not all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_evaluation_logs_leave_the_count_out():
+    model, _ = conv_net(MARGIN)
+    model.compile("adam", loss=CE)
+    logs = model.evaluate(X, Y, return_dict=True, verbose=0)
+    assert "nonfinite_steps" not in logs
+
+
+def test_unknown_policy_is_refused_and_the_policy_round_trips():
+    with pytest.raises(ValueError, match="on_nonfinite='ignore'"):
+        conv_net(MARGIN, on_nonfinite="ignore")
+    model, _ = conv_net(MARGIN, on_nonfinite="raise")
+    assert model.get_config()["on_nonfinite"] == "raise"
+    revived = type(model).from_config(model.get_config())
+    assert revived.on_nonfinite == "raise"
