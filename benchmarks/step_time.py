@@ -11,7 +11,9 @@ default; top-scoring top_k=1 and 9) x norm 2/inf x jit_compile off/on.
 Prints a table and a JSON line of ratios (margin step / CE step with the
 same jit setting), the peak memory of a few variants relative to CE
 (each in a fresh process), and the ratio of a naive per-example, per-class
-implementation. Absolute times alone mean little; quote the ratios.
+implementation, and the cost of the step's checks (the default step with
+``on_nonfinite="skip"`` / ``"apply"``). Absolute times alone mean little;
+quote the ratios.
 
     python benchmarks/step_time.py [--repeats 5] [--steps 3] [--quick]
 """
@@ -61,7 +63,7 @@ def mlp():
 ARCHITECTURES = {"cnn": cnn, "mlp": mlp}
 
 
-def build(architecture, margin_options=None, jit_compile=False, seed=0):
+def build(architecture, margin_options=None, jit_compile=False, seed=0, on_nonfinite="skip"):
     """A compiled model; plain `keras.Model` when ``margin_options`` is None."""
     keras.utils.set_random_seed(seed)
     network, layers = ARCHITECTURES[architecture]()
@@ -69,7 +71,9 @@ def build(architecture, margin_options=None, jit_compile=False, seed=0):
         model = keras.Model(network.inputs, network.logits)
     else:
         margin = marginfit.LargeMargin(layers, **margin_options)
-        model = marginfit.MarginModel(network.inputs, network.logits, margin=margin)
+        model = marginfit.MarginModel(
+            network.inputs, network.logits, margin=margin, on_nonfinite=on_nonfinite
+        )
     model.compile(keras.optimizers.SGD(1e-3), loss=CE, jit_compile=jit_compile)
     return model
 
@@ -98,12 +102,18 @@ def time_variants(architecture, variants, repeats, steps, min_seconds=0.5):
     """Median seconds per step of each variant, and of CE with each jit
     setting, measured interleaved; each measurement runs at least ``steps``
     steps and about ``min_seconds``."""
-    x, y = batch()
     models = {}
     for jit in sorted({jit for _, jit in variants}):
         models[("ce", jit)] = build(architecture, None, jit)
     for options, jit in variants:
         models[(variant_name(options, jit), jit)] = build(architecture, options, jit)
+    return time_models(models, repeats, steps, min_seconds)
+
+
+def time_models(models, repeats, steps, min_seconds=0.5):
+    """Median seconds per `train_on_batch` of each ``{key: model}``,
+    measured interleaved (see `time_variants`)."""
+    x, y = batch()
     counts = {}
     for key, model in models.items():  # trace, compile and warm up
         model.train_on_batch(x, y)
@@ -251,6 +261,20 @@ def main(argv=None):
         name = "approximate" if approximate else "exact"
         report["peak_memory_ratio"][f"cnn {name} top_k=1"] = round(ratio, 3)
         print(f"peak memory growth over 5 steps, cnn {name} top_k=1 / CE: {ratio:.2f}", flush=True)
+
+    # The default step with its checks (non-finite guard, label check) and
+    # the same step without the guard: many repeats, as the gap is small.
+    default = dict(approximate=True, competitors="sampled", top_k=1, norm=2)
+    guarded = time_models(
+        {policy: build("cnn", default, on_nonfinite=policy) for policy in ("skip", "apply")},
+        repeats=max(args.repeats, 15),
+        steps=args.steps,
+    )
+    report["check_cost_ratio"] = round(guarded["skip"] / guarded["apply"], 4)
+    print(
+        f"cnn default step with the non-finite check / without: {report['check_cost_ratio']:.4f}",
+        flush=True,
+    )
 
     report["naive_ratio"] = round(naive_ratio(), 1)
     print(f"naive per-example/per-class loop step / CE step: {report['naive_ratio']:.0f}x")

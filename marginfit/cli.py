@@ -20,7 +20,7 @@ import keras
 import numpy as np
 
 from marginfit import data as data_lib
-from marginfit import networks
+from marginfit import files, networks
 from marginfit.margin import LargeMargin
 from marginfit.model import MarginModel
 
@@ -258,15 +258,18 @@ def fit(args, model, data, output, verbose=1):
     (x_train, y_train), (x_test, y_test) = data
     (x_fit, y_fit), validation = data_lib.split(x_train, y_train, args.validation_split, args.seed)
     started = time.perf_counter()
-    history = model.fit(
-        x_fit,
-        y_fit,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        validation_data=validation,
-        verbose=verbose,
-        callbacks=[keras.callbacks.CSVLogger(os.path.join(output, "history.csv"))],
-    )
+    # The log grows per epoch under a temporary name; it replaces
+    # history.csv once training has finished.
+    with files.atomic_path(os.path.join(output, "history.csv")) as log:
+        history = model.fit(
+            x_fit,
+            y_fit,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            validation_data=validation,
+            verbose=verbose,
+            callbacks=[keras.callbacks.CSVLogger(log)],
+        )
     logs = model.evaluate(x_test, y_test, batch_size=256, return_dict=True, verbose=0)
     logs["seconds"] = time.perf_counter() - started
     return history.history, logs
@@ -280,15 +283,22 @@ def _command_line(argv):
 
 
 def train(args, argv):
+    """Writes model.keras, history.csv and summary.json into the output
+    directory, each atomically (`marginfit.files`), while holding the
+    directory against other writers."""
     output = args.output or os.path.join("runs", "train")
-    os.makedirs(output, exist_ok=True)
+    with files.exclusive(output, "marginfit train"):
+        return _train(args, argv, output)
+
+
+def _train(args, argv, output):
     data = load(args.data, args.label_noise, args.seed)
     model, _ = build(args, data[0][0].shape[1:], data_lib.num_classes(data[0][1], data[1][1]))
     _, logs = fit(args, model, data, output)
-    model.save(os.path.join(output, "model.keras"))
+    with files.atomic_path(os.path.join(output, "model.keras")) as temporary:
+        model.save(temporary)
     summary = {"command": _command_line(argv), "test": {k: float(v) for k, v in logs.items()}}
-    with open(os.path.join(output, "summary.json"), "w") as file:
-        json.dump(summary, file, indent=2)
+    files.write_text(os.path.join(output, "summary.json"), json.dumps(summary, indent=2))
     print("\n  test metric            value")
     for name, value in sorted(logs.items()):
         print(f"  {name:<20} {value:>8.4f}")
@@ -297,10 +307,16 @@ def train(args, argv):
 
 
 def compare(args, argv):
+    """Writes report.md, results.json, the figures and history.csv into the
+    output directory, each atomically, holding it against other writers."""
+    output = args.output or os.path.join("runs", "compare")
+    with files.exclusive(output, "marginfit compare"):
+        return _compare(args, argv, output)
+
+
+def _compare(args, argv, output):
     from marginfit import report  # matplotlib only here
 
-    output = args.output or os.path.join("runs", "compare")
-    os.makedirs(output, exist_ok=True)
     results = {
         "command": _command_line(argv),
         "noise": {},

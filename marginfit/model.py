@@ -43,8 +43,8 @@ class MarginModel(keras.Model):
     `predict()` is the plain forward pass.
 
     A training step whose loss or any gradient is not finite changes no
-    weight and no optimizer state; ``on_nonfinite`` says what else happens,
-    and the ``nonfinite_steps`` log counts such steps per epoch.
+    weight and no optimizer state (``on_nonfinite`` says what else happens);
+    the ``nonfinite_steps`` log counts such steps per epoch.
 
     A subclassed model with margins on hidden layers accepts
     ``return_activations=False`` in `call` and, when it is True, returns
@@ -59,10 +59,11 @@ class MarginModel(keras.Model):
             (a NaN loss still makes the epoch's ``loss`` log NaN, so that
             `keras.callbacks.TerminateOnNaN` stops training where given);
             ``"raise"`` skips the update and stops `fit()` with a
-            `FloatingPointError` naming the epoch and batch; ``"apply"``
-            applies it, as a plain Keras model does. Each counts such
-            steps. A `keras.optimizers.LossScaleOptimizer` skips them itself
-            (and lowers its scale), so it gets every step.
+            `FloatingPointError` naming the epoch and batch; both count
+            such steps in the ``nonfinite_steps`` log. ``"apply"`` applies
+            every update, as a plain Keras model does, without checking or
+            counting. A `keras.optimizers.LossScaleOptimizer` skips such
+            steps itself (and lowers its scale), so it gets every step.
         *args, **kwargs: As for `keras.Model`.
     """
 
@@ -471,16 +472,19 @@ class MarginModel(keras.Model):
             self._apply_gradients(loss, gradients)
         else:
             warnings.warn("The model does not have any trainable weights.", stacklevel=2)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        counted = self.on_nonfinite != "apply"
+        return self._logs(x, y, y_pred, sample_weight, count=counted)
 
     def _apply_gradients(self, loss, gradients):
         """Applies the step's gradients unless ``on_nonfinite`` and a
         non-finite loss or gradient (on any replica) forbid it; counts such
         steps in ``nonfinite_steps``."""
+        if self.on_nonfinite == "apply":
+            self._apply(gradients)
+            return
         finite = updates.all_finite([loss, *gradients])
         updates.count_once(self.nonfinite_steps, tf.logical_not(finite))
-        scaling = isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer)
-        if self.on_nonfinite == "apply" or scaling:
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             self._apply(gradients)
         else:
             updates.apply_if(finite, self._apply, (gradients,))
@@ -492,9 +496,15 @@ class MarginModel(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y_pred, penalty = self._forward(x, y, sample_weight, training=False)
         self._loss(x, y, y_pred, sample_weight, penalty, training=False)
-        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         # Evaluation updates nothing; its logs leave the count out.
-        return {name: value for name, value in logs.items() if name != "nonfinite_steps"}
+        return self._logs(x, y, y_pred, sample_weight, count=False)
+
+    def _logs(self, x, y, y_pred, sample_weight, count):
+        """`compute_metrics`, with ``nonfinite_steps`` only if ``count``."""
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if not count:
+            logs.pop("nonfinite_steps", None)
+        return logs
 
 
 def _check_floating(layer_name, dtype):

@@ -9,6 +9,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from marginfit import files  # noqa: E402
 from marginfit.attacks import adversarial_accuracy  # noqa: E402
 
 MODELS = ("cross-entropy", "margin")
@@ -27,7 +28,8 @@ def _figure(path, command, draw):
     draw(axes)
     figure.text(0.01, 0.01, f"produced by: {command}", fontsize=6, color="gray")
     figure.tight_layout(rect=(0, 0.04, 1, 1))
-    figure.savefig(path, dpi=120)
+    with files.atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
     plt.close(figure)
     return os.path.basename(path)
 
@@ -108,9 +110,7 @@ def write(results, output, eps_list):
     for title, name in figures:
         lines += [f"## {title}", "", f"![{title}]({name})", "", f"Produced by: `{command}`", ""]
     path = os.path.join(output, "report.md")
-    with open(path, "w") as file:
-        file.write("\n".join(lines))
     summary = {key: results[key] for key in ("command", "noise", "attacks")}
-    with open(os.path.join(output, "results.json"), "w") as file:
-        json.dump(summary, file, indent=2)
+    files.write_text(os.path.join(output, "results.json"), json.dumps(summary, indent=2))
+    files.write_text(path, "\n".join(lines))
     return path

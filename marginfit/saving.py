@@ -11,10 +11,11 @@ trainable model from it.
 
 import os
 import shutil
-import tempfile
 import zipfile
 
 import keras
+
+from marginfit import files
 
 ARCHIVE = os.path.join("assets.extra", "marginfit.keras")
 _SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
@@ -27,8 +28,10 @@ def _is_saved_model(path):
 def save_model(model, path, overwrite=True):
     """Writes ``model`` to the SavedModel directory ``path``.
 
-    The directory is assembled next to ``path`` and moved into place only
-    once complete, so a failure leaves any previous model at ``path`` intact.
+    The directory is assembled next to ``path`` and swapped into place only
+    once complete (`marginfit.files.replace_directory`), so a failure or a
+    killed process leaves any previous model at ``path`` intact; of two
+    concurrent writers, the last to finish wins, and neither's files mix.
 
     Args:
         model: A built `keras.Model` (a `MarginModel` or any other).
@@ -51,17 +54,12 @@ def save_model(model, path, overwrite=True):
             raise FileExistsError(
                 f"{path!r} already holds a SavedModel. Pass overwrite=True to replace it."
             )
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".marginfit-", dir=parent)
+    staging = files.staging_directory(os.path.dirname(path))
     try:
-        written = os.path.join(staging, "model")
-        model.export(written, format="tf_saved_model", verbose=False)
-        os.makedirs(os.path.join(written, os.path.dirname(ARCHIVE)), exist_ok=True)
-        model.save(os.path.join(written, ARCHIVE))
-        if os.path.exists(path):
-            os.replace(path, os.path.join(staging, "previous"))
-        os.replace(written, path)
+        model.export(staging, format="tf_saved_model", verbose=False)
+        os.makedirs(os.path.join(staging, os.path.dirname(ARCHIVE)), exist_ok=True)
+        model.save(os.path.join(staging, ARCHIVE))
+        files.replace_directory(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

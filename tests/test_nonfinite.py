@@ -75,8 +75,7 @@ def test_terminate_on_nan_still_stops_training():
 
 def test_apply_updates_like_plain_keras():
     model, logs = fit(poisoned(X, 1), Y, policy="apply")
-    # The poisoned step, and the next one from the NaN weights it left.
-    assert logs["nonfinite_steps"] == [2.0]
+    assert "nonfinite_steps" not in logs
     assert not all(np.isfinite(w).all() for w in model.get_weights())
 
 

@@ -19,6 +19,7 @@ import sys
 import numpy as np
 
 import marginfit
+from marginfit import files
 from marginfit.tuning import search
 from marginfit.tuning.hypermodel import MarginHyperModel
 
@@ -140,7 +141,8 @@ def run(argv=None):
         raise SystemExit("No trial finished; see keras-tuner's messages above.")
 
     best = search.best_model(tuner)
-    best.save(os.path.join(args.output, "best.keras"))
+    with files.atomic_path(os.path.join(args.output, "best.keras")) as temporary:
+        best.save(temporary)
     validation = best.evaluate(
         x_val, y_val, batch_size=args.batch_size, return_dict=True, verbose=0
     )
@@ -151,8 +153,7 @@ def run(argv=None):
         "hyperparameters": tuner.get_best_hyperparameters(1)[0].values,
         "validation": {k: float(np.asarray(v)) for k, v in validation.items()},
     }
-    with open(os.path.join(args.output, "best.json"), "w") as file:
-        json.dump(summary, file, indent=2)
+    files.write_text(os.path.join(args.output, "best.json"), json.dumps(summary, indent=2))
     print(
         f"\nbest trial {summary['trial']}: {summary['objective']} = {summary['score']:.4f}; "
         f"model in {os.path.join(args.output, 'best.keras')}"

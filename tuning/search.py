@@ -1,12 +1,13 @@
 """Running a keras-tuner search over `MarginHyperModel`, and its results."""
 
 import csv
+import io
 import json
 import os
 
 import keras_tuner as kt
 
-from marginfit import metrics
+from marginfit import files, metrics
 
 TUNERS = ("random", "bayesian", "hyperband")
 _HP = kt.engine.hyperparameters
@@ -215,11 +216,10 @@ def _cell(value):
 
 def write_results(rows, directory):
     """Writes ``results.csv`` and ``results.json`` into ``directory``."""
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "results.json"), "w") as file:
-        json.dump(rows, file, indent=2)
+    files.write_text(os.path.join(directory, "results.json"), json.dumps(rows, indent=2))
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    with open(os.path.join(directory, "results.csv"), "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    files.write_text(os.path.join(directory, "results.csv"), table.getvalue())

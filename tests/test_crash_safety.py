@@ -1,0 +1,153 @@
+"""A writer killed at any instant leaves each artefact complete: the
+previous one or the new one, never half of one; concurrent writers never mix
+their files, and the commands refuse a second writer of one directory."""
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+import marginfit
+from marginfit import cli, files
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KILLS = 10
+CONCURRENT_KILLS = 3
+ARTEFACTS = {"saved", "model.keras", "summary.json", "results.json", "results.csv"}
+
+
+class Writer:
+    """A `writer_worker.py` process; killed (and reaped) on exit."""
+
+    def __init__(self, directory, tag):
+        self.log = open(os.path.join(directory, f"..{tag}.stderr"), "w+")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "writer_worker.py"), directory, tag],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
+
+    def wait_for_round(self):
+        """Blocks until the writer has finished a round; returns seconds."""
+        started = time.monotonic()
+        line = self.process.stdout.readline()
+        if not line.startswith("round"):
+            self.process.wait(timeout=60)
+            self.log.seek(0)
+            pytest.fail(f"writer stopped: {self.log.read()[-3000:]}")
+        return time.monotonic() - started
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=60)
+        self.process.stdout.close()
+        self.log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()
+
+
+def expected_weights(directory):
+    loaded = {}
+    for name in "ab":
+        with np.load(os.path.join(directory, f"expected_{name}.npz")) as arrays:
+            loaded[name] = [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
+    return loaded
+
+
+def which(weights, expected):
+    """Name of the model whose weights these are exactly, or None."""
+    for name, reference in expected.items():
+        if len(weights) == len(reference) and all(
+            np.array_equal(w, r) for w, r in zip(weights, reference)
+        ):
+            return name
+    return None
+
+
+def check_complete(directory, expected):
+    """Each artefact loads and is wholly model a's or wholly model b's."""
+    saved = marginfit.load_model(os.path.join(directory, "saved"), compile=False)
+    assert which(saved.get_weights(), expected) is not None
+    archive = keras.saving.load_model(os.path.join(directory, "model.keras"), compile=False)
+    assert which(archive.get_weights(), expected) is not None
+    with open(os.path.join(directory, "summary.json")) as file:
+        assert json.load(file)["model"] in expected
+    with open(os.path.join(directory, "results.json")) as file:
+        rows = json.load(file)
+    assert len(rows) == 2000 and len({row["model"] for row in rows}) == 1
+    with open(os.path.join(directory, "results.csv"), newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 2000 and len({row["model"] for row in rows}) == 1
+
+
+def check_no_leftovers(directory):
+    """Once the killed writers' temporary files are cleared, only the
+    artefacts (and this test's files) remain."""
+    files.remove_stale(directory)
+    names = {n for n in os.listdir(directory) if not n.startswith(("..", "expected_"))}
+    assert names == ARTEFACTS, names
+
+
+def test_killed_writer_leaves_complete_artefacts(tmp_path):
+    directory = str(tmp_path)
+    chooser = random.Random(0)
+    for kill in range(KILLS):
+        with Writer(directory, f"w{kill}") as writer:
+            duration = writer.wait_for_round()
+            # Anywhere in the next two rounds.
+            time.sleep(chooser.uniform(0, 2 * duration))
+        check_complete(directory, expected_weights(directory))
+    check_no_leftovers(directory)
+
+
+def test_concurrent_writers_never_mix_their_files(tmp_path):
+    directory = str(tmp_path)
+    chooser = random.Random(1)
+    for kill in range(CONCURRENT_KILLS):
+        with (
+            Writer(directory, f"first{kill}") as first,
+            Writer(directory, f"second{kill}") as second,
+        ):
+            duration = max(first.wait_for_round(), second.wait_for_round())
+            time.sleep(chooser.uniform(0, 2 * duration))
+        check_complete(directory, expected_weights(directory))
+    check_no_leftovers(directory)
+
+
+def test_a_second_command_on_one_output_directory_is_refused(tmp_path):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from marginfit import files\n"
+            "with files.exclusive(sys.argv[1], 'test'):\n"
+            "    print('holding', flush=True); time.sleep(120)",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().startswith("holding")
+        for command in ("train", "compare"):
+            with pytest.raises(SystemExit, match="Another process is writing to"):
+                cli.main([command, "--epochs", "1", "--output", str(tmp_path)])
+        assert os.listdir(tmp_path) == []
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+        holder.stdout.close()
