@@ -4,9 +4,10 @@ Trains the `marginfit train` network (its defaults: the margin loss alone,
 on the input and every hidden layer, Adam 1e-3, batch 64) with plain
 cross-entropy, with the margin's defaults and with other margin settings, on
 each dataset, label-noise rate and seed. The network sees the noisy training
-data less a 10 % validation split (its accuracy, against noisy labels, is
-logged per epoch to spot stalls); the clean test set is evaluated once, at the
-end; there is no early stopping.
+data less a 10 % validation split, whose accuracy is logged per epoch
+against its noisy labels (what a user sees) and against its clean labels
+(to spot stalls at chance; nothing is chosen by it); the clean test set is
+evaluated once, at the end; there is no early stopping.
 
 Writes, into --output: ``runs.jsonl`` (one line per run; an interrupted
 benchmark resumes where it stopped), ``noisy_labels.md`` (mean and min-max
@@ -27,6 +28,9 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
 from marginfit import cli, data  # noqa: E402
 
 # Method name -> `marginfit train` options (None: plain cross-entropy).
@@ -38,22 +42,42 @@ METHODS = {
 }
 
 
+class CleanAccuracy(keras.callbacks.Callback):
+    """Accuracy on examples with their clean labels after each epoch."""
+
+    def __init__(self, x, y):
+        super().__init__()
+        self.x, self.y, self.values = x, y, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        predicted = np.argmax(self.model.predict(self.x, verbose=0), axis=-1)
+        self.values.append(round(float(np.mean(predicted == self.y)), 4))
+
+
 def run(dataset, noise, seed, method, epochs):
-    """One training run: its final test accuracy and validation curve."""
+    """One training run: its final test accuracy and validation curves."""
     options = METHODS[method] or []
     args = cli.parser().parse_args(
         ["train", "--data", dataset, "--seed", str(seed), "--epochs", str(epochs), *options]
     )
     (x_train, y_train), (x_test, y_test) = cli.load(dataset, noise, seed)
-    (x_fit, y_fit), validation = data.split(x_train, y_train, args.validation_split, seed)
+    (_, clean_train), _ = cli.load(dataset, 0.0, seed)
+    # The split `marginfit train` makes (stratified by the noisy labels),
+    # as indices, to find the validation examples' clean labels.
+    (fit_rows, _), (validation_rows, _) = data.split(
+        np.arange(len(y_train)), y_train, args.validation_split, seed
+    )
+    x_val = x_train[validation_rows]
+    clean = CleanAccuracy(x_val, clean_train[validation_rows])
     classes = data.num_classes(y_train, y_test)
     model, _ = cli.build(args, x_train.shape[1:], classes, METHODS[method] is not None)
     history = model.fit(
-        x_fit,
-        y_fit,
+        x_train[fit_rows],
+        y_train[fit_rows],
         epochs=epochs,
         batch_size=args.batch_size,
-        validation_data=validation,
+        validation_data=(x_val, y_train[validation_rows]),
+        callbacks=[clean],
         verbose=0,
     )
     test = model.evaluate(x_test, y_test, batch_size=256, return_dict=True, verbose=0)
@@ -65,6 +89,7 @@ def run(dataset, noise, seed, method, epochs):
         "epochs": epochs,
         "test_accuracy": test["accuracy"],
         "val_accuracy": [round(v, 4) for v in history.history["val_accuracy"]],
+        "clean_val_accuracy": clean.values,
     }
 
 
@@ -79,20 +104,43 @@ def spread(runs, dataset, noise, method):
     return (statistics.mean(values), min(values), max(values)) if values else None
 
 
+STALL_AFTER = 5
+"""Epochs after which the clean validation accuracy is watched for stalls."""
+
+
+def lowest_after_warm_up(runs, dataset, noise, method):
+    """Lowest clean validation accuracy after epoch `STALL_AFTER` over the
+    seeds of one setting, or None."""
+    values = [
+        min(r["clean_val_accuracy"][STALL_AFTER:])
+        for r in runs
+        if (r["data"], r["noise"], r["method"]) == (dataset, noise, method)
+        and r.get("clean_val_accuracy")
+    ]
+    return min(values) if values else None
+
+
 def table(runs, datasets, noises, methods, command):
+    header = ["| label noise | " + " | ".join(methods) + " |", "| --- |" + " --- |" * len(methods)]
     lines = [f"Produced by: `{command}`", ""]
     for dataset in datasets:
-        lines += [
-            f"### {dataset}",
-            "",
-            "| label noise | " + " | ".join(methods) + " |",
-            "| --- |" + " --- |" * len(methods),
-        ]
+        lines += [f"### {dataset}: test accuracy, mean (min-max) over seeds", "", *header]
         for noise in noises:
             cells = []
             for method in methods:
                 setting = spread(runs, dataset, noise, method)
                 cells.append("{:.4f} ({:.3f}-{:.3f})".format(*setting) if setting else "")
+            lines.append(f"| {noise:.0%} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"### {dataset}: lowest clean validation accuracy after epoch {STALL_AFTER} "
+            "(any seed; chance is 1 / classes)",
+            "",
+            *header,
+        ]
+        for noise in noises:
+            lowest = [lowest_after_warm_up(runs, dataset, noise, m) for m in methods]
+            cells = ["" if value is None else f"{value:.3f}" for value in lowest]
             lines.append(f"| {noise:.0%} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
