@@ -57,7 +57,7 @@ class CleanAccuracy(keras.callbacks.Callback):
 def run(dataset, noise, seed, method, epochs):
     """One training run: its final test accuracy and validation curves."""
     options = METHODS[method] or []
-    args = cli.parser().parse_args(
+    args = cli.parse_args(
         ["train", "--data", dataset, "--seed", str(seed), "--epochs", str(epochs), *options]
     )
     (x_train, y_train), (x_test, y_test) = cli.load(dataset, noise, seed)

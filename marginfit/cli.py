@@ -107,14 +107,23 @@ _OPTIONS = {
             "--lr-features",
             _positive(float),
             1e-3,
-            "Adam learning rate of the conv (or first dense) layers (default 1e-3)",
+            "learning rate of the conv (or first dense) layers (default 1e-3)",
         ),
         (
             "--lr-head",
             _positive(float),
             1e-3,
-            "Adam learning rate of the other layers (default 1e-3)",
+            "learning rate of the other layers (default 1e-3)",
         ),
+        (
+            "--optimizer",
+            _choice(*networks.OPTIMIZERS),
+            "adam",
+            "'adam' (default) or 'rmsprop': the authors' RMSProp (epsilon 1e-2, rate x0.96 "
+            "every 2000 steps, gradients clipped to norm 5 per layer group)",
+        ),
+        ("--batchnorm", bool, False, "batch normalization before each ReLU (default off)"),
+        ("--l2", _non_negative, 0.0, "L2 weight on every kernel and bias (default 0)"),
         (
             "--validation-split",
             _fraction,
@@ -160,6 +169,13 @@ _OPTIONS = {
             "alone, the authors' setting, which resists label noise best)",
         ),
         (
+            "--layer-weights",
+            _choice("none", "sizes"),
+            "none",
+            "scale of each layer's gradient norm: 'none' (1, default) or 'sizes' (the "
+            "layer's activation count, the authors' choice with the inf norm)",
+        ),
+        (
             "--layers",
             str,
             "all",
@@ -170,13 +186,58 @@ _OPTIONS = {
 }
 
 
-def parser():
-    """The argument parser of the `marginfit` command."""
+# Named settings: defaults for the flags (which still override them) and
+# the network's shape.
+PRESETS = {
+    # The authors' MNIST configuration (their mnist_config.py and train.py):
+    # the margin alone on the input and both conv layers, inf norm with the
+    # layer sizes as weights, top-scoring competitor, RMSProp 0.1 with decay
+    # and clipping, batch norm, L2 5e-4 * sum(w^2) / 2, batch 256, 200 epochs.
+    "authors": {
+        "flags": {
+            "epochs": 200,
+            "batch_size": 256,
+            "gamma": 10000.0,
+            "alpha": 4.0,
+            "norm": "inf",
+            "competitors": "top",
+            "top_k": 1,
+            "aggregation": "max",
+            "layers": "input,conv1,conv2",
+            "layer_weights": "sizes",
+            "optimizer": "rmsprop",
+            "lr_features": 0.1,
+            "lr_head": 0.1,
+            "batchnorm": True,
+            "l2": 2.5e-4,
+        },
+        "network": {"conv_filters": (32, 64), "kernel_size": 5, "dense_units": (512,)},
+    },
+}
+
+
+def parser(preset=None):
+    """The argument parser of the `marginfit` command, with the defaults of
+    ``preset`` (a key of `PRESETS`) if given."""
+    defaults = PRESETS[preset]["flags"] if preset else {}
     common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="named settings: 'authors' = the authors' MNIST configuration (RMSProp 0.1, "
+        "batch norm, L2, inf norm with layer sizes as weights, top-scoring competitor, "
+        "5x5 convs, dense 512, batch 256, 200 epochs); flags given as well override it",
+    )
     for group, options in _OPTIONS.items():
         arguments = common.add_argument_group(group)
         for flag, kind, default, help_text in options:
-            arguments.add_argument(flag, type=kind, default=default, help=help_text)
+            default = defaults.get(flag[2:].replace("-", "_"), default)
+            if kind is bool:
+                arguments.add_argument(
+                    flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
+                )
+            else:
+                arguments.add_argument(flag, type=kind, default=default, help=help_text)
     common.add_argument("--output", help="output directory (default runs/<command>)")
 
     top = argparse.ArgumentParser(
@@ -233,6 +294,8 @@ def margin_from(args, network):
     norm = np.inf if args.norm == "inf" else int(args.norm)
     chosen = {"competitors": args.competitors, "top_k": args.top_k, "aggregation": args.aggregation}
     defaults = {name: value for name, value in chosen.items() if value is not None}
+    if args.layer_weights == "sizes":
+        defaults["layer_weights"] = networks.layer_sizes(network, layers)
     return LargeMargin(layers, gamma=args.gamma, alpha=args.alpha, norm=norm, **defaults)
 
 
@@ -240,7 +303,10 @@ def build(args, input_shape, num_classes, with_margin=True):
     """The `networks.classifier`, compiled with one Adam per layer group;
     the margin only if ``with_margin``. Returns ``(model, margin)``."""
     keras.utils.set_random_seed(args.seed)
-    network = networks.classifier(input_shape, num_classes)
+    shape = PRESETS[args.preset]["network"] if args.preset else {}
+    network = networks.classifier(
+        input_shape, num_classes, batchnorm=args.batchnorm, l2=args.l2, **shape
+    )
     margin = margin_from(args, network)
     model = networks.margin_classifier(
         network,
@@ -248,6 +314,7 @@ def build(args, input_shape, num_classes, with_margin=True):
         args.lr_features,
         args.lr_head,
         args.ce_weight,
+        args.optimizer,
     )
     return model, margin
 
@@ -346,9 +413,17 @@ def _compare(args, argv, output):
     return results
 
 
+def parse_args(argv):
+    """``argv`` parsed with the defaults of its ``--preset``, if any."""
+    preset = argparse.ArgumentParser(add_help=False)
+    preset.add_argument("--preset", choices=sorted(PRESETS))
+    known, _ = preset.parse_known_args(argv)
+    return parser(known.preset).parse_args(argv)
+
+
 def run(argv):
     """Runs the command line ``argv``; returns its results."""
-    args = parser().parse_args(argv)
+    args = parse_args(argv)
     return {"train": train, "compare": compare}[args.command](args, argv)
 
 

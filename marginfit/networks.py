@@ -2,6 +2,8 @@
 benchmarks build: conv layers (for images), dense layers, logits."""
 
 import collections
+import functools
+import math
 
 import keras
 
@@ -17,8 +19,9 @@ Attributes:
     logits: The ``[batch, classes]`` logits tensor.
     hidden: Names of the hidden layers, input side first: ``conv<i>`` (or
         ``pool<i>`` where ``margin_after_pooling``) and ``dense<i>``.
-    lower: Names of the layers of the lower optimizer group: the conv layers,
-        or the first dense layer of a network without conv layers.
+    lower: Names of the layers with weights in the lower optimizer group:
+        the conv layers (and their batch norms), or the first dense layer of
+        a network without conv layers.
 """
 
 
@@ -29,6 +32,8 @@ def classifier(
     kernel_size=3,
     dense_units=(128,),
     margin_after_pooling=False,
+    batchnorm=False,
+    l2=0.0,
 ):
     """A ReLU classifier emitting logits.
 
@@ -46,6 +51,11 @@ def classifier(
         dense_units: Units of each hidden dense layer.
         margin_after_pooling: Name the pooled outputs (``pool<i>``) as hidden
             layers instead of the conv outputs.
+        batchnorm: Normalize each conv and dense layer's pre-activations
+            (`keras.layers.BatchNormalization`, layers ``<name>_norm``); the
+            layer ``<name>`` is then the ReLU after it.
+        l2: Weight of the L2 penalty ``l2 * sum(w ** 2)`` on every kernel
+            and bias (0: none).
 
     Returns:
         A `Network`.
@@ -53,28 +63,45 @@ def classifier(
     input_shape = check_shape(input_shape, num_classes)
     inputs = keras.Input(input_shape, name="features")
     x, hidden, conv = inputs, [], []
+    penalty = {}
+    if l2:
+        penalty = {
+            "kernel_regularizer": keras.regularizers.L2(l2),
+            "bias_regularizer": keras.regularizers.L2(l2),
+        }
+
+    def relu_layer(make, name, x):
+        """The layer ``make(**options)`` (linear) then ReLU, with batch norm
+        in between; returns the output and the names of the weighted layers."""
+        if not batchnorm:
+            return make(activation="relu", name=name, **penalty)(x), [name]
+        x = make(name=f"{name}_linear", **penalty)(x)
+        x = keras.layers.BatchNormalization(name=f"{name}_norm")(x)
+        return keras.layers.ReLU(name=name)(x), [f"{name}_linear", f"{name}_norm"]
+
     if len(input_shape) == 3:
         for i, filters in enumerate(conv_filters, start=1):
-            x = keras.layers.Conv2D(
-                filters, kernel_size, padding="same", activation="relu", name=f"conv{i}"
-            )(x)
-            conv.append(f"conv{i}")
+            make = functools.partial(keras.layers.Conv2D, filters, kernel_size, padding="same")
+            x, weighted = relu_layer(make, f"conv{i}", x)
+            conv += weighted
             tap = f"conv{i}"
             if min(x.shape[1:3]) >= 4:
                 x = keras.layers.MaxPooling2D(name=f"pool{i}")(x)
                 tap = f"pool{i}" if margin_after_pooling else tap
             hidden.append(tap)
         x = keras.layers.Flatten(name="flatten")(x)
+    first_dense = []
     for i, units in enumerate(dense_units, start=1):
-        x = keras.layers.Dense(units, activation="relu", name=f"dense{i}")(x)
+        x, weighted = relu_layer(functools.partial(keras.layers.Dense, units), f"dense{i}", x)
+        first_dense = first_dense or weighted
         hidden.append(f"dense{i}")
     if not hidden:
         raise ValueError(
             "The network needs at least one hidden layer: give `dense_units` "
             "(or `conv_filters` for images) at least one entry."
         )
-    logits = keras.layers.Dense(num_classes, name="logits")(x)
-    return Network(inputs, logits, tuple(hidden), tuple(conv or hidden[:1]))
+    logits = keras.layers.Dense(num_classes, name="logits", **penalty)(x)
+    return Network(inputs, logits, tuple(hidden), tuple(conv or first_dense))
 
 
 def check_shape(input_shape, num_classes):
@@ -114,35 +141,59 @@ def margin_layers(network, placement="input+all_hidden"):
     return names
 
 
-def two_group_optimizer(model, network, lower_rate, upper_rate):
-    """One Adam for the network's lower layers (named ``"features"``) and
-    one for the rest (``"head"``), on `discriminative_optimizer`."""
+def _adam(rate, name):
+    return keras.optimizers.Adam(rate, name=name)
+
+
+def _authors_rmsprop(rate, name):
+    """The authors' optimizer: RMSProp (epsilon 1e-2) with the rate decayed
+    by 0.96 every 2000 steps and gradients clipped to global norm 5."""
+    schedule = keras.optimizers.schedules.ExponentialDecay(rate, 2000, 0.96, staircase=True)
+    return keras.optimizers.RMSprop(schedule, epsilon=1e-2, global_clipnorm=5.0, name=name)
+
+
+OPTIMIZERS = {"adam": _adam, "rmsprop": _authors_rmsprop}
+"""Optimizer kinds of `two_group_optimizer`: ``(rate, name) -> optimizer``."""
+
+
+def two_group_optimizer(model, network, lower_rate, upper_rate, kind="adam"):
+    """One optimizer for the network's lower layers (named ``"features"``)
+    and one for the rest (``"head"``), on `discriminative_optimizer`.
+
+    ``kind`` is a key of `OPTIMIZERS`: ``"adam"``, or ``"rmsprop"`` (the
+    authors' RMSProp with its decay; its norm clipping applies per group).
+    """
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {kind!r}; use one of {sorted(OPTIMIZERS)}.")
     upper = [
         layer.name for layer in model.layers if layer.weights and layer.name not in network.lower
     ]
     return discriminative_optimizer(
         model,
         [
-            (keras.optimizers.Adam(lower_rate, name="features"), list(network.lower)),
-            (keras.optimizers.Adam(upper_rate, name="head"), upper),
+            (OPTIMIZERS[kind](lower_rate, "features"), list(network.lower)),
+            (OPTIMIZERS[kind](upper_rate, "head"), upper),
         ],
     )
 
 
-def margin_classifier(network, margin, lower_rate=1e-3, upper_rate=1e-3, ce_weight=0.0):
+def margin_classifier(
+    network, margin, lower_rate=1e-3, upper_rate=1e-3, ce_weight=0.0, optimizer="adam"
+):
     """The network as a compiled `MarginModel` with `two_group_optimizer`.
 
     Args:
         network: A `Network`.
         margin: A `LargeMargin`, or None for plain cross-entropy.
-        lower_rate, upper_rate: Adam learning rates of the two groups.
+        lower_rate, upper_rate: Learning rates of the two groups.
         ce_weight: Weight of the cross-entropy next to the margin (0: the
             margin alone). Ignored without a margin (cross-entropy alone).
+        optimizer: The optimizer kind of both groups (see `OPTIMIZERS`).
     """
     if not ce_weight >= 0:
         raise ValueError(f"`ce_weight` must be >= 0; received {ce_weight!r}.")
     model = MarginModel(network.inputs, network.logits, margin=margin)
-    optimizer = two_group_optimizer(model, network, lower_rate, upper_rate)
+    optimizer = two_group_optimizer(model, network, lower_rate, upper_rate, optimizer)
     if margin is not None and ce_weight == 0:
         model.compile(optimizer, loss=None, metrics=["accuracy"])
     else:
@@ -153,3 +204,14 @@ def margin_classifier(network, margin, lower_rate=1e-3, upper_rate=1e-3, ce_weig
             metrics=["accuracy"],
         )
     return model
+
+
+def layer_sizes(network, names):
+    """Number of activations per example of each named layer (``"input"``
+    for the input): the authors' ``layer_weights`` for the inf norm."""
+    model = keras.Model(network.inputs, network.logits)
+    shapes = [
+        network.inputs.shape if name == INPUT else model.get_layer(name).output.shape
+        for name in names
+    ]
+    return [float(math.prod(shape[1:])) for shape in shapes]

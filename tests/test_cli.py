@@ -15,7 +15,7 @@ from marginfit import cli, data
 
 
 def parse(*argv):
-    return cli.parser().parse_args(list(argv))
+    return cli.parse_args(list(argv))
 
 
 def test_defaults_and_options():
@@ -240,3 +240,44 @@ def test_digits28_are_the_digits_resized_and_shifted():
     # (20/8)**2, up to the bilinear edges.
     ratio = x28.sum(axis=(1, 2, 3)) / x8.sum(axis=(1, 2, 3))
     assert np.all(np.abs(ratio / (20 / 8) ** 2 - 1) < 0.25), ratio.min()
+
+
+def test_the_authors_preset_builds_their_configuration():
+    args = parse("train", "--preset", "authors")
+    assert (args.epochs, args.batch_size, args.optimizer, args.batchnorm, args.l2) == (
+        200,
+        256,
+        "rmsprop",
+        True,
+        2.5e-4,
+    )
+    # Flags given as well override the preset.
+    assert parse("train", "--preset", "authors", "--gamma", "100", "--no-batchnorm").gamma == 100
+    assert not parse("train", "--preset", "authors", "--no-batchnorm").batchnorm
+    x, y = digits(64)
+    model, margin = cli.build(args, x.shape[1:], 10)
+    assert (margin.norm, margin.competitors, margin.top_k, margin.aggregation) == (
+        np.inf,
+        "top",
+        1,
+        "max",
+    )
+    assert margin.layers == ("input", "conv1", "conv2")
+    # The authors weigh each layer by its number of activations.
+    sizes = [np.prod(x.shape[1:])] + [
+        np.prod(model.get_layer(name).output.shape[1:]) for name in ("conv1", "conv2")
+    ]
+    assert list(margin.layer_weights) == [float(s) for s in sizes]
+    assert model.get_layer("conv1_linear").kernel.shape[:2] == (5, 5)
+    assert model.get_layer("dense1_linear").units == 512
+    assert isinstance(model.get_layer("conv1_norm"), keras.layers.BatchNormalization)
+    l2 = model.get_layer("conv1_linear").kernel_regularizer
+    assert isinstance(l2, keras.regularizers.L2) and np.isclose(l2.l2, 2.5e-4)
+    for optimizer in model.optimizer.optimizers:
+        assert isinstance(optimizer, keras.optimizers.RMSprop)
+        assert (optimizer.epsilon, optimizer.global_clipnorm) == (1e-2, 5.0)
+        schedule = optimizer._learning_rate
+        assert isinstance(schedule, keras.optimizers.schedules.ExponentialDecay)
+        assert (schedule.initial_learning_rate, schedule.decay_steps) == (0.1, 2000)
+    logs = model.fit(x, y, batch_size=32, epochs=1, verbose=0).history
+    assert np.isfinite(logs["loss"][0])
