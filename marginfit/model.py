@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from marginfit import _keras_internals, checks, updates
+from marginfit import _keras_internals, _multi_worker, checks, updates
 from marginfit import margin as margin_lib
 from marginfit.callbacks import DeadExamplesWarning, NonFiniteStepError
 from marginfit.margin import INPUT, LargeMargin
@@ -97,6 +97,8 @@ class MarginModel(keras.Model):
         self.margin = margin
         self.output_kind = output
         self.on_nonfinite = on_nonfinite
+        # Whether step logs need the shape [1] (see `_multi_worker`).
+        self._vector_logs = False
         self.nonfinite_steps = keras.metrics.Sum(name="nonfinite_steps")
         _keras_internals.declare_direction(self.nonfinite_steps, "down")
         # Holds the Functional that also returns the margin activations; kept
@@ -504,7 +506,23 @@ class MarginModel(keras.Model):
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         if not count:
             logs.pop("nonfinite_steps", None)
-        return logs
+        return _multi_worker.step_logs(logs, self._vector_logs)
+
+    # ------------------------------------------------ multi-worker training
+
+    def make_train_function(self, force=False):
+        self._vector_logs = _multi_worker.needs_vector_logs(self.distribute_strategy)
+        return super().make_train_function(force)
+
+    def make_test_function(self, force=False):
+        self._vector_logs = _multi_worker.needs_vector_logs(self.distribute_strategy)
+        return super().make_test_function(force)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        try:
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        except ValueError as error:
+            _multi_worker.symbolic_build(self, iterator, error)
 
 
 def _check_floating(layer_name, dtype):

@@ -1,8 +1,12 @@
 """Small models, data, the reference margin and round-trip checks shared by
 the tests."""
 
+import contextlib
 import copy
 import json
+import socket
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -132,3 +136,45 @@ def assert_model_file_round_trip(model, path, x):
     assert_same_config(loaded.get_config(), model.get_config())
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
     return loaded
+
+
+# ------------------------------------------------------------- processes
+
+
+def free_ports(count):
+    """``count`` TCP ports on localhost that are free now."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("localhost", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@contextlib.contextmanager
+def processes(commands, **options):
+    """Starts one `subprocess.Popen` per command (a list of arguments run
+    with this Python); yields them, and kills and reaps every one that is
+    still running on the way out, also on failure."""
+    started = []
+    try:
+        for command in commands:
+            started.append(subprocess.Popen([sys.executable, *command], **options))
+        yield started
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+        for process in started:
+            process.wait(timeout=60)
+
+
+def wait_all(started, timeout):
+    """Waits for every process; returns their ``(returncode, stderr)``."""
+    results = []
+    for process in started:
+        _, stderr = process.communicate(timeout=timeout)
+        results.append((process.returncode, stderr or ""))
+    return results

@@ -1,0 +1,96 @@
+"""Trains the same models as one process or as one worker of a cluster.
+
+python multi_worker_fit.py OUT.json [INDEX PORT,PORT,...]
+
+Without INDEX, trains in one process; with it, sets TF_CONFIG for worker
+INDEX of a localhost cluster on the given ports and trains under
+MultiWorkerMirroredStrategy. Either way it fits, on the same global batches,
+a MarginModel with an approximate and one with an exact margin (per-group
+optimizers, sample weights, an L2 regularizer) and writes their final
+weights and logs to OUT.json.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if len(sys.argv) > 2:
+    index, ports = int(sys.argv[2]), sys.argv[3].split(",")
+    os.environ["TF_CONFIG"] = json.dumps(
+        {
+            "cluster": {"worker": [f"localhost:{port}" for port in ports]},
+            "task": {"type": "worker", "index": index},
+        }
+    )
+
+import tensorflow as tf  # noqa: E402
+
+# Created before anything else touches TensorFlow's runtime, as it must be.
+STRATEGY = (
+    tf.distribute.MultiWorkerMirroredStrategy()
+    if "TF_CONFIG" in os.environ
+    else tf.distribute.get_strategy()
+)
+tf.config.experimental.enable_op_determinism()
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from helpers import CE, conv_net, digits  # noqa: E402
+
+import marginfit  # noqa: E402
+
+BATCH = 16
+MARGINS = {
+    approximate: marginfit.LargeMargin(
+        ["input", "conv", "dense"],
+        competitors="top",
+        gamma=[0.8, 0.6, 0.4],
+        norm=1,
+        alpha=2.0,
+        top_k=2,
+        aggregation="sum",
+        approximate=approximate,
+    )
+    for approximate in (True, False)
+}
+
+
+def train(margin):
+    with STRATEGY.scope():
+        model, _ = conv_net(margin, regularizer=keras.regularizers.L2(1e-3))
+        optimizer = marginfit.discriminative_optimizer(
+            model,
+            [
+                (keras.optimizers.SGD(0.2, name="features"), ["conv"]),
+                (keras.optimizers.SGD(0.1, momentum=0.5, name="head"), ["dense", "logits"]),
+            ],
+        )
+        model.compile(optimizer, loss=CE, metrics=["accuracy"])
+    x, y = digits(64)
+    weights = np.linspace(0.5, 1.5, len(x)).astype("float32")
+    history = model.fit(
+        x, y, sample_weight=weights, batch_size=BATCH, epochs=2, shuffle=False, verbose=0
+    )
+    evaluation = model.evaluate(x, y, batch_size=BATCH, return_dict=True, verbose=0)
+    return {
+        "weights": [w.tolist() for w in model.get_weights()],
+        "logs": {key: float(values[-1]) for key, values in history.history.items()},
+        "evaluation": {key: float(value) for key, value in evaluation.items()},
+    }
+
+
+def main(path):
+    report = {
+        "replicas": STRATEGY.num_replicas_in_sync,
+        **{
+            ("approximate" if approximate else "exact"): train(margin)
+            for approximate, margin in MARGINS.items()
+        },
+    }
+    with open(path, "w") as file:
+        json.dump(report, file)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
