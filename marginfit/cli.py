@@ -19,8 +19,8 @@ import time
 import keras
 import numpy as np
 
+from marginfit import cluster, files, networks
 from marginfit import data as data_lib
-from marginfit import files, networks
 from marginfit.margin import LargeMargin
 from marginfit.model import MarginModel
 
@@ -352,15 +352,23 @@ def _command_line(argv):
 def train(args, argv):
     """Writes model.keras, history.csv and summary.json into the output
     directory, each atomically (`marginfit.files`), while holding the
-    directory against other writers."""
+    directory against other writers.
+
+    Where ``TF_CONFIG`` names a cluster, every worker runs this: the model
+    trains under `tf.distribute.MultiWorkerMirroredStrategy` (``--batch-size``
+    is the global batch, split over the workers), and only the chief writes
+    the outputs (`marginfit.cluster`).
+    """
+    strategy = cluster.strategy()
     output = args.output or os.path.join("runs", "train")
-    with files.exclusive(output, "marginfit train"):
-        return _train(args, argv, output)
+    with cluster.output_directory(output, "marginfit train") as directory:
+        return _train(args, argv, directory, strategy)
 
 
-def _train(args, argv, output):
+def _train(args, argv, output, strategy):
     data = load(args.data, args.label_noise, args.seed)
-    model, _ = build(args, data[0][0].shape[1:], data_lib.num_classes(data[0][1], data[1][1]))
+    with strategy.scope():
+        model, _ = build(args, data[0][0].shape[1:], data_lib.num_classes(data[0][1], data[1][1]))
     _, logs = fit(args, model, data, output)
     with files.atomic_path(os.path.join(output, "model.keras")) as temporary:
         model.save(temporary)
@@ -369,7 +377,8 @@ def _train(args, argv, output):
     print("\n  test metric            value")
     for name, value in sorted(logs.items()):
         print(f"  {name:<20} {value:>8.4f}")
-    print(f"\ntest accuracy {logs['accuracy']:.4f}; model, history and summary in {output}")
+    where = output if cluster.is_chief() else "the chief's output directory"
+    print(f"\ntest accuracy {logs['accuracy']:.4f}; model, history and summary in {where}")
     return summary
 
 

@@ -172,9 +172,10 @@ def processes(commands, **options):
 
 
 def wait_all(started, timeout):
-    """Waits for every process; returns their ``(returncode, stderr)``."""
+    """Waits for every process; returns their ``(returncode, stdout,
+    stderr)``."""
     results = []
     for process in started:
-        _, stderr = process.communicate(timeout=timeout)
-        results.append((process.returncode, stderr or ""))
+        stdout, stderr = process.communicate(timeout=timeout)
+        results.append((process.returncode, stdout or "", stderr or ""))
     return results

@@ -28,7 +28,7 @@ def reports(tmp_path_factory):
         [SCRIPT, paths[2], "1", ports],
     ]
     with processes(commands, stderr=subprocess.PIPE, text=True) as started:
-        for code, stderr in wait_all(started, TIMEOUT):
+        for code, _, stderr in wait_all(started, TIMEOUT):
             assert code == 0, stderr[-3000:]
     loaded = []
     for path in paths:
@@ -67,3 +67,52 @@ def test_stock_keras_models_are_left_alone():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_train_command_on_two_workers_writes_once(tmp_path):
+    """`marginfit train` under TF_CONFIG: both workers train their shards;
+    only the chief writes the outputs; the other worker's temporary
+    directory is gone afterwards."""
+    output = tmp_path / "run"
+    ports = free_ports(2)
+    commands, environments = [], []
+    for index in range(2):
+        scratch = tmp_path / f"tmp{index}"
+        scratch.mkdir()
+        tf_config = {
+            "cluster": {"worker": [f"localhost:{port}" for port in ports]},
+            "task": {"type": "worker", "index": index},
+        }
+        environments.append(
+            {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TMPDIR": str(scratch)}
+        )
+        commands.append(["-m", "marginfit.cli", "train", "--epochs", "2", "--output", str(output)])
+    with (
+        processes(
+            commands[:1],
+            env=environments[0],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as chief,
+        processes(
+            commands[1:],
+            env=environments[1],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as worker,
+    ):
+        results = wait_all(chief + worker, TIMEOUT)
+    for code, _, stderr in results:
+        assert code == 0, stderr[-3000:]
+    assert sorted(os.listdir(output)) == ["history.csv", "model.keras", "summary.json"]
+    assert os.listdir(tmp_path / "tmp1") == []
+    with open(output / "summary.json") as file:
+        summary = json.load(file)
+    with open(output / "history.csv") as file:
+        assert len(file.read().strip().splitlines()) == 3  # header and 2 epochs
+    # Both workers evaluated the one model that the chief saved.
+    printed = [line for _, stdout, _ in results for line in stdout.splitlines()]
+    accuracies = {line.split()[2].rstrip(";") for line in printed if line.startswith("test acc")}
+    assert accuracies == {f"{summary['test']['accuracy']:.4f}"}
