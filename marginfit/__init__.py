@@ -8,9 +8,11 @@ from marginfit.margin import LargeMargin
 from marginfit.metrics import ViolationRate
 from marginfit.model import MarginModel
 from marginfit.optimizers import BacktrackingSGD, discriminative_optimizer
+from marginfit.resume import BackupAndRestore
 from marginfit.saving import load_model, save_model
 
 __all__ = [
+    "BackupAndRestore",
     "BacktrackingSGD",
     "DistanceHistograms",
     "GroupLearningRateScheduler",

@@ -86,7 +86,9 @@ class LargeMargin:
         top_k: Number of competing classes per example.
         competitors: Which classes compete: ``"sampled"`` (the default:
             ``top_k`` classes drawn uniformly from the others, anew for each
-            example and training step; evaluation draws with a fixed seed) or
+            example and training step, from the step count, so that a restored
+            model draws what the uninterrupted one would; evaluation draws
+            with a fixed seed) or
             ``"top"`` (the ``top_k`` highest-scoring classes other than the
             label, the authors' choice). Sampled competitors make the loss,
             in expectation, the mean over every competitor (with

@@ -8,13 +8,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from marginfit import _keras_internals, _multi_worker, checks, updates
+from marginfit import _keras_internals, _multi_worker, checks, resume, updates
 from marginfit import margin as margin_lib
 from marginfit.callbacks import DeadExamplesWarning, NonFiniteStepError
 from marginfit.margin import INPUT, LargeMargin
 from marginfit.metrics import MarginMetrics
 
 _OUTPUT_KINDS = ("logits", "probabilities")
+# First half of the stateless seed of sampled competitors; the second is the
+# training step (0 in evaluation).
+_DRAW_SEED = 0x5EED
 
 
 @keras.saving.register_keras_serializable(package="marginfit")
@@ -99,16 +102,15 @@ class MarginModel(keras.Model):
         self.on_nonfinite = on_nonfinite
         # Whether step logs need the shape [1] (see `_multi_worker`).
         self._vector_logs = False
+        # Training batches to pass over, set when resuming mid-epoch
+        # (`marginfit.BackupAndRestore`).
+        self.steps_to_skip = 0
         self.nonfinite_steps = keras.metrics.Sum(name="nonfinite_steps")
         _keras_internals.declare_direction(self.nonfinite_steps, "down")
         # Holds the Functional that also returns the margin activations; kept
         # out of Keras' tracking so that it adds nothing to saving or summary.
         self._taps = types.SimpleNamespace(model=None, layers=())
         self.margin_metrics = MarginMetrics(margin.layers, margin.gamma) if margin else None
-        # Draws the competitors of `competitors="sampled"` in training.
-        self.competitor_seeds = (
-            keras.random.SeedGenerator() if margin and margin.competitors == "sampled" else None
-        )
         if margin is not None and self._is_functional:
             self._build_activation_model()
         elif margin is not None:
@@ -346,9 +348,14 @@ class MarginModel(keras.Model):
         or None for the top-scoring ones."""
         if self.margin.competitors != "sampled" or draws == "top":
             return None
-        if draws == "fresh":
-            return keras.random.uniform(shape, seed=self.competitor_seeds)
-        return tf.random.stateless_uniform(shape, seed=[0, 0])
+        step = 0
+        if draws == "fresh" and self.optimizer is not None:
+            # A function of the step count, which checkpoints hold: a
+            # restored model draws what the uninterrupted one would have.
+            step = self.optimizer.iterations + 1
+        return tf.random.stateless_uniform(
+            shape, seed=tf.stack([_DRAW_SEED, tf.cast(step, tf.int64)])
+        )
 
     def margin_distances(self, x, y, batch_size=256):
         """Each example's signed distance to the nearest competitor's boundary
@@ -508,11 +515,14 @@ class MarginModel(keras.Model):
             logs.pop("nonfinite_steps", None)
         return _multi_worker.step_logs(logs, self._vector_logs)
 
-    # ------------------------------------------------ multi-worker training
+    # ---------------------------------- multi-worker training and resuming
 
     def make_train_function(self, force=False):
         self._vector_logs = _multi_worker.needs_vector_logs(self.distribute_strategy)
-        return super().make_train_function(force)
+        super().make_train_function(force)
+        if not isinstance(self.train_function, resume.SkippingTrainFunction):
+            self.train_function = resume.SkippingTrainFunction(self, self.train_function)
+        return self.train_function
 
     def make_test_function(self, force=False):
         self._vector_logs = _multi_worker.needs_vector_logs(self.distribute_strategy)

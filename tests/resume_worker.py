@@ -1,0 +1,81 @@
+"""Trains with `marginfit.BackupAndRestore`, resuming any backup in DIR.
+
+python resume_worker.py DIR [INDEX PORT,PORT,...]
+
+Fits a MarginModel (sampled competitors, per-group optimizers) for 3 epochs
+of 8 steps on fixed batches, backing up every 3 steps into DIR/backup, and
+prints "step EPOCH BATCH" after each step. With INDEX it is worker INDEX of
+a localhost cluster (TF_CONFIG) under MultiWorkerMirroredStrategy. At the
+end it writes the final weights to DIR/final<INDEX>.npz.
+"""
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+INDEX = sys.argv[2] if len(sys.argv) > 2 else ""
+if INDEX:
+    ports = sys.argv[3].split(",")
+    os.environ["TF_CONFIG"] = json.dumps(
+        {
+            "cluster": {"worker": [f"localhost:{port}" for port in ports]},
+            "task": {"type": "worker", "index": int(INDEX)},
+        }
+    )
+
+import tensorflow as tf  # noqa: E402
+
+from marginfit import cluster  # noqa: E402
+
+STRATEGY = cluster.strategy()
+tf.config.experimental.enable_op_determinism()
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from helpers import CE, conv_net, digits  # noqa: E402
+
+import marginfit  # noqa: E402
+
+MARGIN = marginfit.LargeMargin(["input", "conv", "dense"], gamma=0.2, alpha=2.0, top_k=2)
+
+
+class Progress(keras.callbacks.Callback):
+    """Prints each finished step; slow enough to be killed mid-epoch."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        print(f"step {self.epoch} {batch}", flush=True)
+        time.sleep(0.05)
+
+
+def main(directory):
+    with STRATEGY.scope():
+        model, _ = conv_net(MARGIN)
+        optimizer = marginfit.discriminative_optimizer(
+            model,
+            [
+                (keras.optimizers.Adam(1e-2, name="features"), ["conv"]),
+                (keras.optimizers.SGD(0.1, momentum=0.5, name="head"), ["dense", "logits"]),
+            ],
+        )
+        model.compile(optimizer, loss=CE)
+    x, y = digits(128)
+    backup = marginfit.BackupAndRestore(os.path.join(directory, "backup"), save_freq=3)
+    model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=3,
+        shuffle=False,
+        verbose=0,
+        callbacks=[backup, Progress()],
+    )
+    np.savez(os.path.join(directory, f"final{INDEX}.npz"), *model.get_weights())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
