@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 
 import tensorflow as tf
@@ -74,3 +75,16 @@ def output_directory(path, what):
         yield temporary
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def free_ports(count):
+    """``count`` TCP ports on localhost that are free now, for a cluster of
+    local workers."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("localhost", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()

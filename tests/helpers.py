@@ -4,7 +4,6 @@ the tests."""
 import contextlib
 import copy
 import json
-import socket
 import subprocess
 import sys
 
@@ -139,18 +138,6 @@ def assert_model_file_round_trip(model, path, x):
 
 
 # ------------------------------------------------------------- processes
-
-
-def free_ports(count):
-    """``count`` TCP ports on localhost that are free now."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("localhost", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 @contextlib.contextmanager

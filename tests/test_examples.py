@@ -55,3 +55,15 @@ def test_tuning_search(tmp_path):
     )
     assert len(results["rows"]) == 2
     np.testing.assert_allclose(results["margin_loss"], results["rows"][0]["score"], rtol=1e-5)
+
+
+def test_multi_worker(tmp_path):
+    output = tmp_path / "run"
+    results = example("multi_worker").main(
+        ["--local-workers", "2", "--epochs", "2", "--output", str(output)]
+    )
+    # Two workers of one replica each; only the chief wrote, and the backup
+    # was removed once training ended.
+    assert results["workers"] == 2 and results["epochs"] == 2
+    assert sorted(os.listdir(output)) == ["model.keras", "results.json"]
+    assert results["test"]["accuracy"] > 0.3

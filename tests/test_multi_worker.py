@@ -9,7 +9,9 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import free_ports, processes, wait_all
+from helpers import processes, wait_all
+
+from marginfit.cluster import free_ports
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "multi_worker_fit.py")
