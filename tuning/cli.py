@@ -9,6 +9,15 @@ Prints keras-tuner's progress and a results table; writes
 ``best.keras`` (the best trial's model, reloadable with
 `keras.models.load_model`) and ``best.json`` (its hyperparameters and
 validation metrics) into the output directory.
+
+With keras-tuner's variables set (see `marginfit.tuning.distributed`), one
+process is the chief, which hands out the trials and writes the results, and
+the others are workers, which run the trials:
+
+    KERASTUNER_TUNER_ID=chief KERASTUNER_ORACLE_IP=127.0.0.1 \
+        KERASTUNER_ORACLE_PORT=8000 marginfit-tune --trials 20 &
+    KERASTUNER_TUNER_ID=tuner0 KERASTUNER_ORACLE_IP=127.0.0.1 \
+        KERASTUNER_ORACLE_PORT=8000 marginfit-tune --trials 20 &
 """
 
 import argparse
@@ -20,7 +29,7 @@ import numpy as np
 
 import marginfit
 from marginfit import files
-from marginfit.tuning import search
+from marginfit.tuning import distributed, search
 from marginfit.tuning.hypermodel import MarginHyperModel
 
 
@@ -107,6 +116,13 @@ def run(argv=None):
         help="narrow or fix a hyperparameter (repeatable)",
     )
     parser.add_argument("--overwrite", action="store_true", help="start afresh instead of resuming")
+    parser.add_argument(
+        "--worker-timeout",
+        type=_positive,
+        default=600,
+        help="distributed search: seconds of silence (no epoch ended) after which the chief "
+        "hands a worker's trial to another worker (default 600)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -126,6 +142,8 @@ def run(argv=None):
         seed=args.seed,
         hyperparameters=search.hyperparameters(hypermodel, dict(args.settings)),
     )
+    if distributed.role() == "chief":
+        distributed.watch_workers(tuner.oracle, args.worker_timeout)
     tuner.search(
         x_train,
         y_train,
@@ -134,6 +152,9 @@ def run(argv=None):
         batch_size=args.batch_size,
         verbose=1,
     )
+    if distributed.role() == "worker":
+        print("marginfit-tune: no trial left; the chief writes the results.")
+        return None
     rows = search.results(tuner)
     print("\n" + search.format_table(rows, tuner.oracle.objective.name))
     search.write_results(rows, args.output)

@@ -8,6 +8,7 @@ import os
 import keras_tuner as kt
 
 from marginfit import files, metrics
+from marginfit.tuning import distributed
 
 TUNERS = ("random", "bayesian", "hyperband")
 _HP = kt.engine.hyperparameters
@@ -151,6 +152,9 @@ def make_tuner(
     hyperparameters = hyperparameters or kt.HyperParameters()
     check(hypermodel, hyperparameters)
     common = dict(
+        # A distributed search retries the trial of a worker that died once
+        # on another one (see `distributed.watch_workers`).
+        max_retries_per_trial=1 if distributed.role() else 0,
         objective=objective(objective_name),
         directory=directory,
         project_name=project_name,

@@ -1,0 +1,85 @@
+"""keras-tuner's distributed search, as `marginfit-tune` runs it.
+
+keras-tuner runs one chief (which serves the oracle over gRPC and runs no
+trial) and any number of workers (which ask it for trials and run them),
+from three environment variables set on every process:
+
+    KERASTUNER_TUNER_ID      "chief" on the chief, "tuner0", "tuner1", ... on workers
+    KERASTUNER_ORACLE_IP     the chief's address, e.g. 127.0.0.1
+    KERASTUNER_ORACLE_PORT   the chief's port, e.g. 8000
+
+keras-tuner's chief waits for every trial it handed out, so a worker that
+dies mid-trial would stall the search for good. `watch_workers` makes the
+chief end the trial of a worker silent for longer than a timeout as invalid:
+keras-tuner then retries it on another worker (``max_retries_per_trial``),
+and the search finishes its budget.
+"""
+
+import os
+import threading
+import time
+
+import keras_tuner as kt
+
+TUNER_ID = "KERASTUNER_TUNER_ID"
+
+
+def role():
+    """``"chief"``, ``"worker"``, or None where the search is not
+    distributed (keras-tuner's variables are not set)."""
+    if "KERASTUNER_ORACLE_IP" not in os.environ:
+        return None
+    return "chief" if "chief" in os.environ.get(TUNER_ID, "") else "worker"
+
+
+def watch_workers(oracle, timeout, interval=1.0):
+    """Starts a daemon thread on the chief that ends, as invalid, the trial
+    of every worker that has not called the oracle for ``timeout`` seconds
+    (a worker calls it when it asks for a trial and after each epoch).
+
+    Args:
+        oracle: The chief's `keras_tuner.Oracle`.
+        timeout: Seconds of silence after which a worker counts as dead;
+            longer than one epoch of a trial.
+        interval: Seconds between checks.
+
+    Returns:
+        The started `threading.Thread`.
+    """
+    last_seen = {}
+    create_trial, update_trial = oracle.create_trial, oracle.update_trial
+
+    def seen_create_trial(tuner_id):
+        last_seen[tuner_id] = time.monotonic()
+        return create_trial(tuner_id)
+
+    def seen_update_trial(trial_id, metrics, step=0):
+        for tuner_id, trial in list(oracle.ongoing_trials.items()):
+            if trial.trial_id == trial_id:
+                last_seen[tuner_id] = time.monotonic()
+        return update_trial(trial_id, metrics, step=step)
+
+    oracle.create_trial, oracle.update_trial = seen_create_trial, seen_update_trial
+
+    def watch():
+        while True:
+            time.sleep(interval)
+            now = time.monotonic()
+            for tuner_id, trial in list(oracle.ongoing_trials.items()):
+                silent = now - last_seen.get(tuner_id, now)
+                if silent <= timeout:
+                    continue
+                print(
+                    f"marginfit-tune: worker {tuner_id} has been silent for {silent:.0f} s; "
+                    f"trial {trial.trial_id} is handed to another worker.",
+                    flush=True,
+                )
+                trial.status = kt.engine.trial.TrialStatus.INVALID
+                trial.message = f"worker {tuner_id} stopped responding"
+                oracle.end_trial(trial)
+                oracle.tuner_ids.discard(tuner_id)
+                last_seen.pop(tuner_id, None)
+
+    thread = threading.Thread(target=watch, name="marginfit-watch-workers", daemon=True)
+    thread.start()
+    return thread
