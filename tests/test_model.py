@@ -2,9 +2,11 @@
 
 import itertools
 
+import hypothesis
 import keras
 import numpy as np
 import pytest
+import reference
 from helpers import (
     CE,
     LAYERS,
@@ -14,8 +16,9 @@ from helpers import (
     reference_gradients,
     reference_loss,
 )
+from hypothesis import strategies as st
 
-from marginfit import MarginModel
+from marginfit import LargeMargin, MarginModel
 
 
 def assert_logs_match_reference(logs, expected_loss, nearest, margin, sample_weight=None):
@@ -269,3 +272,61 @@ def test_sampled_competitors_against_the_reference():
     spread = np.std(losses) / np.sqrt(len(losses))
     assert abs(np.mean(losses) - float(total) / 9) < 5 * spread + 1e-6
     assert spread > 0  # the competitors really vary between steps
+
+
+@hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
+@hypothesis.given(
+    features=st.integers(2, 6),
+    widths=st.lists(st.integers(2, 8), min_size=1, max_size=2),
+    classes=st.integers(3, 5),
+    norm=st.sampled_from([1, 2, np.inf]),
+    top_k=st.integers(1, 2),
+    aggregation=st.sampled_from(["max", "sum"]),
+    on_input=st.booleans(),
+    gamma=st.floats(0.01, 10.0),
+    seed=st.integers(0, 2**16),
+)
+def test_random_small_models_agree_with_the_reference(
+    features, widths, classes, norm, top_k, aggregation, on_input, gamma, seed
+):
+    """Random MLPs (tanh, so that no gradient is exactly zero) and margins:
+    evaluate() gives the naive per-example loss and distances."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((features,))
+    hidden, x = [], inputs
+    for i, width in enumerate(widths):
+        x = keras.layers.Dense(width, activation="tanh", name=f"h{i}")(x)
+        hidden.append(x)
+    logits = keras.layers.Dense(classes, name="logits")(x)
+    layers = (["input"] if on_input else []) + [f"h{i}" for i in range(len(widths))]
+    margin = LargeMargin(
+        layers,
+        gamma=gamma,
+        norm=norm,
+        top_k=top_k,
+        aggregation=aggregation,
+        alpha=2.0,
+        competitors="top",
+    )
+    model = MarginModel(inputs, logits, margin=margin)
+    model.compile(loss=None)
+    taps = keras.Model(inputs, [logits, *hidden])
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(7, features)).astype("float32")
+    y = rng.integers(0, classes, 7)
+    logs = model.evaluate(x, y, batch_size=7, return_dict=True, verbose=0)
+    config = margin.get_config()
+    expected, nearest = reference.margin_loss(
+        taps,
+        x,
+        y,
+        gamma=config["gamma"],
+        alpha=config["alpha"],
+        aggregation=aggregation,
+        layers=layers,
+        norm=margin.norm,
+        top_k=top_k,
+    )
+    np.testing.assert_allclose(logs["margin_loss"], float(expected), rtol=1e-5, atol=1e-7)
+    for name, distances in zip(layers, nearest):
+        np.testing.assert_allclose(logs[f"distance_{name}"], distances.mean(), rtol=1e-4, atol=1e-6)
