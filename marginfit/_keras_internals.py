@@ -134,6 +134,18 @@ def verify():
         hasattr(keras.optimizers.Optimizer, "_get_variable_index"),
         "keras.optimizers.Optimizer._get_variable_index",
     )
+    # Used by marginfit/_multi_worker.py (see there).
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    for name in ("_maybe_symbolic_build", "_symbolic_build"):
+        expect(
+            callable(getattr(tf_trainer.TensorFlowTrainer, name, None)),
+            f"keras.src.backend.tensorflow.trainer.TensorFlowTrainer.{name}",
+        )
+    expect(
+        callable(getattr(tf_trainer, "reduce_per_replica", None)),
+        "keras.src.backend.tensorflow.trainer.reduce_per_replica",
+    )
     probe = _DirectionProbe()
     probe.compile(loss="mse")
     expect(
