@@ -16,20 +16,9 @@ tf.config.experimental.enable_op_determinism()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from helpers import CE, conv_net, digits  # noqa: E402
+from helpers import CE, conv_net, digits, distribution_margin  # noqa: E402
 
-from marginfit import LargeMargin  # noqa: E402
-
-MARGIN = LargeMargin(
-    ["input", "conv", "dense"],
-    competitors="top",
-    gamma=[0.8, 0.6, 0.4],
-    norm=1,
-    alpha=2.0,
-    top_k=2,
-    aggregation="sum",
-    approximate=False,
-)
+MARGIN = distribution_margin()
 
 
 BATCH = 16

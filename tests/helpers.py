@@ -62,6 +62,21 @@ def margin_for(norm, **options):
     return marginfit.LargeMargin(LAYERS, gamma=GAMMA[norm], norm=norm, alpha=ALPHA, **options)
 
 
+def distribution_margin(approximate=False):
+    """The margin of the distribution tests: every layer of conv_net, two
+    summed top-scoring competitors, the 1-norm."""
+    return marginfit.LargeMargin(
+        LAYERS,
+        competitors="top",
+        gamma=GAMMA[1],
+        norm=1,
+        alpha=ALPHA,
+        top_k=2,
+        aggregation="sum",
+        approximate=approximate,
+    )
+
+
 def reference_loss(taps, x, y, margin, training=False, sample_weight=None):
     config = margin.get_config()
     return reference.margin_loss(

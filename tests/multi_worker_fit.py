@@ -36,24 +36,12 @@ tf.config.experimental.enable_op_determinism()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from helpers import CE, conv_net, digits  # noqa: E402
+from helpers import CE, conv_net, digits, distribution_margin  # noqa: E402
 
 import marginfit  # noqa: E402
 
 BATCH = 16
-MARGINS = {
-    approximate: marginfit.LargeMargin(
-        ["input", "conv", "dense"],
-        competitors="top",
-        gamma=[0.8, 0.6, 0.4],
-        norm=1,
-        alpha=2.0,
-        top_k=2,
-        aggregation="sum",
-        approximate=approximate,
-    )
-    for approximate in (True, False)
-}
+MARGINS = {approximate: distribution_margin(approximate) for approximate in (True, False)}
 
 
 def train(margin):

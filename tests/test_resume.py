@@ -25,16 +25,21 @@ def final_weights(directory, index=""):
         return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
 
 
-def run_to_end(directory, cluster_ports=None):
-    """Runs (or resumes) the training to its end; one process, or one per
-    worker of a localhost cluster."""
+def commands(directory, cluster_ports):
+    """One process, or one per worker of a localhost cluster."""
     if cluster_ports is None:
-        commands = [[SCRIPT, directory]]
-    else:
-        ports = ",".join(map(str, cluster_ports))
-        commands = [[SCRIPT, directory, str(i), ports] for i in range(len(cluster_ports))]
+        return [[SCRIPT, directory]]
+    ports = ",".join(map(str, cluster_ports))
+    return [[SCRIPT, directory, str(i), ports] for i in range(len(cluster_ports))]
+
+
+def run_to_end(directory, cluster_ports=None):
+    """Runs (or resumes) the training to its end."""
     with processes(
-        commands, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        commands(directory, cluster_ports),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     ) as started:
         for code, _, stderr in wait_all(started, TIMEOUT):
             assert code == 0, stderr[-3000:]
@@ -43,13 +48,11 @@ def run_to_end(directory, cluster_ports=None):
 def kill_at(directory, epoch, batch, cluster_ports=None, victim=0):
     """Starts the training and SIGKILLs process ``victim`` (then the rest of
     the cluster) once step ``batch`` of ``epoch`` has finished."""
-    if cluster_ports is None:
-        commands = [[SCRIPT, directory]]
-    else:
-        ports = ",".join(map(str, cluster_ports))
-        commands = [[SCRIPT, directory, str(i), ports] for i in range(len(cluster_ports))]
     with processes(
-        commands, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        commands(directory, cluster_ports),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     ) as started:
         for line in started[0].stdout:
             if line.split() == ["step", str(epoch), str(batch)]:
