@@ -21,8 +21,10 @@ def search_commands(output, epochs):
     return ["-m", "marginfit.tuning", "--trials", str(TRIALS), "--epochs", str(epochs)] + [
         "--output",
         str(output),
+        # Longer than the survivor needs for the other trials: it must wait
+        # for the dead worker's trial rather than stop.
         "--worker-timeout",
-        "15",
+        "20",
         *SMALL,
     ]
 

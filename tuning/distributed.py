@@ -11,8 +11,11 @@ from three environment variables set on every process:
 keras-tuner's chief waits for every trial it handed out, so a worker that
 dies mid-trial would stall the search for good. `watch_workers` makes the
 chief end the trial of a worker silent for longer than a timeout as invalid:
-keras-tuner then retries it on another worker (``max_retries_per_trial``),
-and the search finishes its budget.
+keras-tuner then retries it on another worker (``max_retries_per_trial``).
+For that, a worker that asks for a trial when the budget is handed out but
+other workers' trials are still running is told to wait (keras-tuner's
+``IDLE``) instead of to stop, so that it is there to take over a retried
+trial; the search finishes its budget.
 """
 
 import os
@@ -51,7 +54,17 @@ def watch_workers(oracle, timeout, interval=1.0):
 
     def seen_create_trial(tuner_id):
         last_seen[tuner_id] = time.monotonic()
-        return create_trial(tuner_id)
+        trial = create_trial(tuner_id)
+        others_running = any(other != tuner_id for other in oracle.ongoing_trials)
+        if trial.status == kt.engine.trial.TrialStatus.STOPPED and others_running:
+            # Undo the stop (keras-tuner forgets a stopped worker) and have
+            # the worker ask again shortly.
+            oracle.tuner_ids.add(tuner_id)
+            time.sleep(interval)
+            return kt.engine.trial.Trial(
+                oracle.get_space(), trial_id="", status=kt.engine.trial.TrialStatus.IDLE
+            )
+        return trial
 
     def seen_update_trial(trial_id, metrics, step=0):
         for tuner_id, trial in list(oracle.ongoing_trials.items()):
