@@ -73,7 +73,7 @@ def worker(steps, epochs):
 
 def measure(workers, steps, epochs):
     """Seconds per step of CE and margin with ``workers`` processes."""
-    from marginfit.cluster import free_ports
+    from marginfit.cluster import free_ports, local_tf_config
 
     ports = free_ports(workers)
     processes = []
@@ -81,12 +81,7 @@ def measure(workers, steps, epochs):
         for index in range(workers):
             environment = dict(os.environ)
             if workers > 1:
-                environment["TF_CONFIG"] = json.dumps(
-                    {
-                        "cluster": {"worker": [f"localhost:{port}" for port in ports]},
-                        "task": {"type": "worker", "index": index},
-                    }
-                )
+                environment["TF_CONFIG"] = local_tf_config(ports, index)
             command = [__file__, "--worker", "--steps", str(steps), "--epochs", str(epochs)]
             processes.append(
                 subprocess.Popen(

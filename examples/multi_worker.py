@@ -31,11 +31,7 @@ def local_cluster(workers, argv):
     processes = []
     try:
         for index in range(workers):
-            tf_config = {
-                "cluster": {"worker": [f"localhost:{port}" for port in ports]},
-                "task": {"type": "worker", "index": index},
-            }
-            environment = {**os.environ, "TF_CONFIG": json.dumps(tf_config)}
+            environment = {**os.environ, "TF_CONFIG": cluster.local_tf_config(ports, index)}
             processes.append(subprocess.Popen([sys.executable, __file__, *argv], env=environment))
         codes = [process.wait() for process in processes]
     finally:

@@ -88,3 +88,14 @@ def free_ports(count):
     finally:
         for sock in sockets:
             sock.close()
+
+
+def local_tf_config(ports, index):
+    """The ``TF_CONFIG`` (a JSON string) of worker ``index`` of a cluster of
+    workers on localhost at ``ports``."""
+    return json.dumps(
+        {
+            "cluster": {"worker": [f"localhost:{port}" for port in ports]},
+            "task": {"type": "worker", "index": int(index)},
+        }
+    )

@@ -16,13 +16,9 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if len(sys.argv) > 2:
-    index, ports = int(sys.argv[2]), sys.argv[3].split(",")
-    os.environ["TF_CONFIG"] = json.dumps(
-        {
-            "cluster": {"worker": [f"localhost:{port}" for port in ports]},
-            "task": {"type": "worker", "index": index},
-        }
-    )
+    from marginfit.cluster import local_tf_config
+
+    os.environ["TF_CONFIG"] = local_tf_config(sys.argv[3].split(","), sys.argv[2])
 
 import tensorflow as tf  # noqa: E402
 

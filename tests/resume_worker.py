@@ -9,25 +9,18 @@ a localhost cluster (TF_CONFIG) under MultiWorkerMirroredStrategy. At the
 end it writes the final weights to DIR/final<INDEX>.npz.
 """
 
-import json
 import os
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from marginfit import cluster  # noqa: E402
+
 INDEX = sys.argv[2] if len(sys.argv) > 2 else ""
 if INDEX:
-    ports = sys.argv[3].split(",")
-    os.environ["TF_CONFIG"] = json.dumps(
-        {
-            "cluster": {"worker": [f"localhost:{port}" for port in ports]},
-            "task": {"type": "worker", "index": int(INDEX)},
-        }
-    )
+    os.environ["TF_CONFIG"] = cluster.local_tf_config(sys.argv[3].split(","), INDEX)
 
 import tensorflow as tf  # noqa: E402
-
-from marginfit import cluster  # noqa: E402
 
 STRATEGY = cluster.strategy()
 tf.config.experimental.enable_op_determinism()

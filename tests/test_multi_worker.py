@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import processes, wait_all
 
-from marginfit.cluster import free_ports
+from marginfit.cluster import free_ports, local_tf_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "multi_worker_fit.py")
@@ -81,12 +81,8 @@ def test_train_command_on_two_workers_writes_once(tmp_path):
     for index in range(2):
         scratch = tmp_path / f"tmp{index}"
         scratch.mkdir()
-        tf_config = {
-            "cluster": {"worker": [f"localhost:{port}" for port in ports]},
-            "task": {"type": "worker", "index": index},
-        }
         environments.append(
-            {**os.environ, "TF_CONFIG": json.dumps(tf_config), "TMPDIR": str(scratch)}
+            {**os.environ, "TF_CONFIG": local_tf_config(ports, index), "TMPDIR": str(scratch)}
         )
         commands.append(["-m", "marginfit.cli", "train", "--epochs", "2", "--output", str(output)])
     with (
