@@ -11,11 +11,11 @@ default; top-scoring top_k=1 and 9) x norm 2/inf x jit_compile off/on.
 Prints a table and a JSON line of ratios (margin step / CE step with the
 same jit setting), the peak memory of a few variants relative to CE
 (each in a fresh process), and the ratio of a naive per-example, per-class
-implementation, and the cost of the step's checks (the default step with
-``on_nonfinite="skip"`` / ``"apply"``). Absolute times alone mean little;
-quote the ratios.
+implementation, and the cost of the step's checks (`check_costs`: the
+in-step label checks, and the non-finite guard with SGD and with Adam).
+Absolute times alone mean little; quote the ratios.
 
-    python benchmarks/step_time.py [--repeats 5] [--steps 3] [--quick]
+    python benchmarks/step_time.py [--repeats 5] [--steps 3] [--quick] [--checks-only]
 """
 
 import argparse
@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from unittest import mock
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -63,8 +64,17 @@ def mlp():
 ARCHITECTURES = {"cnn": cnn, "mlp": mlp}
 
 
-def build(architecture, margin_options=None, jit_compile=False, seed=0, on_nonfinite="skip"):
-    """A compiled model; plain `keras.Model` when ``margin_options`` is None."""
+def build(
+    architecture,
+    margin_options=None,
+    jit_compile=False,
+    seed=0,
+    on_nonfinite="skip",
+    optimizer="sgd",
+):
+    """A compiled model; plain `keras.Model` when ``margin_options`` is None.
+    ``optimizer``: "sgd" (the cheapest update, so that ratios show the loss)
+    or "adam" (the default of `marginfit train`), learning rate 1e-3."""
     keras.utils.set_random_seed(seed)
     network, layers = ARCHITECTURES[architecture]()
     if margin_options is None:
@@ -74,7 +84,8 @@ def build(architecture, margin_options=None, jit_compile=False, seed=0, on_nonfi
         model = marginfit.MarginModel(
             network.inputs, network.logits, margin=margin, on_nonfinite=on_nonfinite
         )
-    model.compile(keras.optimizers.SGD(1e-3), loss=CE, jit_compile=jit_compile)
+    optimizer = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}[optimizer](1e-3)
+    model.compile(optimizer, loss=CE, jit_compile=jit_compile)
     return model
 
 
@@ -125,6 +136,44 @@ def time_models(models, repeats, steps, min_seconds=0.5):
             step = lambda model=model: model.train_on_batch(x, y)  # noqa: E731
             times[key].append(seconds_per_step(step, counts[key]))
     return {key: statistics.median(values) for key, values in times.items()}
+
+
+# ------------------------------------------------------------ the checks
+
+
+def check_costs(repeats, steps):
+    """Per-step cost of the default CNN step's checks, as ratios of two
+    steps timed interleaved: ``input_check_cost_ratio``, the step with its
+    in-step label checks (assertions, dropped under XLA) over the same step
+    traced without them; ``nonfinite_guard_cost_ratio``, with SGD and with
+    Adam, the step with ``on_nonfinite="skip"`` over ``"apply"``."""
+    default = dict(approximate=True, competitors="sampled", top_k=1, norm=2)
+    x, y = batch()
+    unchecked = build("cnn", default)
+    no_assert = lambda *args, **kwargs: None  # noqa: E731
+    with (
+        mock.patch.object(tf.debugging, "assert_non_negative", no_assert),
+        mock.patch.object(tf.debugging, "assert_less", no_assert),
+    ):
+        unchecked.train_on_batch(x, y)  # traced here, reused when timed
+    models = {"checked": build("cnn", default), "unchecked": unchecked}
+    for optimizer in ("sgd", "adam"):
+        for policy in ("skip", "apply"):
+            models[(optimizer, policy)] = build(
+                "cnn", default, on_nonfinite=policy, optimizer=optimizer
+            )
+    median = time_models(models, repeats, steps)
+    report = {
+        "input_check_cost_ratio": round(median["checked"] / median["unchecked"], 4),
+        "nonfinite_guard_cost_ratio": {
+            optimizer: round(median[(optimizer, "skip")] / median[(optimizer, "apply")], 4)
+            for optimizer in ("sgd", "adam")
+        },
+    }
+    print(f"cnn default step, label checks / none: {report['input_check_cost_ratio']:.4f}")
+    for optimizer, ratio in report["nonfinite_guard_cost_ratio"].items():
+        print(f"cnn default step, {optimizer}, non-finite guard / none: {ratio:.4f}", flush=True)
+    return report
 
 
 # ------------------------------------------------------------ naive reference
@@ -217,10 +266,14 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="top_k=1, norm 2, jit off only")
+    parser.add_argument("--checks-only", action="store_true", help="only the checks' cost")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         return peak_memory_child(*args.memory_child)
+    if args.checks_only:
+        print(json.dumps(check_costs(max(args.repeats, 15), args.steps)))
+        return None
 
     # Sampled and top-scoring competitors cost the same for the same top_k.
     competitors = [("sampled", 1), ("top", 1), ("top", 9)]
@@ -262,19 +315,7 @@ def main(argv=None):
         report["peak_memory_ratio"][f"cnn {name} top_k=1"] = round(ratio, 3)
         print(f"peak memory growth over 5 steps, cnn {name} top_k=1 / CE: {ratio:.2f}", flush=True)
 
-    # The default step with its checks (non-finite guard, label check) and
-    # the same step without the guard: many repeats, as the gap is small.
-    default = dict(approximate=True, competitors="sampled", top_k=1, norm=2)
-    guarded = time_models(
-        {policy: build("cnn", default, on_nonfinite=policy) for policy in ("skip", "apply")},
-        repeats=max(args.repeats, 15),
-        steps=args.steps,
-    )
-    report["check_cost_ratio"] = round(guarded["skip"] / guarded["apply"], 4)
-    print(
-        f"cnn default step with the non-finite check / without: {report['check_cost_ratio']:.4f}",
-        flush=True,
-    )
+    report.update(check_costs(max(args.repeats, 15), args.steps))
 
     report["naive_ratio"] = round(naive_ratio(), 1)
     print(f"naive per-example/per-class loop step / CE step: {report['naive_ratio']:.0f}x")

@@ -16,12 +16,20 @@ apply it like a plain Keras model (``"apply"``)."""
 def all_finite(tensors):
     """Scalar bool: every element of every tensor is finite, on every replica.
 
+    One pass over each tensor: its float32 sum is NaN or inf where any
+    element is. The sum can also overflow, which takes elements of about
+    ``3e38 / size``; such a step is reported as non-finite too.
+
     Args:
-        tensors: Float tensors (None entries are ignored), e.g. the loss and
-            the gradients of one replica.
+        tensors: Float tensors or `tf.IndexedSlices` (None entries are
+            ignored), e.g. the loss and the gradients of one replica.
     """
-    flags = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors if t is not None]
-    finite = tf.reduce_all(tf.stack(flags)) if flags else tf.constant(True)
+    sums = [
+        tf.reduce_sum(tf.cast(t.values if isinstance(t, tf.IndexedSlices) else t, tf.float32))
+        for t in tensors
+        if t is not None
+    ]
+    finite = tf.math.is_finite(tf.add_n(sums)) if sums else tf.constant(True)
     context = tf.distribute.get_replica_context()
     if context is not None and context.num_replicas_in_sync > 1:
         # The replicas share one update, so they must agree on skipping it.

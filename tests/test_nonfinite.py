@@ -9,14 +9,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from helpers import CE, conv_net, digits
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from marginfit import LargeMargin
+from marginfit import LargeMargin, updates
 
 BATCH = 8
 X, Y = digits(3 * BATCH)
 # Top-scoring competitors: sampled ones would be drawn anew in the skipped
 # step too, so that the steps after it draw other competitors.
 MARGIN = LargeMargin(["input", "dense"], gamma=0.2, alpha=2.0, competitors="top")
+
+
+FAULTS = [np.nan, np.inf, -np.inf]
 
 
 def poisoned(x, batch):
@@ -93,3 +98,29 @@ def test_unknown_policy_is_refused_and_the_policy_round_trips():
     assert model.get_config()["on_nonfinite"] == "raise"
     revived = type(model).from_config(model.get_config())
     assert revived.on_nonfinite == "raise"
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    shapes=st.lists(st.sampled_from([(), (1,), (3, 4), (17,), (2, 3, 5)]), min_size=1, max_size=4),
+    poison=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 59), st.sampled_from(FAULTS))),
+    dtype=st.sampled_from(["float32", "float16", "float64"]),
+    seed=st.integers(0, 2**16),
+)
+def test_all_finite_agrees_with_numpy(shapes, poison, dtype, seed):
+    """The one-pass sum check against numpy's elementwise `isfinite`, with
+    NaN, +inf and -inf (also both infinities at once) at random places."""
+    rng = np.random.default_rng(seed)
+    arrays = [rng.normal(scale=1e3, size=shape).astype(dtype) for shape in shapes]
+    for tensor, position, value in poison:
+        if tensor < len(arrays) and arrays[tensor].size:
+            arrays[tensor].flat[position % arrays[tensor].size] = value
+    expected = all(np.all(np.isfinite(a)) for a in arrays)
+    assert bool(updates.all_finite([tf.constant(a) for a in arrays])) == expected
+
+
+def test_all_finite_reads_the_values_of_indexed_slices():
+    values = tf.constant([[1.0, np.inf]])
+    sparse = tf.IndexedSlices(values, indices=tf.constant([3]), dense_shape=tf.constant([10, 2]))
+    assert not bool(updates.all_finite([tf.constant(1.0), sparse, None]))
+    assert bool(updates.all_finite([tf.IndexedSlices(values[:, :1], sparse.indices)]))
