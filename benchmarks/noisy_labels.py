@@ -37,8 +37,9 @@ from marginfit import cli, data  # noqa: E402
 METHODS = {
     "cross-entropy": None,
     "margin": [],
-    "top-1": ["--competitors", "top"],
-    "all competitors": ["--competitors", "top", "--top-k", "9", "--aggregation", "sum"],
+    # The authors' loss: the top-scoring competitor(s), no class-balance term.
+    "top-1": ["--competitors", "top", "--balance", "0"],
+    "all competitors": "--competitors top --top-k 9 --aggregation sum --balance 0".split(),
 }
 
 

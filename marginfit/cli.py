@@ -162,6 +162,14 @@ _OPTIONS = {
             "'max' (the nearest competitor, default) or 'sum' (every one)",
         ),
         (
+            "--balance",
+            _non_negative,
+            1.0,
+            "weight of the class-balance term, KL(uniform || batch-mean prediction), "
+            "that keeps the network from predicting one class for everything "
+            "(default 1; 0: the authors' loss)",
+        ),
+        (
             "--ce-weight",
             _non_negative,
             0.0,
@@ -210,6 +218,7 @@ PRESETS = {
             "lr_head": 0.1,
             "batchnorm": True,
             "l2": 2.5e-4,
+            "balance": 0.0,
         },
         "network": {"conv_filters": (32, 64), "kernel_size": 5, "dense_units": (512,)},
     },
@@ -296,7 +305,9 @@ def margin_from(args, network):
     defaults = {name: value for name, value in chosen.items() if value is not None}
     if args.layer_weights == "sizes":
         defaults["layer_weights"] = networks.layer_sizes(network, layers)
-    return LargeMargin(layers, gamma=args.gamma, alpha=args.alpha, norm=norm, **defaults)
+    return LargeMargin(
+        layers, gamma=args.gamma, alpha=args.alpha, norm=norm, balance=args.balance, **defaults
+    )
 
 
 def build(args, input_shape, num_classes, with_margin=True):

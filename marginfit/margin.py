@@ -110,6 +110,15 @@ class LargeMargin:
         space: Scores the differences are taken in: ``"probabilities"``
             (softmax of the logits, the authors' choice) or ``"logits"``.
         weight: Multiplier of the penalty in the total loss.
+        balance: Weight of the class-balance term added to the penalty:
+            ``KL(uniform || p_mean) = -mean_c log(p_mean_c) - log(classes)``,
+            where ``p_mean`` is the batch mean of the predicted
+            probabilities (see `balance_term`). It is 0 when the batch's
+            predictions spread evenly over the classes, and grows as one class
+            takes every example, the state the margin alone can drift into
+            and stay in for epochs under heavy label noise (see the README).
+            0 gives the authors' loss. It assumes classes of similar
+            frequency; for strongly imbalanced classes, lower it or pass 0.
         coupling: How gradients are taken when layers couple the examples of
             a batch in training mode (BatchNormalization). ``"batch"`` (the
             authors' choice, one forward pass): gradients of the batch-summed
@@ -135,6 +144,7 @@ class LargeMargin:
         space="probabilities",
         weight=1.0,
         coupling="batch",
+        balance=1.0,
     ):
         if isinstance(layers, (str, keras.layers.Layer)):
             layers = [layers]
@@ -220,6 +230,15 @@ class LargeMargin:
             f"Unknown `coupling={coupling!r}`; use 'batch' or 'inference'.",
         )
         self.coupling = coupling
+        _require(
+            isinstance(balance, numbers.Real)
+            and not isinstance(balance, bool)
+            and balance >= 0
+            and math.isfinite(balance),
+            f"`balance` must be a finite float >= 0 (0 turns the class-balance "
+            f"term off); received {balance!r}.",
+        )
+        self.balance = float(balance)
 
     @property
     def dual_norm(self):
@@ -241,6 +260,7 @@ class LargeMargin:
             "space": self.space,
             "weight": self.weight,
             "coupling": self.coupling,
+            "balance": self.balance,
         }
 
     @classmethod
@@ -379,6 +399,34 @@ def margin_loss(distances, margin, sample_weight=None):
         per_example *= tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
     nearest = [tf.reduce_min(layer_distances, axis=-1) for layer_distances in distances]
     return tf.reduce_mean(per_example), nearest
+
+
+def balance_term(outputs, output_kind, sample_weight=None):
+    """How far a batch's mean prediction is from uniform.
+
+    Args:
+        outputs: ``[batch, classes]`` logits or probabilities, as
+            ``output_kind`` (``"logits"`` or ``"probabilities"``) says.
+        sample_weight: Optional ``[batch]`` (or ``[batch, 1]``) weights of
+            the mean.
+
+    Returns:
+        Float32 scalar ``KL(uniform || p_mean) = -mean_c log(p_mean_c) -
+        log(classes)`` >= 0, where ``p_mean`` is the (weighted) batch mean of
+        the predicted probabilities.
+    """
+    outputs = tf.cast(outputs, tf.float32)
+    probabilities = tf.nn.softmax(outputs, axis=-1) if output_kind == "logits" else outputs
+    if sample_weight is None:
+        mean = tf.reduce_mean(probabilities, axis=0)
+    else:
+        weights = tf.reshape(tf.cast(sample_weight, tf.float32), [-1, 1])
+        mean = tf.math.divide_no_nan(
+            tf.reduce_sum(weights * probabilities, axis=0), tf.reduce_sum(weights)
+        )
+    tiny = np.finfo("float32").tiny
+    classes = probabilities.shape[-1]
+    return -tf.reduce_mean(tf.math.log(tf.maximum(mean, tiny))) - math.log(classes)
 
 
 def layer_distances(tape, differences, activations, margin, outer_tape=None):

@@ -39,7 +39,8 @@ class MarginModel(keras.Model):
     ```
 
     The training loss is the compiled loss (none with ``loss=None``) plus
-    ``margin.weight * margin_loss`` plus the regularization losses. The logs
+    ``margin.weight * margin_loss`` (the hinge terms plus ``margin.balance``
+    times the class-balance term) plus the regularization losses. The logs
     of `fit()` and `evaluate()` add ``ce_loss`` (the compiled loss),
     ``margin_loss`` and ``distance_<layer>`` (mean signed distance to the
     nearest competitor's boundary) to ``loss`` and the compiled metrics.
@@ -295,6 +296,9 @@ class MarginModel(keras.Model):
             draws = "fresh" if training else "fixed"
             y_pred, (distances, dead) = self._margin_distances(x, y, training, tape, draws)
         margin_loss, nearest = margin_lib.margin_loss(distances, self.margin, sample_weight)
+        if self.margin.balance:
+            balance = margin_lib.balance_term(y_pred, self.output_kind, sample_weight)
+            margin_loss += self.margin.balance * balance
         return y_pred, (margin_loss, nearest, dead)
 
     def _margin_distances(self, x, y, training, outer_tape, draws):

@@ -56,9 +56,11 @@ ALPHA = 2.0
 
 def margin_for(norm, **options):
     """A margin on conv_net's input, conv and dense layers, sized to its
-    untrained distances for ``norm``; the top-scoring competitors (what the
-    reference computes) unless ``competitors`` says otherwise."""
+    untrained distances for ``norm``; the top-scoring competitors and no
+    class-balance term (what the reference computes) unless ``options`` say
+    otherwise."""
     options.setdefault("competitors", "top")
+    options.setdefault("balance", 0.0)
     return marginfit.LargeMargin(LAYERS, gamma=GAMMA[norm], norm=norm, alpha=ALPHA, **options)
 
 
@@ -74,6 +76,7 @@ def distribution_margin(approximate=False):
         top_k=2,
         aggregation="sum",
         approximate=approximate,
+        balance=0.0,
     )
 
 

@@ -145,3 +145,20 @@ def batch_coupled_distances(tap_model, x, y, *, layers, norm=2, top_k=1, epsilon
                 gradient_norm = np.linalg.norm(gradient, ord=DUAL[norm], axis=-1)
                 target[layer].append(difference.numpy() / (gradient_norm + epsilon))
     return coupled, own
+
+
+def balance_reference(logits, weights):
+    """KL(uniform || weighted batch-mean softmax) and its gradient with
+    respect to the logits, in float64 numpy: the gradient of
+    ``-(1/C) sum_c log m_c`` with ``m_c = sum_i w_i p_ic / W`` is
+    ``-(w_i / (C W)) sum_c (p_ic / m_c) (delta_ck - p_ik)``."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    total = weights.sum()
+    m = (weights[:, None] * p).sum(axis=0) / total
+    classes = p.shape[1]
+    value = -np.mean(np.log(m)) - np.log(classes)
+    ratio = p / m  # [batch, classes]: p_ic / m_c
+    inner = ratio - p * ratio.sum(axis=1, keepdims=True)  # sum_c (p_ic/m_c)(delta_ck - p_ik)
+    gradient = -(weights[:, None] / (classes * total)) * inner
+    return value, gradient

@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 from helpers import assert_config_round_trip, normalized
 from hypothesis import strategies as st
+from reference import balance_reference
 
 from marginfit import LargeMargin
 from marginfit import margin as margin_lib
@@ -30,6 +31,7 @@ def test_defaults_match_the_documented_signature():
         "space": "probabilities",
         "weight": 1.0,
         "coupling": "batch",
+        "balance": 1.0,
     }
 
 
@@ -48,6 +50,7 @@ def test_config_round_trip(norm):
         weight=0.5,
         coupling="inference",
         competitors="sampled",
+        balance=0.25,
     )
     revived = assert_config_round_trip(margin)
     assert revived == margin
@@ -77,6 +80,8 @@ def test_layer_objects_are_accepted_by_name():
         (dict(weight=-1.0), "`weight` must be a float >= 0"),
         (dict(coupling="none"), "use 'batch' or 'inference'"),
         (dict(competitors="random"), "use 'top' (highest-scoring classes) or 'sampled'"),
+        (dict(balance=-0.5), "`balance` must be a finite float >= 0"),
+        (dict(balance=float("inf")), "`balance` must be a finite float >= 0"),
     ],
 )
 def test_bad_arguments_name_the_fix(arguments, message):
@@ -225,6 +230,7 @@ def margin_configs(draw):
         weight=draw(st.floats(0.0, 1e3)),
         coupling=draw(st.sampled_from(["batch", "inference"])),
         competitors=draw(st.sampled_from(["top", "sampled"])),
+        balance=draw(st.floats(0.0, 1e3)),
     )
 
 
@@ -249,6 +255,7 @@ INVALID = {
     "weight": st.floats(max_value=-1e-9),
     "coupling": st.text(max_size=8).filter(lambda text: text not in ("batch", "inference")),
     "competitors": st.text(max_size=8).filter(lambda text: text not in ("top", "sampled")),
+    "balance": st.floats(max_value=-1e-9) | st.just(float("nan")) | st.just(True),
 }
 
 
@@ -260,3 +267,43 @@ def test_every_invalid_value_is_refused_by_name(argument):
     name, value = argument
     with pytest.raises(ValueError, match=re.escape(f"`{name}")):
         LargeMargin(["dense"], **{name: value})
+
+
+@hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
+@hypothesis.given(
+    batch=st.integers(1, 12),
+    classes=st.integers(2, 12),
+    scale=st.floats(0.01, 8.0),
+    weighted=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_balance_term_against_numpy(batch, classes, scale, weighted, seed):
+    """Value and logit gradient of `balance_term` against the float64
+    formula; float32 softmax and log keep about 1e-6 relative error."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=scale, size=(batch, classes))
+    weights = rng.uniform(0.1, 2.0, size=batch) if weighted else np.ones(batch)
+    expected_value, expected_gradient = balance_reference(logits, weights)
+    z = tf.constant(logits, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        value = margin_lib.balance_term(z, "logits", weights if weighted else None)
+    gradient = tape.gradient(value, z).numpy()
+    np.testing.assert_allclose(value.numpy(), expected_value, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-3, atol=1e-6)
+    probabilities = tf.nn.softmax(z)
+    same = margin_lib.balance_term(probabilities, "probabilities", weights if weighted else None)
+    np.testing.assert_allclose(same.numpy(), expected_value, rtol=1e-4, atol=1e-5)
+
+
+def test_balance_term_is_zero_when_even_and_pushes_a_dominant_class_down():
+    even = tf.zeros((4, 5))
+    assert abs(float(margin_lib.balance_term(even, "logits"))) < 1e-6
+    one_class = tf.constant([[4.0, 0.0, 0.0]] * 6)
+    with tf.GradientTape() as tape:
+        tape.watch(one_class)
+        value = margin_lib.balance_term(one_class, "logits")
+    gradient = tape.gradient(value, one_class).numpy()
+    assert float(value) > 1.0
+    # Gradient descent lowers the dominant class's logit, raises the others.
+    assert np.all(gradient[:, 0] > 0) and np.all(gradient[:, 1:] < 0)

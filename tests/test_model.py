@@ -17,6 +17,7 @@ from helpers import (
     reference_loss,
 )
 from hypothesis import strategies as st
+from reference import balance_reference
 
 from marginfit import LargeMargin, MarginModel
 
@@ -74,6 +75,23 @@ def test_layer_weights_sample_weights_and_one_hot_labels():
     )
     expected_loss, nearest = reference_loss(taps, x, y, margin, sample_weight=weights)
     assert_logs_match_reference(logs, expected_loss, nearest, margin, weights)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_class_balance_term_adds_to_the_margin_loss(weighted):
+    """With ``balance=b`` the margin loss is the reference hinge loss plus
+    b * KL(uniform || batch-mean prediction), computed here in float64."""
+    balance = 0.7
+    margin = margin_for(2, balance=balance)
+    model, taps = conv_net(margin)
+    model.compile(loss=CE)
+    x, y = digits(16)
+    weights = np.linspace(0.1, 2.0, len(x)).astype("float32") if weighted else None
+    logs = model.evaluate(x, y, sample_weight=weights, batch_size=16, return_dict=True, verbose=0)
+    hinge, _ = reference_loss(taps, x, y, margin, sample_weight=weights)
+    logits = np.asarray(taps(x)[0], dtype="float64")
+    term, _ = balance_reference(logits, np.ones(len(x)) if weights is None else weights)
+    np.testing.assert_allclose(logs["margin_loss"], float(hinge) + balance * term, rtol=1e-5)
 
 
 def test_probability_outputs_give_the_same_margin_as_logits():
