@@ -10,7 +10,11 @@ from helpers import CE, assert_config_round_trip, assert_model_file_round_trip, 
 
 from marginfit import LargeMargin, MarginModel
 
-MARGIN = LargeMargin(["input", "hidden"], gamma=0.2, alpha=2.0, top_k=2, competitors="top")
+# The authors' loss (top-scoring competitors, no class-balance term), which
+# the references compute.
+MARGIN = LargeMargin(
+    ["input", "hidden"], gamma=0.2, alpha=2.0, top_k=2, competitors="top", balance=0.0
+)
 
 
 def mlp_layers(seed=0):

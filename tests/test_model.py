@@ -325,6 +325,7 @@ def test_random_small_models_agree_with_the_reference(
         aggregation=aggregation,
         alpha=2.0,
         competitors="top",
+        balance=0.0,
     )
     model = MarginModel(inputs, logits, margin=margin)
     model.compile(loss=None)

@@ -35,7 +35,13 @@ def first_step_margin_loss(margin, x, y, batchnorm=True):
 def test_inference_coupling_uses_each_examples_own_gradient():
     x, y = digits(8)
     margin = LargeMargin(
-        LAYERS, gamma=0.2, alpha=2.0, top_k=2, coupling="inference", competitors="top"
+        LAYERS,
+        gamma=0.2,
+        alpha=2.0,
+        top_k=2,
+        coupling="inference",
+        competitors="top",
+        balance=0.0,
     )
     logged, taps = first_step_margin_loss(margin, x, y)
     expected, _ = reference.margin_loss(
@@ -54,7 +60,9 @@ def test_inference_coupling_uses_each_examples_own_gradient():
 def test_batch_coupling_is_the_authors_batch_summed_gradient():
     x, y = digits(8)
     gamma, alpha = 0.2, 2.0
-    margin = LargeMargin(LAYERS, gamma=gamma, alpha=alpha, coupling="batch", competitors="top")
+    margin = LargeMargin(
+        LAYERS, gamma=gamma, alpha=alpha, coupling="batch", competitors="top", balance=0.0
+    )
     logged, taps = first_step_margin_loss(margin, x, y)
     coupled, own = reference.batch_coupled_distances(taps, x, y, layers=LAYERS)
 
@@ -71,7 +79,9 @@ def test_batch_coupling_is_the_authors_batch_summed_gradient():
 
 def test_without_coupling_layers_batch_gradient_is_exact():
     x, y = digits(8)
-    margin = LargeMargin(LAYERS, gamma=0.2, alpha=2.0, coupling="batch", competitors="top")
+    margin = LargeMargin(
+        LAYERS, gamma=0.2, alpha=2.0, coupling="batch", competitors="top", balance=0.0
+    )
     logged, taps = first_step_margin_loss(margin, x, y, batchnorm=False)
     expected, _ = reference.margin_loss(
         taps, x, y, gamma=0.2, alpha=2.0, layers=LAYERS, training=True
