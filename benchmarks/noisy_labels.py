@@ -1,7 +1,9 @@
 """Noisy-label robustness: test accuracy against label-noise rate, per method.
 
 Trains the `marginfit train` network (its defaults: the margin loss alone,
-on the input and every hidden layer, Adam 1e-3, batch 64) with plain
+on the input and every hidden layer, Adam 1e-3 with a moving average of
+the weights (momentum 0.99) that validation and the test set use, batch 64)
+with plain
 cross-entropy, with the margin's defaults and with other margin settings, on
 each dataset, label-noise rate and seed. The network sees the noisy training
 data less a 10 % validation split, whose accuracy is logged per epoch
@@ -16,7 +18,8 @@ one line per method, min-max band), each naming the command.
 
     python benchmarks/noisy_labels.py [--data digits,digits28] \\
         [--noise 0,0.2,0.4,0.6,0.8] [--seeds 3] [--epochs 60] \\
-        [--methods cross-entropy,margin,top-1] [--output runs/noisy_labels]
+        [--ema 0.99] [--methods cross-entropy,margin,top-1] \\
+        [--output runs/noisy_labels]
 """
 
 import argparse
@@ -55,11 +58,12 @@ class CleanAccuracy(keras.callbacks.Callback):
         self.values.append(round(float(np.mean(predicted == self.y)), 4))
 
 
-def run(dataset, noise, seed, method, epochs):
+def run(dataset, noise, seed, method, epochs, ema):
     """One training run: its final test accuracy and validation curves."""
     options = METHODS[method] or []
     args = cli.parse_args(
-        ["train", "--data", dataset, "--seed", str(seed), "--epochs", str(epochs), *options]
+        ["train", "--data", dataset, "--seed", str(seed), "--epochs", str(epochs)]
+        + ["--ema", str(ema), *options]
     )
     (x_train, y_train), (x_test, y_test) = cli.load(dataset, noise, seed)
     (_, clean_train), _ = cli.load(dataset, 0.0, seed)
@@ -71,14 +75,18 @@ def run(dataset, noise, seed, method, epochs):
     x_val = x_train[validation_rows]
     clean = CleanAccuracy(x_val, clean_train[validation_rows])
     classes = data.num_classes(y_train, y_test)
-    model, _ = cli.build(args, x_train.shape[1:], classes, METHODS[method] is not None)
+    model, _ = cli.build(
+        args, x_train.shape[1:], classes, METHODS[method] is not None, len(x_train)
+    )
     history = model.fit(
         x_train[fit_rows],
         y_train[fit_rows],
         epochs=epochs,
         batch_size=args.batch_size,
         validation_data=(x_val, y_train[validation_rows]),
-        callbacks=[clean],
+        # With --ema, the clean accuracy is taken with the averaged weights,
+        # the ones validation and the test set see.
+        callbacks=[*cli.weight_average_callbacks(args, on_epoch_end=True), clean],
         verbose=0,
     )
     test = model.evaluate(x_test, y_test, batch_size=256, return_dict=True, verbose=0)
@@ -88,6 +96,7 @@ def run(dataset, noise, seed, method, epochs):
         "seed": seed,
         "method": method,
         "epochs": epochs,
+        "ema": ema,
         "test_accuracy": test["accuracy"],
         "val_accuracy": [round(v, 4) for v in history.history["val_accuracy"]],
         "clean_val_accuracy": clean.values,
@@ -180,6 +189,12 @@ def main(argv=None):
     parser.add_argument("--noise", default="0,0.2,0.4,0.6,0.8")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=cli.parse_args(["train"]).ema,
+        help="the weight average's momentum, for every method (default: marginfit's)",
+    )
     parser.add_argument("--methods", default="cross-entropy,margin,top-1")
     parser.add_argument("--output", default=os.path.join("runs", "noisy_labels"))
     args = parser.parse_args(argv)
@@ -196,14 +211,16 @@ def main(argv=None):
     if os.path.exists(log):
         with open(log) as file:
             runs = [json.loads(line) for line in file if line.strip()]
-    done = {(r["data"], r["noise"], r["seed"], r["method"], r["epochs"]) for r in runs}
+    # Runs from before the weight average have no "ema": they had none.
+    runs = [r for r in runs if (r["epochs"], r.get("ema", 0.0)) == (args.epochs, args.ema)]
+    done = {(r["data"], r["noise"], r["seed"], r["method"]) for r in runs}
     for dataset in datasets:
         for noise in noises:
             for seed in range(args.seeds):
                 for method in methods:
-                    if (dataset, noise, seed, method, args.epochs) in done:
+                    if (dataset, noise, seed, method) in done:
                         continue
-                    result = run(dataset, noise, seed, method, args.epochs)
+                    result = run(dataset, noise, seed, method, args.epochs, args.ema)
                     runs.append(result)
                     with open(log, "a") as file:
                         file.write(json.dumps(result) + "\n")
@@ -212,7 +229,6 @@ def main(argv=None):
                         f"test accuracy {result['test_accuracy']:.4f}",
                         flush=True,
                     )
-    runs = [r for r in runs if r["epochs"] == args.epochs]
     markdown = table(runs, datasets, noises, methods, command)
     with open(os.path.join(args.output, "noisy_labels.md"), "w") as file:
         file.write(markdown + "\n")

@@ -11,11 +11,14 @@ default; top-scoring top_k=1 and 9) x norm 2/inf x jit_compile off/on.
 Prints a table and a JSON line of ratios (margin step / CE step with the
 same jit setting), the peak memory of a few variants relative to CE
 (each in a fresh process), and the ratio of a naive per-example, per-class
-implementation, and the cost of the step's checks (`check_costs`: the
-in-step label checks, and the non-finite guard with SGD and with Adam).
+implementation, the cost of the step's checks (`check_costs`: the
+in-step label checks, and the non-finite guard with SGD and with Adam), and
+the ratio with the optimizer of `marginfit train` (`train_command_ratios`:
+Adam, with and without the weight average).
 Absolute times alone mean little; quote the ratios.
 
     python benchmarks/step_time.py [--repeats 5] [--steps 3] [--quick] [--checks-only]
+        [--train-command-only]
 """
 
 import argparse
@@ -71,10 +74,12 @@ def build(
     seed=0,
     on_nonfinite="skip",
     optimizer="sgd",
+    ema_momentum=None,
 ):
     """A compiled model; plain `keras.Model` when ``margin_options`` is None.
     ``optimizer``: "sgd" (the cheapest update, so that ratios show the loss)
-    or "adam" (the default of `marginfit train`), learning rate 1e-3."""
+    or "adam" (the default of `marginfit train`), learning rate 1e-3, with
+    Keras' moving average of the weights if ``ema_momentum`` is given."""
     keras.utils.set_random_seed(seed)
     network, layers = ARCHITECTURES[architecture]()
     if margin_options is None:
@@ -84,7 +89,10 @@ def build(
         model = marginfit.MarginModel(
             network.inputs, network.logits, margin=margin, on_nonfinite=on_nonfinite
         )
-    optimizer = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}[optimizer](1e-3)
+    averaging = {} if ema_momentum is None else {"use_ema": True, "ema_momentum": ema_momentum}
+    optimizer = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}[optimizer](
+        1e-3, **averaging
+    )
     model.compile(optimizer, loss=CE, jit_compile=jit_compile)
     return model
 
@@ -174,6 +182,27 @@ def check_costs(repeats, steps):
     for optimizer, ratio in report["nonfinite_guard_cost_ratio"].items():
         print(f"cnn default step, {optimizer}, non-finite guard / none: {ratio:.4f}", flush=True)
     return report
+
+
+def train_command_ratios(repeats, steps):
+    """The default CNN step over the CE step, both with Adam as `marginfit
+    train` runs them: ``with_weight_average`` (its default, momentum 0.99)
+    and ``without``; the four models timed interleaved."""
+    default = dict(approximate=True, competitors="sampled", top_k=1, norm=2)
+    settings = {"with_weight_average": 0.99, "without": None}
+    models = {
+        (setting, kind): build("cnn", options, optimizer="adam", ema_momentum=momentum)
+        for setting, momentum in settings.items()
+        for kind, options in (("margin", default), ("ce", None))
+    }
+    median = time_models(models, repeats, steps)
+    ratios = {
+        setting: round(median[(setting, "margin")] / median[(setting, "ce")], 4)
+        for setting in settings
+    }
+    for setting, ratio in ratios.items():
+        print(f"cnn default step / CE step, adam {setting}: {ratio:.4f}", flush=True)
+    return {"train_command_ratio": ratios}
 
 
 # ------------------------------------------------------------ naive reference
@@ -267,12 +296,20 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="top_k=1, norm 2, jit off only")
     parser.add_argument("--checks-only", action="store_true", help="only the checks' cost")
+    parser.add_argument(
+        "--train-command-only",
+        action="store_true",
+        help="only the default step with Adam, with and without the weight average",
+    )
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         return peak_memory_child(*args.memory_child)
     if args.checks_only:
         print(json.dumps(check_costs(max(args.repeats, 15), args.steps)))
+        return None
+    if args.train_command_only:
+        print(json.dumps(train_command_ratios(max(args.repeats, 15), args.steps)))
         return None
 
     # Sampled and top-scoring competitors cost the same for the same top_k.
@@ -316,6 +353,7 @@ def main(argv=None):
         print(f"peak memory growth over 5 steps, cnn {name} top_k=1 / CE: {ratio:.2f}", flush=True)
 
     report.update(check_costs(max(args.repeats, 15), args.steps))
+    report.update(train_command_ratios(max(args.repeats, 15), args.steps))
 
     report["naive_ratio"] = round(naive_ratio(), 1)
     print(f"naive per-example/per-class loop step / CE step: {report['naive_ratio']:.0f}x")

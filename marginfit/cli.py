@@ -11,6 +11,7 @@ with the margin and writes report.md with its table and PNG figures.
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -122,6 +123,13 @@ _OPTIONS = {
             "'adam' (default) or 'rmsprop': the authors' RMSProp (epsilon 1e-2, rate x0.96 "
             "every 2000 steps, gradients clipped to norm 5 per layer group)",
         ),
+        (
+            "--ema",
+            _rate,
+            0.99,
+            "momentum of the moving average of the weights (Keras' use_ema) that the val_ "
+            "logs, the test set and the saved model use (default 0.99; 0: the last weights)",
+        ),
         ("--batchnorm", bool, False, "batch normalization before each ReLU (default off)"),
         ("--l2", _non_negative, 0.0, "L2 weight on every kernel and bias (default 0)"),
         (
@@ -219,6 +227,7 @@ PRESETS = {
             "batchnorm": True,
             "l2": 2.5e-4,
             "balance": 0.0,
+            "ema": 0.0,
         },
         "network": {"conv_filters": (32, 64), "kernel_size": 5, "dense_units": (512,)},
     },
@@ -310,9 +319,12 @@ def margin_from(args, network):
     )
 
 
-def build(args, input_shape, num_classes, with_margin=True):
+def build(args, input_shape, num_classes, with_margin=True, num_examples=None):
     """The `networks.classifier`, compiled with one Adam per layer group;
-    the margin only if ``with_margin``. Returns ``(model, margin)``."""
+    the margin only if ``with_margin``. Returns ``(model, margin)``.
+
+    ``num_examples``, the training set's size, caps the weight average's
+    span (`ema_momentum`) for short runs."""
     keras.utils.set_random_seed(args.seed)
     shape = PRESETS[args.preset]["network"] if args.preset else {}
     network = networks.classifier(
@@ -326,8 +338,33 @@ def build(args, input_shape, num_classes, with_margin=True):
         args.lr_head,
         args.ce_weight,
         args.optimizer,
+        ema_momentum(args, num_examples),
     )
     return model, margin
+
+
+EMA_SHARE = 0.1
+"""Largest share of a run's steps that the weight average spans."""
+
+
+def ema_momentum(args, num_examples=None):
+    """The optimizers' ``ema_momentum``: None where ``--ema`` is 0, else
+    ``--ema``, lowered where needed so that the average's span,
+    ``1 / (1 - momentum)`` steps, is at most `EMA_SHARE` of the run's steps
+    on ``num_examples`` training examples (before the validation split)."""
+    if not args.ema:
+        return None
+    if num_examples is None:
+        return args.ema
+    batches = math.ceil(num_examples * (1 - args.validation_split) / args.batch_size)
+    return min(args.ema, max(0.0, 1 - 1 / (EMA_SHARE * args.epochs * batches)))
+
+
+def weight_average_callbacks(args, on_epoch_end=False):
+    """``[keras.callbacks.SwapEMAWeights]`` where ``--ema`` is on, so that
+    validation (and, if ``on_epoch_end``, the callbacks after it at epoch
+    end) sees the averaged weights; else ``[]``."""
+    return [keras.callbacks.SwapEMAWeights(on_epoch_end)] if args.ema else []
 
 
 def fit(args, model, data, output, verbose=1):
@@ -346,7 +383,7 @@ def fit(args, model, data, output, verbose=1):
             batch_size=args.batch_size,
             validation_data=validation,
             verbose=verbose,
-            callbacks=[keras.callbacks.CSVLogger(log)],
+            callbacks=[*weight_average_callbacks(args), keras.callbacks.CSVLogger(log)],
         )
     logs = model.evaluate(x_test, y_test, batch_size=256, return_dict=True, verbose=0)
     logs["seconds"] = time.perf_counter() - started
@@ -379,7 +416,9 @@ def train(args, argv):
 def _train(args, argv, output, strategy):
     data = load(args.data, args.label_noise, args.seed)
     with strategy.scope():
-        model, _ = build(args, data[0][0].shape[1:], data_lib.num_classes(data[0][1], data[1][1]))
+        (x_train, y_train), (_, y_test) = data
+        classes = data_lib.num_classes(y_train, y_test)
+        model, _ = build(args, x_train.shape[1:], classes, num_examples=len(x_train))
     _, logs = fit(args, model, data, output)
     with files.atomic_path(os.path.join(output, "model.keras")) as temporary:
         model.save(temporary)
@@ -417,7 +456,7 @@ def _compare(args, argv, output):
         row = {}
         for name, with_margin in (("cross-entropy", False), ("margin", True)):
             print(f"\n== {name}, label noise {noise:.0%} ==")
-            model, margin = build(args, shape, classes, with_margin)
+            model, margin = build(args, shape, classes, with_margin, len(data[0][0]))
             history, logs = fit(args, model, data, output, verbose=2)
             row[name] = logs["accuracy"]
             if noise == 0.0:

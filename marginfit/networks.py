@@ -141,44 +141,64 @@ def margin_layers(network, placement="input+all_hidden"):
     return names
 
 
-def _adam(rate, name):
-    return keras.optimizers.Adam(rate, name=name)
+def _adam(rate, name, **averaging):
+    return keras.optimizers.Adam(rate, name=name, **averaging)
 
 
-def _authors_rmsprop(rate, name):
+def _authors_rmsprop(rate, name, **averaging):
     """The authors' optimizer: RMSProp (epsilon 1e-2) with the rate decayed
     by 0.96 every 2000 steps and gradients clipped to global norm 5."""
     schedule = keras.optimizers.schedules.ExponentialDecay(rate, 2000, 0.96, staircase=True)
-    return keras.optimizers.RMSprop(schedule, epsilon=1e-2, global_clipnorm=5.0, name=name)
+    return keras.optimizers.RMSprop(
+        schedule, epsilon=1e-2, global_clipnorm=5.0, name=name, **averaging
+    )
 
 
 OPTIMIZERS = {"adam": _adam, "rmsprop": _authors_rmsprop}
-"""Optimizer kinds of `two_group_optimizer`: ``(rate, name) -> optimizer``."""
+"""Optimizer kinds of `two_group_optimizer`: ``(rate, name, **averaging) ->
+optimizer``, where ``averaging`` is Keras' ``use_ema`` and ``ema_momentum``."""
 
 
-def two_group_optimizer(model, network, lower_rate, upper_rate, kind="adam"):
+def two_group_optimizer(model, network, lower_rate, upper_rate, kind="adam", ema_momentum=None):
     """One optimizer for the network's lower layers (named ``"features"``)
     and one for the rest (``"head"``), on `discriminative_optimizer`.
 
     ``kind`` is a key of `OPTIMIZERS`: ``"adam"``, or ``"rmsprop"`` (the
     authors' RMSProp with its decay; its norm clipping applies per group).
+    ``ema_momentum`` in [0, 1), if given, makes both keep Keras' moving
+    average of the weights (``use_ema``), which ``fit()`` leaves in the
+    model when it ends.
     """
     if kind not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer {kind!r}; use one of {sorted(OPTIMIZERS)}.")
+    averaging = {}
+    if ema_momentum is not None:
+        if not 0 <= ema_momentum < 1:
+            raise ValueError(
+                f"`ema_momentum` must be in [0, 1); received {ema_momentum!r}. "
+                "Use None to keep no average of the weights."
+            )
+        averaging = {"use_ema": True, "ema_momentum": float(ema_momentum)}
     upper = [
         layer.name for layer in model.layers if layer.weights and layer.name not in network.lower
     ]
     return discriminative_optimizer(
         model,
         [
-            (OPTIMIZERS[kind](lower_rate, "features"), list(network.lower)),
-            (OPTIMIZERS[kind](upper_rate, "head"), upper),
+            (OPTIMIZERS[kind](lower_rate, "features", **averaging), list(network.lower)),
+            (OPTIMIZERS[kind](upper_rate, "head", **averaging), upper),
         ],
     )
 
 
 def margin_classifier(
-    network, margin, lower_rate=1e-3, upper_rate=1e-3, ce_weight=0.0, optimizer="adam"
+    network,
+    margin,
+    lower_rate=1e-3,
+    upper_rate=1e-3,
+    ce_weight=0.0,
+    optimizer="adam",
+    ema_momentum=None,
 ):
     """The network as a compiled `MarginModel` with `two_group_optimizer`.
 
@@ -189,11 +209,14 @@ def margin_classifier(
         ce_weight: Weight of the cross-entropy next to the margin (0: the
             margin alone). Ignored without a margin (cross-entropy alone).
         optimizer: The optimizer kind of both groups (see `OPTIMIZERS`).
+        ema_momentum: None, or the momentum in [0, 1) of the moving average
+            of the weights that the optimizers keep and ``fit()`` ends with
+            (see `two_group_optimizer`).
     """
     if not ce_weight >= 0:
         raise ValueError(f"`ce_weight` must be >= 0; received {ce_weight!r}.")
     model = MarginModel(network.inputs, network.logits, margin=margin)
-    optimizer = two_group_optimizer(model, network, lower_rate, upper_rate, optimizer)
+    optimizer = two_group_optimizer(model, network, lower_rate, upper_rate, optimizer, ema_momentum)
     if margin is not None and ce_weight == 0:
         model.compile(optimizer, loss=None, metrics=["accuracy"])
     else:

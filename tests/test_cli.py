@@ -36,6 +36,7 @@ def test_defaults_and_options():
         0,
     )
     assert args.ce_weight == 0.0
+    assert args.ema == 0.99
     args = parse(
         "compare",
         "--noise-levels",
@@ -275,9 +276,58 @@ def test_the_authors_preset_builds_their_configuration():
     assert isinstance(l2, keras.regularizers.L2) and np.isclose(l2.l2, 2.5e-4)
     for optimizer in model.optimizer.optimizers:
         assert isinstance(optimizer, keras.optimizers.RMSprop)
+        assert not optimizer.use_ema  # the authors average no weights
         assert (optimizer.epsilon, optimizer.global_clipnorm) == (1e-2, 5.0)
         schedule = optimizer._learning_rate
         assert isinstance(schedule, keras.optimizers.schedules.ExponentialDecay)
         assert (schedule.initial_learning_rate, schedule.decay_steps) == (0.1, 2000)
     logs = model.fit(x, y, batch_size=32, epochs=1, verbose=0).history
     assert np.isfinite(logs["loss"][0])
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 10, 60, 200])
+def test_weight_average_spans_at_most_a_tenth_of_the_run(epochs):
+    """The average spans 1 / (1 - momentum) steps: --ema's 100 steps where
+    the run is ten times longer, else a tenth of the run."""
+    args = parse("train", "--epochs", str(epochs))
+    (x_train, _), _ = data.load_digits()
+    batches = np.ceil(len(x_train) * (1 - args.validation_split) / args.batch_size)
+    steps = epochs * batches
+    momentum = cli.ema_momentum(args, len(x_train))
+    assert 0 <= momentum <= args.ema
+    assert 1 / (1 - momentum) <= 0.1 * steps * (1 + 1e-9) or momentum == 0
+    if steps >= 10 / (1 - args.ema):
+        assert momentum == args.ema
+    else:
+        assert np.isclose(1 / (1 - momentum), max(1.0, 0.1 * steps))
+    assert cli.ema_momentum(parse("train", "--ema", "0"), len(x_train)) is None
+    assert cli.ema_momentum(parse("train", "--preset", "authors"), len(x_train)) is None
+
+
+def test_validation_logs_and_the_saved_model_use_the_averaged_weights(tmp_path, monkeypatch):
+    """With --ema, the last epoch's val_ logs are those of the model fit()
+    leaves, which holds the average; the last training weights differ."""
+    args = parse("train", "--epochs", "3", "--ema", "0.9")
+    train, test = data.load_digits()
+    train = (train[0][:400], train[1][:400])
+    model, _ = cli.build(args, train[0].shape[1:], 10, with_margin=False, num_examples=400)
+    last = {}
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: last.update(
+            weights=[w.numpy() for w in model.trainable_weights]
+        )
+    )
+    original = marginfit.MarginModel.fit
+
+    def with_record(self, *args, callbacks=(), **kwargs):
+        return original(self, *args, callbacks=[*callbacks, record], **kwargs)
+
+    monkeypatch.setattr(marginfit.MarginModel, "fit", with_record)
+    history, _ = cli.fit(args, model, (train, test), str(tmp_path), verbose=0)
+    _, validation = data.split(*train, args.validation_split, args.seed)
+    logs = model.evaluate(*validation, return_dict=True, verbose=0)
+    # The swap in and out adds and subtracts weights: float32 rounding only.
+    np.testing.assert_allclose(history["val_loss"][-1], logs["loss"], rtol=1e-5)
+    assert not all(
+        np.allclose(w, v, rtol=1e-3) for w, v in zip(model.trainable_weights, last["weights"])
+    )

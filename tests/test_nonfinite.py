@@ -31,17 +31,20 @@ def poisoned(x, batch):
     return x
 
 
-def fit(x, y, policy="skip", callbacks=()):
-    """A fresh conv_net fitted for one epoch on ``x``, ``y`` in batches."""
+def fit(x, y, policy="skip", callbacks=(), ema_momentum=None):
+    """A fresh conv_net fitted for one epoch on ``x``, ``y`` in batches; with
+    Keras' moving average of the weights if ``ema_momentum`` is given."""
     model, _ = conv_net(MARGIN, on_nonfinite=policy)
-    model.compile(keras.optimizers.Adam(0.01), loss=CE)
+    averaging = {} if ema_momentum is None else {"use_ema": True, "ema_momentum": ema_momentum}
+    model.compile(keras.optimizers.Adam(0.01, **averaging), loss=CE)
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
     history = model.fit(data, epochs=1, verbose=0, callbacks=list(callbacks))
     return model, history.history
 
 
 def state(model):
-    """Weights and optimizer variables (moments, iteration count)."""
+    """Weights and optimizer variables (moments, iteration count, weight
+    averages)."""
     return [v.numpy() for v in model.weights + model.optimizer.variables]
 
 
@@ -51,12 +54,15 @@ def assert_same_state(a, b):
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_a_poisoned_batch_is_skipped_and_training_goes_on(batch):
-    model, logs = fit(poisoned(X, batch), Y)
+@pytest.mark.parametrize("ema_momentum", [None, 0.5])
+def test_a_poisoned_batch_is_skipped_and_training_goes_on(batch, ema_momentum):
+    model, logs = fit(poisoned(X, batch), Y, ema_momentum=ema_momentum)
     keep = np.arange(len(X)) // BATCH != batch
-    clean, _ = fit(X[keep], Y[keep])
+    clean, _ = fit(X[keep], Y[keep], ema_momentum=ema_momentum)
     assert logs["nonfinite_steps"] == [1.0]
     assert int(model.optimizer.iterations) == 2
+    if ema_momentum is not None:  # the average is among the state compared
+        assert len(model.optimizer._model_variables_moving_average) == len(model.trainable_weights)
     assert_same_state(model, clean)
 
 

@@ -290,3 +290,37 @@ def test_backtracking_sgd_trains_a_margin_model_in_fit():
     model.fit(x, y, batch_size=16, epochs=5, verbose=0)
     assert model.evaluate(x, y, return_dict=True, verbose=0)["loss"] < before
     assert int(model.optimizer.iterations) == 20
+
+
+def test_weight_average_is_the_moving_average_of_every_step():
+    """`networks.margin_classifier(ema_momentum=m)`: through MarginModel's
+    step, fit() ends with Keras' average of the weights after each step
+    (the first step's weights, then ``m * average + (1 - m) * weights``),
+    computed here in float64 from the weights recorded after every step."""
+    momentum, steps = 0.8, 6
+    network = marginfit.networks.classifier((8, 8, 1), 10, conv_filters=(4,), dense_units=(8,))
+    margin = marginfit.LargeMargin(marginfit.networks.margin_layers(network))
+    model = marginfit.networks.margin_classifier(network, margin, ema_momentum=momentum)
+    trajectory = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: trajectory.append(
+            [w.numpy().astype("float64") for w in model.trainable_weights]
+        )
+    )
+    x, y = digits(8 * steps)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, callbacks=[record], verbose=0)
+    average = trajectory[0]
+    for weights in trajectory[1:]:
+        average = [momentum * a + (1 - momentum) * w for a, w in zip(average, weights)]
+    # Each float32 step rounds by at most a few ulps of the largest weight.
+    for actual, expected in zip(model.trainable_weights, average, strict=True):
+        bound = 4 * steps * np.finfo("float32").eps * np.abs(expected).max()
+        np.testing.assert_allclose(actual.numpy(), expected, rtol=0, atol=bound)
+    assert not np.allclose(model.trainable_weights[0].numpy(), trajectory[-1][0])
+
+
+@pytest.mark.parametrize("momentum", [1.0, -0.1, 2])
+def test_weight_average_momentum_out_of_range_is_refused(momentum):
+    network = marginfit.networks.classifier((8, 8, 1), 10, conv_filters=(4,), dense_units=(8,))
+    with pytest.raises(ValueError, match=r"`ema_momentum` must be in \[0, 1\).*None"):
+        marginfit.networks.margin_classifier(network, None, ema_momentum=momentum)
