@@ -8,7 +8,8 @@ cross-entropy, with the margin's defaults and with other margin settings, on
 each dataset, label-noise rate and seed. The network sees the noisy training
 data less a 10 % validation split, whose accuracy is logged per epoch
 against its noisy labels (what a user sees) and against its clean labels
-(to spot stalls at chance; nothing is chosen by it); the clean test set is
+(to spot stalls at chance, with the training weights and with the averaged
+ones; nothing is chosen by it); the clean test set is
 evaluated once, at the end; there is no early stopping.
 
 Writes, into --output: ``runs.jsonl`` (one line per run; an interrupted
@@ -73,7 +74,11 @@ def run(dataset, noise, seed, method, epochs, ema):
         np.arange(len(y_train)), y_train, args.validation_split, seed
     )
     x_val = x_train[validation_rows]
-    clean = CleanAccuracy(x_val, clean_train[validation_rows])
+    # Clean accuracy of the training weights (stalls show there) and, with
+    # --ema, of the averaged weights that validation and the test set see.
+    training = CleanAccuracy(x_val, clean_train[validation_rows])
+    averaged = CleanAccuracy(x_val, clean_train[validation_rows])
+    swap = cli.weight_average_callbacks(args, on_epoch_end=True)
     classes = data.num_classes(y_train, y_test)
     model, _ = cli.build(
         args, x_train.shape[1:], classes, METHODS[method] is not None, len(x_train)
@@ -84,9 +89,7 @@ def run(dataset, noise, seed, method, epochs, ema):
         epochs=epochs,
         batch_size=args.batch_size,
         validation_data=(x_val, y_train[validation_rows]),
-        # With --ema, the clean accuracy is taken with the averaged weights,
-        # the ones validation and the test set see.
-        callbacks=[*cli.weight_average_callbacks(args, on_epoch_end=True), clean],
+        callbacks=[training, *swap, averaged] if swap else [training],
         verbose=0,
     )
     test = model.evaluate(x_test, y_test, batch_size=256, return_dict=True, verbose=0)
@@ -99,7 +102,8 @@ def run(dataset, noise, seed, method, epochs, ema):
         "ema": ema,
         "test_accuracy": test["accuracy"],
         "val_accuracy": [round(v, 4) for v in history.history["val_accuracy"]],
-        "clean_val_accuracy": clean.values,
+        "clean_val_accuracy": training.values,
+        **({"clean_val_accuracy_averaged": averaged.values} if swap else {}),
     }
 
 
@@ -118,14 +122,22 @@ STALL_AFTER = 5
 """Epochs after which the clean validation accuracy is watched for stalls."""
 
 
-def lowest_after_warm_up(runs, dataset, noise, method):
-    """Lowest clean validation accuracy after epoch `STALL_AFTER` over the
-    seeds of one setting, or None."""
+CURVES = {
+    "clean_val_accuracy": "the training weights",
+    "clean_val_accuracy_averaged": "the averaged weights (--ema), which lag the training "
+    "weights by about 1 / (1 - momentum) steps",
+}
+"""Clean validation accuracy curves of a run: what each is taken with."""
+
+
+def lowest_after_warm_up(runs, dataset, noise, method, curve="clean_val_accuracy"):
+    """Lowest value of a clean validation accuracy ``curve`` (a key of
+    `CURVES`) after epoch `STALL_AFTER` over the seeds of one setting, or
+    None."""
     values = [
-        min(r["clean_val_accuracy"][STALL_AFTER:])
+        min(r[curve][STALL_AFTER:])
         for r in runs
-        if (r["data"], r["noise"], r["method"]) == (dataset, noise, method)
-        and r.get("clean_val_accuracy")
+        if (r["data"], r["noise"], r["method"]) == (dataset, noise, method) and r.get(curve)
     ]
     return min(values) if values else None
 
@@ -141,17 +153,20 @@ def table(runs, datasets, noises, methods, command):
                 setting = spread(runs, dataset, noise, method)
                 cells.append("{:.4f} ({:.3f}-{:.3f})".format(*setting) if setting else "")
             lines.append(f"| {noise:.0%} | " + " | ".join(cells) + " |")
-        lines += [
-            "",
-            f"### {dataset}: lowest clean validation accuracy after epoch {STALL_AFTER} "
-            "(any seed; chance is 1 / classes)",
-            "",
-            *header,
-        ]
-        for noise in noises:
-            lowest = [lowest_after_warm_up(runs, dataset, noise, m) for m in methods]
-            cells = ["" if value is None else f"{value:.3f}" for value in lowest]
-            lines.append(f"| {noise:.0%} | " + " | ".join(cells) + " |")
+        for curve, weights in CURVES.items():
+            if not any(r.get(curve) for r in runs if r["data"] == dataset):
+                continue
+            lines += [
+                "",
+                f"### {dataset}: lowest clean validation accuracy after epoch {STALL_AFTER}, "
+                f"{weights} (any seed; chance is 1 / classes)",
+                "",
+                *header,
+            ]
+            for noise in noises:
+                lowest = [lowest_after_warm_up(runs, dataset, noise, m, curve) for m in methods]
+                cells = ["" if value is None else f"{value:.3f}" for value in lowest]
+                lines.append(f"| {noise:.0%} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
