@@ -66,6 +66,9 @@ def mlp():
 
 ARCHITECTURES = {"cnn": cnn, "mlp": mlp}
 
+DEFAULT_MARGIN = dict(approximate=True, competitors="sampled", top_k=1, norm=2)
+"""`LargeMargin` options of the default step (the others are its defaults)."""
+
 
 def build(
     architecture,
@@ -155,20 +158,19 @@ def check_costs(repeats, steps):
     in-step label checks (assertions, dropped under XLA) over the same step
     traced without them; ``nonfinite_guard_cost_ratio``, with SGD and with
     Adam, the step with ``on_nonfinite="skip"`` over ``"apply"``."""
-    default = dict(approximate=True, competitors="sampled", top_k=1, norm=2)
     x, y = batch()
-    unchecked = build("cnn", default)
+    unchecked = build("cnn", DEFAULT_MARGIN)
     no_assert = lambda *args, **kwargs: None  # noqa: E731
     with (
         mock.patch.object(tf.debugging, "assert_non_negative", no_assert),
         mock.patch.object(tf.debugging, "assert_less", no_assert),
     ):
         unchecked.train_on_batch(x, y)  # traced here, reused when timed
-    models = {"checked": build("cnn", default), "unchecked": unchecked}
+    models = {"checked": build("cnn", DEFAULT_MARGIN), "unchecked": unchecked}
     for optimizer in ("sgd", "adam"):
         for policy in ("skip", "apply"):
             models[(optimizer, policy)] = build(
-                "cnn", default, on_nonfinite=policy, optimizer=optimizer
+                "cnn", DEFAULT_MARGIN, on_nonfinite=policy, optimizer=optimizer
             )
     median = time_models(models, repeats, steps)
     report = {
@@ -188,12 +190,11 @@ def train_command_ratios(repeats, steps):
     """The default CNN step over the CE step, both with Adam as `marginfit
     train` runs them: ``with_weight_average`` (its default, momentum 0.99)
     and ``without``; the four models timed interleaved."""
-    default = dict(approximate=True, competitors="sampled", top_k=1, norm=2)
     settings = {"with_weight_average": 0.99, "without": None}
     models = {
         (setting, kind): build("cnn", options, optimizer="adam", ema_momentum=momentum)
         for setting, momentum in settings.items()
-        for kind, options in (("margin", default), ("ce", None))
+        for kind, options in (("margin", DEFAULT_MARGIN), ("ce", None))
     }
     median = time_models(models, repeats, steps)
     ratios = {
