@@ -415,17 +415,34 @@ def balance_term(outputs, output_kind, sample_weight=None):
         log(classes)`` >= 0, where ``p_mean`` is the (weighted) batch mean of
         the predicted probabilities.
     """
+    return balance_from_sums(balance_sums(outputs, output_kind, sample_weight))
+
+
+def balance_sums(outputs, output_kind, sample_weight=None):
+    """What `balance_term` needs of a batch, as sums over its examples (which
+    add up over the parts of a batch split between replicas).
+
+    Returns:
+        ``[classes + 1]`` float32: the (weighted) sum of the predicted
+        probabilities per class, then the sum of the weights (the number of
+        examples without ``sample_weight``).
+    """
     outputs = tf.cast(outputs, tf.float32)
     probabilities = tf.nn.softmax(outputs, axis=-1) if output_kind == "logits" else outputs
     if sample_weight is None:
-        mean = tf.reduce_mean(probabilities, axis=0)
+        weights = tf.ones_like(probabilities[:, :1])
     else:
         weights = tf.reshape(tf.cast(sample_weight, tf.float32), [-1, 1])
-        mean = tf.math.divide_no_nan(
-            tf.reduce_sum(weights * probabilities, axis=0), tf.reduce_sum(weights)
-        )
+    weighted = tf.reduce_sum(weights * probabilities, axis=0)
+    return tf.concat([weighted, tf.reshape(tf.reduce_sum(weights), [1])], axis=0)
+
+
+def balance_from_sums(sums):
+    """`balance_term` from `balance_sums` (of a batch, or added up over the
+    replicas' parts of it); float32 scalar."""
+    classes = sums.shape[0] - 1
+    mean = tf.math.divide_no_nan(sums[:classes], sums[classes])
     tiny = np.finfo("float32").tiny
-    classes = probabilities.shape[-1]
     return -tf.reduce_mean(tf.math.log(tf.maximum(mean, tiny))) - math.log(classes)
 
 

@@ -84,6 +84,34 @@ class ViolationRate(keras.metrics.Metric):
         return {**super().get_config(), "gamma": list(self.gamma)}
 
 
+@keras.saving.register_keras_serializable(package="marginfit")
+class StepCount(keras.metrics.Metric):
+    """Streaming count of the training steps at which an event happened
+    (e.g. a skipped update). Lower is better.
+
+    Under a distribution strategy every replica counts the step, and the
+    count is read from the first replica: an event the replicas agree on
+    (one shared update) counts once, in the epoch logs and in each batch's
+    logs alike (which average the replicas' values).
+
+    Args:
+        name: Name of the metric in the logs.
+        dtype: Dtype of the metric's state.
+    """
+
+    def __init__(self, name="steps", dtype=None):
+        super().__init__(name=name, dtype=dtype)
+        _keras_internals.declare_direction(self, "down")
+        self.count = self.add_variable((), "zeros", aggregation="only_first_replica", name="count")
+
+    def update_state(self, event):
+        """Adds 1 if the scalar bool ``event`` holds."""
+        self.count.assign_add(keras.ops.cast(event, self.dtype))
+
+    def result(self):
+        return keras.ops.cast(self.count, self.dtype)
+
+
 class MarginMetrics(_keras_internals.MetricsList):
     """The margin's metrics as one group: ``ce_loss``, ``margin_loss``,
     ``violation_rate``, ``dead_rate`` and one ``distance_<layer>`` per

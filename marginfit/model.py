@@ -8,11 +8,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from marginfit import _keras_internals, _multi_worker, checks, resume, updates
+from marginfit import _keras_internals, _multi_worker, checks, replicas, resume, updates
 from marginfit import margin as margin_lib
 from marginfit.callbacks import DeadExamplesWarning, NonFiniteStepError
 from marginfit.margin import INPUT, LargeMargin
-from marginfit.metrics import MarginMetrics
+from marginfit.metrics import MarginMetrics, StepCount
 
 _OUTPUT_KINDS = ("logits", "probabilities")
 # First half of the stateless seed of sampled competitors; the second is the
@@ -106,8 +106,7 @@ class MarginModel(keras.Model):
         # Training batches to pass over, set when resuming mid-epoch
         # (`marginfit.BackupAndRestore`).
         self.steps_to_skip = 0
-        self.nonfinite_steps = keras.metrics.Sum(name="nonfinite_steps")
-        _keras_internals.declare_direction(self.nonfinite_steps, "down")
+        self.nonfinite_steps = StepCount(name="nonfinite_steps")
         # Holds the Functional that also returns the margin activations; kept
         # out of Keras' tracking so that it adds nothing to saving or summary.
         self._taps = types.SimpleNamespace(model=None, layers=())
@@ -277,8 +276,9 @@ class MarginModel(keras.Model):
         """The forward pass of one step, with the margin.
 
         Returns ``(y_pred, penalty)``: the ``[batch, classes]`` outputs and
-        ``(margin_loss, nearest, dead)``: `margin.margin_loss` and the dead
-        examples of `margin.layer_distances`; None without a margin.
+        ``(margin_loss, nearest, dead)``: `margin.margin_loss` (plus the
+        class-balance term of the global batch) and the dead examples of
+        `margin.layer_distances`; None without a margin.
         """
         if self.margin is None:
             return self(x, training=training), None
@@ -290,20 +290,36 @@ class MarginModel(keras.Model):
         if training and self.margin.coupling == "inference":
             # The inference pass runs first, so that it sees the moving
             # statistics as they were before this step's training pass.
-            _, (distances, dead) = self._margin_distances(x, y, False, tape, "fresh")
+            _, (distances, dead), _ = self._margin_distances(x, y, False, tape, "fresh")
             y_pred = self(x, training=True)
+            balance = self._balance(y_pred, sample_weight)
         else:
             draws = "fresh" if training else "fixed"
-            y_pred, (distances, dead) = self._margin_distances(x, y, training, tape, draws)
+            y_pred, (distances, dead), balance = self._margin_distances(
+                x, y, training, tape, draws, sample_weight, with_balance=True
+            )
         margin_loss, nearest = margin_lib.margin_loss(distances, self.margin, sample_weight)
-        if self.margin.balance:
-            balance = margin_lib.balance_term(y_pred, self.output_kind, sample_weight)
+        if balance is not None:
             margin_loss += self.margin.balance * balance
         return y_pred, (margin_loss, nearest, dead)
 
-    def _margin_distances(self, x, y, training, outer_tape, draws):
-        """One forward pass: outputs, and `margin.layer_distances`'s
-        ``(distances, dead)``.
+    def _balance(self, y_pred, sample_weight, batch=None):
+        """The class-balance term of the global batch (None with
+        ``margin.balance=0``); ``batch``, a `replicas.GlobalBatch` that
+        already holds its sums, saves the all-reduce."""
+        if not self.margin.balance:
+            return None
+        if batch is None:
+            sums = margin_lib.balance_sums(y_pred, self.output_kind, sample_weight)
+            batch = replicas.GlobalBatch(tf.shape(y_pred)[0], sums)
+        return margin_lib.balance_from_sums(batch.sums)
+
+    def _margin_distances(
+        self, x, y, training, outer_tape, draws, sample_weight=None, with_balance=False
+    ):
+        """One forward pass: outputs, `margin.layer_distances`'s
+        ``(distances, dead)``, and the class-balance term if
+        ``with_balance`` (else None).
 
         ``draws`` chooses sampled competitors: ``"fresh"`` (a training step),
         ``"fixed"`` (a fixed seed, for evaluation) or ``"top"`` (the
@@ -318,6 +334,7 @@ class MarginModel(keras.Model):
                     "model received a nested structure."
                 )
             x = tf.convert_to_tensor(x)
+        sampled = margin.competitors == "sampled" and draws != "top"
         with tf.GradientTape(persistent=margin.top_k > 1) as tape:
             if on_input:
                 tape.watch(x)
@@ -325,13 +342,24 @@ class MarginModel(keras.Model):
             if self._taps.model is None:
                 self._check_output_shape(y_pred.shape)
             labels = margin_lib.class_indices(y, y_pred.shape[-1])
+            # One all-reduce (with several replicas) for the balance term's
+            # sums and the competitors' positions in the global batch.
+            batch = replicas.GlobalBatch(
+                tf.shape(y_pred)[0],
+                sums=(
+                    margin_lib.balance_sums(y_pred, self.output_kind, sample_weight)
+                    if with_balance and margin.balance
+                    else None
+                ),
+                positions=sampled,
+            )
             differences = margin_lib.score_differences(
                 y_pred,
                 labels,
                 margin.top_k,
                 margin.space,
                 self.output_kind,
-                self._competitor_draws(tf.shape(y_pred), draws),
+                self._competitor_draws(y_pred, batch.offset, draws) if sampled else None,
             )
         missing = [n for n in margin.layers if n != INPUT and n not in activations]
         if missing:
@@ -345,21 +373,21 @@ class MarginModel(keras.Model):
         for name, target in zip(margin.layers, targets):
             _check_floating(name, target.dtype)
         distances = margin_lib.layer_distances(tape, differences, targets, margin, outer_tape)
-        return y_pred, distances
+        balance = self._balance(y_pred, sample_weight, batch) if with_balance else None
+        return y_pred, distances, balance
 
-    def _competitor_draws(self, shape, draws):
-        """Random keys choosing sampled competitors (see `_margin_distances`),
-        or None for the top-scoring ones."""
-        if self.margin.competitors != "sampled" or draws == "top":
-            return None
+    def _competitor_draws(self, y_pred, offset, draws):
+        """``[batch, classes]`` random keys choosing sampled competitors (see
+        `_margin_distances`): each example's keys depend on its position
+        ``offset + i`` in the global batch and on the step, whatever the
+        number of replicas."""
         step = 0
         if draws == "fresh" and self.optimizer is not None:
             # A function of the step count, which checkpoints hold: a
             # restored model draws what the uninterrupted one would have.
             step = self.optimizer.iterations + 1
-        return tf.random.stateless_uniform(
-            shape, seed=tf.stack([_DRAW_SEED, tf.cast(step, tf.int64)])
-        )
+        seed = tf.stack([_DRAW_SEED, tf.cast(step, tf.int64)])
+        return replicas.uniform_rows(tf.shape(y_pred)[0], y_pred.shape[-1], seed, offset)
 
     def margin_distances(self, x, y, batch_size=256):
         """Each example's signed distance to the nearest competitor's boundary
@@ -383,7 +411,7 @@ class MarginModel(keras.Model):
 
         @tf.function(reduce_retracing=True)
         def nearest(xb, yb):
-            _, (distances, _) = self._margin_distances(xb, yb, False, None, "top")
+            _, (distances, _), _ = self._margin_distances(xb, yb, False, None, "top")
             return [tf.reduce_min(d, axis=-1) for d in distances]
 
         parts = [
@@ -496,7 +524,7 @@ class MarginModel(keras.Model):
             self._apply(gradients)
             return
         finite = updates.all_finite([loss, *gradients])
-        updates.count_once(self.nonfinite_steps, tf.logical_not(finite))
+        self.nonfinite_steps.update_state(tf.logical_not(finite))
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             self._apply(gradients)
         else:

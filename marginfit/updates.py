@@ -38,14 +38,6 @@ def all_finite(tensors):
     return finite
 
 
-def count_once(metric, event):
-    """Adds 1 to a summing ``metric`` where the scalar bool ``event``, once
-    per step however many replicas see it (they share one update)."""
-    context = tf.distribute.get_replica_context()
-    replica = 0 if context is None else context.replica_id_in_sync_group
-    metric.update_state(tf.cast(tf.logical_and(event, tf.equal(replica, 0)), tf.float32))
-
-
 def apply_if(condition, apply, args=()):
     """Runs ``apply(*args)`` (which updates variables) only where ``condition``.
 

@@ -1,4 +1,4 @@
-"""Trains the same model on one device and under MirroredStrategy over two
+"""Trains the same models on one device and under MirroredStrategy over two
 logical CPUs, on the same global batches; prints a JSON report."""
 
 import json
@@ -16,38 +16,47 @@ tf.config.experimental.enable_op_determinism()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from helpers import CE, conv_net, digits, distribution_margin  # noqa: E402
-
-MARGIN = distribution_margin()
-
+from helpers import CE, DISTRIBUTION_MARGINS, conv_net, digits  # noqa: E402
 
 BATCH = 16
 
 
-def train(strategy, reverse_batches=False):
-    """``reverse_batches`` reverses the examples inside each batch: the same
-    gradients, summed in another order."""
+class BatchLogs(keras.callbacks.Callback):
+    """Keeps the logs of every training batch."""
+
+    def on_train_begin(self, logs=None):
+        self.batches = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches.append({key: float(value) for key, value in logs.items()})
+
+
+def train(strategy, margin, nudge_weights=False):
+    """Weights and last logs after 2 epochs of 4 batches. ``nudge_weights``
+    moves every sample weight up by one float32 ulp: how far float32 rounding
+    alone moves this training (the examples keep their positions in the
+    batch, which sampled competitors depend on)."""
     with strategy.scope():
-        model, _ = conv_net(MARGIN, regularizer=keras.regularizers.L2(1e-3))
-        model.compile(keras.optimizers.SGD(0.5), loss=CE)
+        model, _ = conv_net(margin, regularizer=keras.regularizers.L2(1e-3))
+        model.compile(keras.optimizers.SGD(0.05), loss=CE)
     x, y = digits(64)
     weights = np.linspace(0.5, 1.5, len(x)).astype("float32")
-    if reverse_batches:
-        order = np.arange(len(x)).reshape(-1, BATCH)[:, ::-1].reshape(-1)
-        x, y, weights = x[order], y[order], weights[order]
+    if nudge_weights:
+        weights = np.nextafter(weights, np.float32(np.inf))
     history = model.fit(
         x, y, sample_weight=weights, batch_size=BATCH, epochs=2, shuffle=False, verbose=0
     )
     logs = {key: float(values[-1]) for key, values in history.history.items()}
-    return model, logs
+    return model.get_weights(), logs
 
 
-def poisoned(strategy, poison):
+def poisoned(strategy, margin, poison):
     """Weights after one epoch over four batches of ``BATCH`` in the order
     1, 2, 3, 4, where batch 2 has a NaN pixel in one example if ``poison``,
-    and is left out otherwise (1, 3, 4). Returns ``(weights, logs)``."""
+    and is left out otherwise (1, 3, 4). Returns ``(weights, epoch logs,
+    batch logs)``."""
     with strategy.scope():
-        model, _ = conv_net(MARGIN)
+        model, _ = conv_net(margin)
         model.compile(keras.optimizers.Adam(0.01), loss=CE)
     x, y = digits(4 * BATCH)
     if poison:
@@ -57,43 +66,49 @@ def poisoned(strategy, poison):
         keep = np.r_[0:BATCH, 2 * BATCH : 4 * BATCH]
         x, y = x[keep], y[keep]
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH)
-    history = model.fit(data, epochs=1, verbose=0)
-    return model.get_weights(), {key: float(v[-1]) for key, v in history.history.items()}
+    batches = BatchLogs()
+    history = model.fit(data, epochs=1, verbose=0, callbacks=[batches])
+    logs = {key: float(v[-1]) for key, v in history.history.items()}
+    return model.get_weights(), logs, batches.batches
+
+
+def max_difference(ours, theirs):
+    return max(float(np.abs(a - b).max()) for a, b in zip(ours, theirs, strict=True))
+
+
+def compare(margin, mirrored, one_device):
+    weights, mirrored_logs = train(mirrored, margin)
+    reference, single_logs = train(one_device, margin)
+    nudged, nudged_logs = train(one_device, margin, nudge_weights=True)
+    initial, _ = conv_net(margin)
+    return {
+        "max_weight_difference": max_difference(weights, reference),
+        "max_rounding_difference": max_difference(nudged, reference),
+        "max_weight_change": max_difference(reference, initial.get_weights()),
+        "mirrored": mirrored_logs,
+        "single": single_logs,
+        "nudged": nudged_logs,
+    }
 
 
 def main():
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    model, mirrored_logs = train(mirrored)
     one_device = tf.distribute.OneDeviceStrategy("/cpu:0")
-    reference, single_logs = train(one_device)
-    reordered, reordered_logs = train(one_device, reverse_batches=True)
-    clean_weights, _ = poisoned(mirrored, poison=False)
-    poisoned_weights, poisoned_logs = poisoned(mirrored, poison=True)
-    initial, _ = conv_net(MARGIN)
-    pairs = list(zip(model.get_weights(), reference.get_weights()))
-    rounding = list(zip(reordered.get_weights(), reference.get_weights()))
-    print(
-        json.dumps(
-            {
-                "replicas": mirrored.num_replicas_in_sync,
-                "max_weight_difference": max(float(np.abs(a - b).max()) for a, b in pairs),
-                # What float32 rounding alone moves the weights by.
-                "max_rounding_difference": max(float(np.abs(a - b).max()) for a, b in rounding),
-                "max_weight_change": max(
-                    float(np.abs(a - b).max())
-                    for a, b in zip(reference.get_weights(), initial.get_weights())
-                ),
-                # A batch with a NaN on one replica changes nothing.
-                "poisoned_max_difference": max(
-                    float(np.abs(a - b).max()) for a, b in zip(clean_weights, poisoned_weights)
-                ),
-                "poisoned_nonfinite_steps": poisoned_logs["nonfinite_steps"],
-                "mirrored": mirrored_logs,
-                "single": single_logs,
-                "reordered": reordered_logs,
-            }
-        )
-    )
+    defaults = DISTRIBUTION_MARGINS["defaults"]
+    clean_weights, _, _ = poisoned(mirrored, defaults, poison=False)
+    poisoned_weights, poisoned_logs, poisoned_batches = poisoned(mirrored, defaults, poison=True)
+    report = {
+        "replicas": mirrored.num_replicas_in_sync,
+        "margins": {
+            name: compare(margin, mirrored, one_device)
+            for name, margin in DISTRIBUTION_MARGINS.items()
+        },
+        # A batch with a NaN on one replica changes nothing.
+        "poisoned_max_difference": max_difference(clean_weights, poisoned_weights),
+        "poisoned_nonfinite_steps": poisoned_logs["nonfinite_steps"],
+        "poisoned_batch_nonfinite_steps": [logs["nonfinite_steps"] for logs in poisoned_batches],
+    }
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -64,20 +64,15 @@ def margin_for(norm, **options):
     return marginfit.LargeMargin(LAYERS, gamma=GAMMA[norm], norm=norm, alpha=ALPHA, **options)
 
 
-def distribution_margin(approximate=False):
-    """The margin of the distribution tests: every layer of conv_net, two
-    summed top-scoring competitors, the 1-norm."""
-    return marginfit.LargeMargin(
-        LAYERS,
-        competitors="top",
-        gamma=GAMMA[1],
-        norm=1,
-        alpha=ALPHA,
-        top_k=2,
-        aggregation="sum",
-        approximate=approximate,
-        balance=0.0,
-    )
+DISTRIBUTION_MARGINS = {
+    "defaults": marginfit.LargeMargin(LAYERS),
+    "defaults, exact": marginfit.LargeMargin(LAYERS, approximate=False),
+    "authors": marginfit.LargeMargin(LAYERS, competitors="top", balance=0.0),
+}
+"""The margins of the distribution and resume tests: the library's defaults
+(sampled competitors and the class-balance term, which depend on the
+global batch), the same with exact second-order gradients, and the
+authors' loss (top-scoring competitors, no balance term)."""
 
 
 def reference_loss(taps, x, y, margin, training=False, sample_weight=None):

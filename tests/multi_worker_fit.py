@@ -5,7 +5,7 @@ python multi_worker_fit.py OUT.json [INDEX PORT,PORT,...]
 Without INDEX, trains in one process; with it, sets TF_CONFIG for worker
 INDEX of a localhost cluster on the given ports and trains under
 MultiWorkerMirroredStrategy. Either way it fits, on the same global batches,
-a MarginModel with an approximate and one with an exact margin (per-group
+a MarginModel with each margin of `helpers.DISTRIBUTION_MARGINS` (per-group
 optimizers, sample weights, an L2 regularizer) and writes their final
 weights and logs to OUT.json.
 """
@@ -32,12 +32,11 @@ tf.config.experimental.enable_op_determinism()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from helpers import CE, conv_net, digits, distribution_margin  # noqa: E402
+from helpers import CE, DISTRIBUTION_MARGINS, conv_net, digits  # noqa: E402
 
 import marginfit  # noqa: E402
 
 BATCH = 16
-MARGINS = {approximate: distribution_margin(approximate) for approximate in (True, False)}
 
 
 def train(margin):
@@ -67,10 +66,7 @@ def train(margin):
 def main(path):
     report = {
         "replicas": STRATEGY.num_replicas_in_sync,
-        **{
-            ("approximate" if approximate else "exact"): train(margin)
-            for approximate, margin in MARGINS.items()
-        },
+        **{name: train(margin) for name, margin in DISTRIBUTION_MARGINS.items()},
     }
     with open(path, "w") as file:
         json.dump(report, file)

@@ -2,7 +2,7 @@
 
 python resume_worker.py DIR [INDEX PORT,PORT,...]
 
-Fits a MarginModel (sampled competitors, per-group optimizers) for 3 epochs
+Fits a MarginModel (the default margin, per-group optimizers) for 3 epochs
 of 8 steps on fixed batches, backing up every 3 steps into DIR/backup, and
 prints "step EPOCH BATCH" after each step. With INDEX it is worker INDEX of
 a localhost cluster (TF_CONFIG) under MultiWorkerMirroredStrategy. At the
@@ -31,7 +31,7 @@ from helpers import CE, conv_net, digits  # noqa: E402
 
 import marginfit  # noqa: E402
 
-MARGIN = marginfit.LargeMargin(["input", "conv", "dense"], gamma=0.2, alpha=2.0, top_k=2)
+MARGIN = marginfit.LargeMargin(["input", "conv", "dense"])
 
 
 class Progress(keras.callbacks.Callback):

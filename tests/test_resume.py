@@ -75,11 +75,15 @@ def assert_nothing_left(directory):
     assert "backup" not in names  # deleted once fit() ends
 
 
-def test_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
-    reference = str(tmp_path / "reference")
-    os.makedirs(reference)
-    run_to_end(reference)
-    expected = final_weights(reference)
+@pytest.fixture(scope="module")
+def one_process_weights(tmp_path_factory):
+    """The final weights of an uninterrupted run in one process."""
+    directory = str(tmp_path_factory.mktemp("reference"))
+    run_to_end(directory)
+    return final_weights(directory)
+
+
+def test_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, one_process_weights):
     chooser = random.Random(0)
     for kill in range(KILLS):
         directory = str(tmp_path / f"killed{kill}")
@@ -89,16 +93,20 @@ def test_killed_mid_epoch_resumes_to_the_same_weights(tmp_path):
         kill_at(directory, epoch, batch)
         assert not os.path.exists(os.path.join(directory, "final.npz"))
         run_to_end(directory)
-        assert_same_weights(final_weights(directory), expected)
+        assert_same_weights(final_weights(directory), one_process_weights)
         assert_nothing_left(directory)
 
 
-def test_killed_worker_resumes_the_cluster_to_the_same_weights(tmp_path):
+def test_killed_worker_resumes_the_cluster_to_the_same_weights(tmp_path, one_process_weights):
+    """Also the same weights as one process: the default margin is the same
+    function of the global batch on one process and on two workers."""
     reference = str(tmp_path / "reference")
     os.makedirs(reference)
     run_to_end(reference, free_ports(2))
     expected = final_weights(reference, 0)
     assert_same_weights(final_weights(reference, 1), expected)
+    for ours, theirs in zip(expected, one_process_weights, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
     directory = str(tmp_path / "killed")
     os.makedirs(directory)
     kill_at(directory, 1, 4, free_ports(2), victim=1)
