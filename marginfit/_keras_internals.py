@@ -20,6 +20,15 @@ Keras still has them and names what changed if not (run by the test suite).
 - ``Optimizer._get_variable_index``: how an optimizer finds the slot
   variables of a model variable in `update_step` (Keras' own optimizers use
   it; there is no public equivalent).
+- A Functional's graph (``Function._run_through_graph``, a Sequential's
+  ``_functional``, an operation's ``_inbound_nodes``): the taps model of a
+  margin inside a nested model calls the nested model's layers in the outer
+  graph (`marginfit.taps`); Keras' public graph tools (`clone_model`,
+  ``Model(inputs, layer.output)``) keep a nested model's layers in its own
+  graph, which the outer inputs do not reach.
+- ``data_adapters.get_data_adapter``: how `fit()` turns every input form it
+  takes (arrays, lists and dicts of arrays, datasets, `PyDataset`,
+  generators) into batches; `MarginModel.margin_distances` takes the same.
 """
 
 import keras
@@ -30,6 +39,7 @@ try:
     from keras.src.models.functional import Functional
     from keras.src.models.model import functional_init_arguments
     from keras.src.trainers.compile_utils import MetricsList
+    from keras.src.trainers.data_adapters import get_data_adapter
     from keras.src.trainers.trainer import Trainer
 except ImportError as error:  # pragma: no cover - depends on the Keras version
     raise ImportError(
@@ -41,9 +51,12 @@ except ImportError as error:  # pragma: no cover - depends on the Keras version
 __all__ = [
     "Functional",
     "MetricsList",
+    "batches",
     "declare_direction",
     "flatten_layers",
     "functional_class",
+    "graph_of",
+    "inbound_nodes",
     "functional_init_arguments",
     "init_functional",
     "loss_tracker",
@@ -105,6 +118,31 @@ def flatten_layers(model):
     return list(model._flatten_layers(include_self=False, recursive=True))
 
 
+def batches(x, y=None, batch_size=None):
+    """The batches `fit()` would make of ``(x, y)``, unshuffled, as a
+    `tf.data.Dataset` of ``(x, y)`` or ``(x, y, sample_weight)`` tuples."""
+    return get_data_adapter(x, y, batch_size=batch_size, shuffle=False).get_tf_dataset()
+
+
+def graph_of(model):
+    """The Functional graph of a Functional or a built Sequential model, whose
+    ``_run_through_graph(inputs, call_fn=...)`` calls ``call_fn(operation,
+    *args, **kwargs)`` at each node."""
+    if isinstance(model, keras.Sequential):
+        if model._functional is None:
+            raise ValueError(
+                f"Sequential model {model.name!r} has no graph yet: start it with "
+                "`keras.Input(...)` so that its layers can carry a margin."
+            )
+        return model._functional
+    return model
+
+
+def inbound_nodes(operation):
+    """The nodes (calls) of ``operation`` in every graph it is part of."""
+    return operation._inbound_nodes
+
+
 def variable_index(optimizer, variable):
     """Index of ``variable`` in the slot-variable lists of ``optimizer``."""
     return optimizer._get_variable_index(variable)
@@ -134,6 +172,17 @@ def verify():
         hasattr(keras.optimizers.Optimizer, "_get_variable_index"),
         "keras.optimizers.Optimizer._get_variable_index",
     )
+    expect(callable(get_data_adapter), "keras.src.trainers.data_adapters.get_data_adapter")
+    expect(
+        callable(getattr(Functional, "_run_through_graph", None)),
+        "keras.src.ops.function.Function._run_through_graph",
+    )
+    sequential = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    expect(
+        isinstance(getattr(sequential, "_functional", None), Functional),
+        "keras.Sequential._functional",
+    )
+    expect(hasattr(keras.layers.Dense(1), "_inbound_nodes"), "keras.Operation._inbound_nodes")
     # Used by marginfit/_multi_worker.py (see there).
     from keras.src.backend.tensorflow import trainer as tf_trainer
 

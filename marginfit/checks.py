@@ -19,21 +19,38 @@ from marginfit.margin import INPUT, LABEL_ERROR_PREFIX
 
 def check_data(model, x, y=None, sample_weight=None, name="fit()"):
     """`check_arrays` on arrays, or on the first batch of a `tf.data.Dataset`
-    given as ``x``; other inputs (generators, `PyDataset`) are left to the
-    step."""
+    given as ``x`` (which must be batched); other inputs (generators,
+    `PyDataset`) are left to the step."""
     if isinstance(x, tf.data.Dataset):
         for batch in x.take(1):
-            x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
             as_numpy = lambda t: None if t is None else tf.nest.map_structure(np.asarray, t)  # noqa: E731
-            check_arrays(
-                model,
-                as_numpy(x),
-                as_numpy(y),
-                as_numpy(sample_weight),
-                f"{name} (first batch of the dataset)",
-            )
+            x, y, sample_weight = map(as_numpy, keras.utils.unpack_x_y_sample_weight(batch))
+            _check_batched(model, x, y, name)
+            check_arrays(model, x, y, sample_weight, f"{name} (first batch of the dataset)")
         return
     check_arrays(model, x, y, sample_weight, name)
+
+
+def _check_batched(model, x, y, name):
+    """Raises `ValueError` where a dataset's first element is one example:
+    a scalar label, or inputs of one rank less than the model's."""
+    shapes = [np.shape(leaf) for leaf in tf.nest.flatten(x)]
+    try:
+        expected = [len(tensor.shape) for tensor in model.inputs]
+    except (AttributeError, ValueError, TypeError):
+        expected = None  # a subclassed model not built yet
+    single_example = (y is not None and np.ndim(y) == 0) or (
+        expected is not None
+        and len(expected) == len(shapes)
+        and all(len(shape) == rank - 1 for shape, rank in zip(shapes, expected))
+    )
+    if single_example:
+        labels = "" if y is None else f", y of shape {np.shape(y)}"
+        raise ValueError(
+            f"{name} received an unbatched tf.data.Dataset: its elements are single "
+            f"examples (x of shape {shapes[0] if len(shapes) == 1 else shapes}{labels}). "
+            "Batch it first, e.g. `dataset.batch(32)`."
+        )
 
 
 # Messages of the step's label checks: ours (`margin.class_indices`) and
@@ -70,29 +87,44 @@ def check_arrays(model, x, y=None, sample_weight=None, name="fit()"):
 
     Args:
         model: The `MarginModel` (with a margin).
-        x: ``[n, ...]`` inputs.
+        x: ``[n, ...]`` inputs, or a list or dict of them (several inputs).
         y: ``[n]``/``[n, 1]`` class indices or ``[n, classes]`` one-hot or
             soft labels.
         sample_weight: Optional ``[n]`` non-negative weights.
         name: The call being checked, for the messages.
     """
-    if not _is_array(x):
+    leaves = tf.nest.flatten(x) if isinstance(x, (list, tuple, dict)) else [x]
+    if not leaves or not all(_is_array(leaf) for leaf in leaves):
         return
-    x = np.asarray(x)
-    if x.ndim == 0 or len(x) == 0:
-        raise ValueError(f"{name} received no examples (x has shape {x.shape}); give at least one.")
-    if INPUT in model.margin.layers and not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(
-            f"{name} received x of dtype {x.dtype}, but the margin on 'input' needs "
-            "the gradient with respect to the inputs, which integers do not have. "
-            "Cast the inputs to float, e.g. x.astype('float32') / 255."
+    leaves = [np.asarray(leaf) for leaf in leaves]
+    for leaf in leaves:
+        if leaf.ndim == 0 or len(leaf) == 0:
+            raise ValueError(
+                f"{name} received no examples (x has shape {leaf.shape}); give at least one."
+            )
+    if len({len(leaf) for leaf in leaves}) > 1:
+        raise ValueError(
+            f"{name} received inputs with different numbers of examples "
+            f"({[len(leaf) for leaf in leaves]}); give every input one row per example."
         )
-    if np.issubdtype(x.dtype, np.floating):
-        _check_finite(x, "x", name)
+    if INPUT in model.margin.layers and len(leaves) == 1:
+        if not np.issubdtype(leaves[0].dtype, np.floating):
+            raise TypeError(
+                f"{name} received x of dtype {leaves[0].dtype}, but the margin on 'input' "
+                "needs the gradient with respect to the inputs, which integers do not "
+                "have. If x holds pixel values, cast it to float (e.g. "
+                "x.astype('float32') / 255); if it holds token ids or other indices, "
+                "put the margin on the layer that embeds them (e.g. an Embedding "
+                "layer) instead of 'input'."
+            )
+    for leaf in leaves:
+        if np.issubdtype(leaf.dtype, np.floating):
+            _check_finite(leaf, "x", name)
+    examples = len(leaves[0])
     if y is not None and _is_array(y):
-        _check_labels(model, np.asarray(y), len(x), name)
+        _check_labels(model, np.asarray(y), examples, name)
     if sample_weight is not None and _is_array(sample_weight):
-        _check_weights(np.asarray(sample_weight), len(x), name)
+        _check_weights(np.asarray(sample_weight), examples, name)
 
 
 def _is_array(value):

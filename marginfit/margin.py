@@ -527,7 +527,8 @@ def _gradients(tape, differences, activations, selector, names):
             raise ValueError(
                 f"The model output does not depend on margin layer {name!r} in "
                 "the recorded forward pass. Put the margin on a layer between "
-                "the inputs and the output."
+                "the inputs and the output (with integer inputs, after a "
+                "trainable layer: the tape records nothing before it)."
             )
     return gradients
 

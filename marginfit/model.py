@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from marginfit import _keras_internals, _multi_worker, checks, replicas, resume, updates
+from marginfit import _keras_internals, _multi_worker, checks, replicas, resume, taps, updates
 from marginfit import margin as margin_lib
 from marginfit.callbacks import DeadExamplesWarning, NonFiniteStepError
 from marginfit.margin import INPUT, LargeMargin
@@ -110,6 +110,8 @@ class MarginModel(keras.Model):
         # Holds the Functional that also returns the margin activations; kept
         # out of Keras' tracking so that it adds nothing to saving or summary.
         self._taps = types.SimpleNamespace(model=None, layers=())
+        # The traced function of `margin_distances`, made on its first call.
+        self._functions = types.SimpleNamespace(nearest=None)
         self.margin_metrics = MarginMetrics(margin.layers, margin.gamma) if margin else None
         if margin is not None and self._is_functional:
             self._build_activation_model()
@@ -131,7 +133,14 @@ class MarginModel(keras.Model):
             inputs, outputs = model.inputs, model.outputs
         except (AttributeError, ValueError):
             inputs = outputs = None
-        if not inputs or not outputs:
+        if inputs and outputs:
+            # As the model was built (one tensor, or its list or dict), so
+            # that the wrapped model takes and serves what the model did.
+            if isinstance(model, _keras_internals.Functional):
+                inputs, outputs = model.input, model.output
+            else:
+                (inputs,), (outputs,) = inputs, outputs
+        else:
             raise ValueError(
                 f"Cannot wrap model {model.name!r}: it has no symbolic inputs "
                 "and outputs. Wrap a Functional model or a Sequential model "
@@ -210,7 +219,7 @@ class MarginModel(keras.Model):
             )
 
     def _build_activation_model(self):
-        """Validates the margin against the graph; builds the tap model."""
+        """Validates the margin against the graph; builds the taps model."""
         if len(self.outputs) != 1:
             raise ValueError(
                 f"MarginModel needs exactly one classification output; model "
@@ -218,43 +227,42 @@ class MarginModel(keras.Model):
                 "[batch, classes] output."
             )
         self._check_output_shape(self.outputs[0].shape)
-        if INPUT in self.margin.layers and len(self.inputs) != 1:
+        if self.output_kind == "logits" and taps.ends_in_softmax(self):
+            warnings.warn(
+                f"MarginModel(output='logits') received model {self.name!r}, whose "
+                "output is made by a softmax, so it emits probabilities, not logits. "
+                "Pass output='probabilities', or remove the softmax.",
+                stacklevel=3,
+            )
+        if INPUT in self.margin.layers:
+            self._check_input_margin()
+        hidden = [name for name in self.margin.layers if name != INPUT]
+        self._taps.model = taps.tap_model(self, hidden, _check_activation)
+        self._taps.layers = tuple(hidden)
+
+    def _check_input_margin(self):
+        """The margin on ``"input"`` needs one floating-point input."""
+        if len(self.inputs) != 1:
             raise ValueError(
                 f"The margin on 'input' needs a model with one input; model "
                 f"{self.name!r} has {len(self.inputs)}. Put the margin on a "
                 "layer after the inputs are merged."
             )
-        by_name = {layer.name: layer for layer in self.layers}
-        hidden = [name for name in self.margin.layers if name != INPUT]
-        missing = [name for name in hidden if name not in by_name]
-        if missing:
-            raise ValueError(
-                f"Margin layer(s) {missing} not found in model {self.name!r}. "
-                f"Valid names: {[INPUT, *by_name]}."
+        dtype = keras.backend.standardize_dtype(self.inputs[0].dtype)
+        if not keras.backend.is_float_dtype(dtype):
+            embeddings = taps.embedding_layers(self)
+            where = (
+                f"the layer that embeds them: {embeddings[0]!r}"
+                if len(embeddings) == 1
+                else f"one of the layers that embed them: {embeddings}"
+                if embeddings
+                else "the first layer with a floating-point output"
             )
-        tensors = []
-        for name in hidden:
-            try:
-                tensor = by_name[name].output
-            except (AttributeError, ValueError) as error:
-                raise ValueError(
-                    f"Margin layer {name!r} has no single output tensor "
-                    f"({error}). Choose a layer that is called once and "
-                    "returns one tensor."
-                ) from None
-            if not isinstance(tensor, keras.KerasTensor):
-                raise ValueError(
-                    f"Margin layer {name!r} returns {type(tensor).__name__}, "
-                    "not one tensor. Choose a layer that returns one tensor."
-                )
-            _check_floating(name, tensor.dtype)
-            tensors.append(tensor)
-        if not hidden:
-            return
-        self._taps.layers = tuple(hidden)
-        self._taps.model = keras.Model(
-            self.inputs, [self.outputs[0], *tensors], name=f"{self.name}_taps"
-        )
+            raise TypeError(
+                f"The margin on 'input' needs floating-point inputs, but model "
+                f"{self.name!r} takes {dtype} inputs (e.g. token ids), which have no "
+                f"gradient. Put the margin on {where}, instead of 'input'."
+            )
 
     def _check_output_shape(self, shape):
         shape = tuple(shape)
@@ -336,8 +344,10 @@ class MarginModel(keras.Model):
             x = tf.convert_to_tensor(x)
         sampled = margin.competitors == "sampled" and draws != "top"
         with tf.GradientTape(persistent=margin.top_k > 1) as tape:
-            if on_input:
-                tape.watch(x)
+            # Every float input, so that the tape records the path to a margin
+            # layer that no trainable weight precedes (a frozen base, a
+            # concatenation of inputs).
+            tape.watch([t for t in tf.nest.flatten(x) if tf.is_tensor(t) and t.dtype.is_floating])
             y_pred, activations = self.call_with_activations(x, training=training)
             if self._taps.model is None:
                 self._check_output_shape(y_pred.shape)
@@ -389,16 +399,19 @@ class MarginModel(keras.Model):
         seed = tf.stack([_DRAW_SEED, tf.cast(step, tf.int64)])
         return replicas.uniform_rows(tf.shape(y_pred)[0], y_pred.shape[-1], seed, offset)
 
-    def margin_distances(self, x, y, batch_size=256):
+    def margin_distances(self, x, y=None, batch_size=256):
         """Each example's signed distance to the nearest competitor's boundary
         at every margin layer, in inference mode: the nearest of the margin's
         ``top_k`` highest-scoring competitors (also where the margin trains
         on sampled ones).
 
         Args:
-            x: ``[n, ...]`` inputs.
-            y: ``[n]`` labels (or one-hot ``[n, classes]``).
-            batch_size: Examples per batch.
+            x: The inputs, in any form `fit()` takes: an ``[n, ...]`` array, a
+                list or dict of arrays for a model with several inputs, or a
+                `tf.data.Dataset` (or `keras.utils.PyDataset`, or generator)
+                of ``(x, y)`` batches, with ``y`` left None.
+            y: ``[n]`` labels (or one-hot ``[n, classes]``) for array inputs.
+            batch_size: Examples per batch, for array inputs.
 
         Returns:
             ``{layer name: [n] float32 numpy array}``.
@@ -408,16 +421,24 @@ class MarginModel(keras.Model):
                 "This MarginModel has no margin; give it a `margin` (or wrap "
                 "the model with `MarginModel.wrap(model, margin=...)`)."
             )
+        checks.check_data(self, x, y, name="margin_distances()")
+        if self._functions.nearest is None:
 
-        @tf.function(reduce_retracing=True)
-        def nearest(xb, yb):
-            _, (distances, _), _ = self._margin_distances(xb, yb, False, None, "top")
-            return [tf.reduce_min(d, axis=-1) for d in distances]
+            @tf.function(reduce_retracing=True)
+            def nearest(xb, yb):
+                _, (distances, _), _ = self._margin_distances(xb, yb, False, None, "top")
+                return [tf.reduce_min(d, axis=-1) for d in distances]
 
-        parts = [
-            nearest(tf.constant(x[i : i + batch_size]), tf.constant(y[i : i + batch_size]))
-            for i in range(0, len(x), batch_size)
-        ]
+            self._functions.nearest = nearest
+        parts = []
+        for batch in _keras_internals.batches(x, y, batch_size):
+            xb, yb, _ = keras.utils.unpack_x_y_sample_weight(batch)
+            if yb is None:
+                raise ValueError(
+                    "margin_distances() needs labels: pass `y` with array inputs, "
+                    "or a dataset of (x, y) batches."
+                )
+            parts.append(self._functions.nearest(xb, yb))
         return {
             name: np.concatenate([part[k].numpy() for part in parts])
             for k, name in enumerate(self.margin.layers)
@@ -567,14 +588,30 @@ class MarginModel(keras.Model):
             _multi_worker.symbolic_build(self, iterator, error)
 
 
+def _check_activation(name, tensor):
+    """A margin layer's output must be one floating-point tensor."""
+    if not isinstance(tensor, keras.KerasTensor):
+        raise ValueError(
+            f"Margin layer {name!r} returns {type(tensor).__name__}, "
+            "not one tensor. Choose a layer that returns one tensor."
+        )
+    _check_floating(name, tensor.dtype)
+
+
 def _check_floating(layer_name, dtype):
     """Distances need gradients, which only floating-point tensors have."""
-    if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(dtype)):
+    dtype = keras.backend.standardize_dtype(dtype)
+    if not keras.backend.is_float_dtype(dtype):
         if layer_name == INPUT:
-            fix = "Cast the inputs to float, e.g. `x.astype('float32') / 255`."
+            fix = (
+                "If the inputs are pixel values, cast them to float (e.g. "
+                "`x.astype('float32') / 255`); if they are token ids or other "
+                "indices, put the margin on the layer that embeds them (e.g. an "
+                "Embedding layer) instead of 'input'."
+            )
         else:
             fix = "Choose a layer with a floating-point output, or cast its output."
         raise TypeError(
-            f"Margin layer {layer_name!r} outputs {keras.backend.standardize_dtype(dtype)}, "
-            f"which has no gradient, so no distance to the boundary. {fix}"
+            f"Margin layer {layer_name!r} outputs {dtype}, which has no gradient, "
+            f"so no distance to the boundary. {fix}"
         )

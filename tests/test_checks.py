@@ -36,7 +36,7 @@ BAD = {
         ValueError,
         "one-hot (or soft) labels of width 7",
     ),
-    "integer images": (dict(x=(X * 16).astype("int8")), TypeError, "Cast the inputs to float"),
+    "integer images": (dict(x=(X * 16).astype("int8")), TypeError, "cast it to float"),
     "labels too large": (dict(y=np.where(Y == 3, 10, Y)), ValueError, "outside 0..9 (e.g. 10"),
     "negative labels": (dict(y=np.where(Y == 3, -1, Y)), ValueError, "outside 0..9 (e.g. -1"),
     "empty data": (dict(x=X[:0], y=Y[:0]), ValueError, "received no examples"),
