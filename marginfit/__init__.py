@@ -1,6 +1,6 @@
 """marginfit: large-margin training inside plain Keras `fit()`/`evaluate()`."""
 
-from marginfit import networks
+from marginfit import losses, networks
 from marginfit.callbacks import DistanceHistograms, GroupLearningRateScheduler
 from marginfit.data import load_digits
 from marginfit.losses import HuberLoss
@@ -23,6 +23,7 @@ __all__ = [
     "discriminative_optimizer",
     "load_digits",
     "load_model",
+    "losses",
     "networks",
     "save_model",
 ]

@@ -1,6 +1,11 @@
-"""Losses with complete, reloadable configs."""
+"""Losses with complete, reloadable configs: a Huber loss, and the losses
+robust to label noise that the margin is measured against."""
+
+import math
 
 import keras
+import numpy as np
+from keras import ops
 
 
 @keras.saving.register_keras_serializable(package="marginfit")
@@ -29,3 +34,233 @@ class HuberLoss(keras.losses.Huber):
 
     def get_config(self):
         return {**super().get_config(), "threshold": self.threshold}
+
+
+# ------------------------------------------------- losses robust to label noise
+# Written from the papers and checked against the authors' reference code
+# (the clipping constants are theirs). Labels are class indices ([batch] or
+# [batch, 1]) or one-hot rows ([batch, classes]); predictions are logits
+# (``from_logits=True``) or probabilities.
+
+_PROBABILITY_FLOOR = 1e-7
+"""Where the reference code of GCE, SCE and RCE clips probabilities."""
+_RCE_LOG_ZERO = -math.log(1e-4)
+"""``-log 0`` in the reverse cross-entropy: the reference code clips the
+one-hot label to 1e-4 before taking its log (the SCE paper writes A = -4)."""
+
+
+def _label_probabilities(y_true, y_pred, from_logits):
+    """``(p_y, p, log_p, one_hot)``: the probability of each example's label
+    ``[batch]``; the probabilities, their logs and the one-hot labels
+    ``[batch, classes]``; float32."""
+    y_pred = ops.cast(y_pred, "float32")
+    classes = y_pred.shape[-1]
+    if from_logits:
+        log_p = ops.log_softmax(y_pred, axis=-1)
+        p = ops.exp(log_p)
+    else:
+        p = y_pred
+        log_p = ops.log(ops.maximum(p, np.finfo("float32").tiny))
+    y_true = ops.convert_to_tensor(y_true)
+    if len(y_true.shape) == 2 and y_true.shape[-1] == classes and classes > 1:
+        labels = ops.argmax(y_true, axis=-1)
+    else:
+        labels = ops.reshape(y_true, [-1])
+    one_hot = ops.one_hot(ops.cast(labels, "int32"), classes)
+    return ops.sum(one_hot * p, axis=-1), p, log_p, one_hot
+
+
+def _reverse_cross_entropy(p, one_hot):
+    """``-sum_k p_k log q_k`` with the one-hot label ``q`` clipped to 1e-4 and
+    ``p`` to 1e-7 (the reference code): ``-log(1e-4)`` times the clipped
+    probability mass off the label. ``[batch]``."""
+    clipped = ops.maximum(p, _PROBABILITY_FLOOR)
+    return _RCE_LOG_ZERO * ops.sum((1.0 - one_hot) * clipped, axis=-1)
+
+
+def _normalized_cross_entropy(log_p, one_hot):
+    """``log p_y / sum_k log p_k`` (Ma et al. 2020), in [0, 1]. ``[batch]``."""
+    return ops.sum(one_hot * log_p, axis=-1) / ops.sum(log_p, axis=-1)
+
+
+class _RobustLoss(keras.losses.Loss):
+    """A per-example loss of the label's probability; subclasses give
+    `per_example` and their hyperparameters."""
+
+    def __init__(self, from_logits, reduction, name, dtype):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.from_logits = bool(from_logits)
+
+    def call(self, y_true, y_pred):
+        return self.per_example(*_label_probabilities(y_true, y_pred, self.from_logits))
+
+    def get_config(self):
+        return {**super().get_config(), "from_logits": self.from_logits}
+
+
+def _positive(name, value, upper=None):
+    if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+        raise ValueError(f"`{name}` must be a positive float; received {value!r}.")
+    if upper is not None and value > upper:
+        raise ValueError(f"`{name}` must be at most {upper}; received {value!r}.")
+    return float(value)
+
+
+def _non_negative(name, value):
+    if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+        raise ValueError(f"`{name}` must be a float >= 0; received {value!r}.")
+    return float(value)
+
+
+@keras.saving.register_keras_serializable(package="marginfit")
+class GeneralizedCrossEntropy(_RobustLoss):
+    """Generalized cross-entropy (Zhang & Sabuncu 2018, arXiv 1805.07836).
+
+    Per example: ``(1 - p_y**q) / q``, with ``p_y`` the predicted probability
+    of the label (clipped below at 1e-7, as in the reference code). ``q -> 0``
+    gives the cross-entropy, ``q = 1`` the mean absolute error.
+
+    Args:
+        q: In (0, 1]; 0.7, the authors' setting for MNIST and CIFAR.
+        from_logits: Whether ``y_pred`` are logits (else probabilities).
+        reduction, name, dtype: As for `keras.losses.Loss`.
+
+    Example:
+        ``model.compile("adam", marginfit.losses.GeneralizedCrossEntropy(from_logits=True))``
+    """
+
+    def __init__(
+        self,
+        q=0.7,
+        from_logits=False,
+        reduction="sum_over_batch_size",
+        name="generalized_cross_entropy",
+        dtype=None,
+    ):
+        super().__init__(from_logits, reduction, name, dtype)
+        self.q = _positive("q", q, upper=1.0)
+
+    def per_example(self, p_y, p, log_p, one_hot):
+        return (1.0 - ops.power(ops.maximum(p_y, _PROBABILITY_FLOOR), self.q)) / self.q
+
+    def get_config(self):
+        return {**super().get_config(), "q": self.q}
+
+
+@keras.saving.register_keras_serializable(package="marginfit")
+class SymmetricCrossEntropy(_RobustLoss):
+    """Symmetric cross-entropy (Wang et al. 2019, arXiv 1908.06112).
+
+    Per example: ``alpha * CE + beta * RCE``, where ``CE = -log p_y`` and the
+    reverse cross-entropy ``RCE = -sum_k p_k log q_k`` takes the one-hot label
+    ``q`` clipped to 1e-4 (so ``RCE = 9.21 * (1 - p_y)`` up to clipping, as in
+    the reference code).
+
+    Args:
+        alpha: Weight of the cross-entropy; the authors use 0.01 on MNIST,
+            0.1 on CIFAR-10.
+        beta: Weight of the reverse cross-entropy; 1.0 on both.
+        from_logits, reduction, name, dtype: As for `GeneralizedCrossEntropy`.
+    """
+
+    def __init__(
+        self,
+        alpha=0.1,
+        beta=1.0,
+        from_logits=False,
+        reduction="sum_over_batch_size",
+        name="symmetric_cross_entropy",
+        dtype=None,
+    ):
+        super().__init__(from_logits, reduction, name, dtype)
+        self.alpha = _non_negative("alpha", alpha)
+        self.beta = _non_negative("beta", beta)
+
+    def per_example(self, p_y, p, log_p, one_hot):
+        cross_entropy = -ops.sum(one_hot * log_p, axis=-1)
+        return self.alpha * cross_entropy + self.beta * _reverse_cross_entropy(p, one_hot)
+
+    def get_config(self):
+        return {**super().get_config(), "alpha": self.alpha, "beta": self.beta}
+
+
+@keras.saving.register_keras_serializable(package="marginfit")
+class NCEAndRCE(_RobustLoss):
+    """Normalized cross-entropy plus reverse cross-entropy, the active-passive
+    loss of Ma et al. 2020 (arXiv 2006.13554).
+
+    Per example: ``alpha * NCE + beta * RCE``, where ``NCE = log p_y /
+    sum_k log p_k`` (the cross-entropy normalized over every label, in
+    [0, 1]) and ``RCE`` is `SymmetricCrossEntropy`'s reverse cross-entropy.
+
+    Args:
+        alpha: Weight of the active term (NCE); the authors use 1.0 on MNIST
+            and CIFAR-10.
+        beta: Weight of the passive term (RCE); 10.0 on MNIST, 1.0 on
+            CIFAR-10.
+        from_logits, reduction, name, dtype: As for `GeneralizedCrossEntropy`.
+    """
+
+    def __init__(
+        self,
+        alpha=1.0,
+        beta=1.0,
+        from_logits=False,
+        reduction="sum_over_batch_size",
+        name="nce_and_rce",
+        dtype=None,
+    ):
+        super().__init__(from_logits, reduction, name, dtype)
+        self.alpha = _non_negative("alpha", alpha)
+        self.beta = _non_negative("beta", beta)
+
+    def per_example(self, p_y, p, log_p, one_hot):
+        active = _normalized_cross_entropy(log_p, one_hot)
+        return self.alpha * active + self.beta * _reverse_cross_entropy(p, one_hot)
+
+    def get_config(self):
+        return {**super().get_config(), "alpha": self.alpha, "beta": self.beta}
+
+
+@keras.saving.register_keras_serializable(package="marginfit")
+class EpsilonSoftmaxCEAndMAE(_RobustLoss):
+    """Cross-entropy on the epsilon-softmax plus mean absolute error, CEε+MAE
+    (Wang et al., NeurIPS 2024, arXiv 2508.02387).
+
+    The epsilon-softmax moves the predicted distribution towards the one-hot
+    vector of its top class: ``p_eps = (p + m * onehot(argmax p)) / (1 + m)``
+    (the reference code's form, ``m`` the paper's 1/epsilon); then, per
+    example, ``alpha * -log(max(p_eps_y, 1e-8)) + beta * 2 * (1 - p_y)``.
+
+    Args:
+        m: Weight of the top class, >= 0 (0 gives CE + MAE); the authors use
+            1e5 on CIFAR-10 with symmetric noise.
+        alpha: Weight of the epsilon-softmax cross-entropy; 0.01 there.
+        beta: Weight of the MAE; 5.0 there.
+        from_logits, reduction, name, dtype: As for `GeneralizedCrossEntropy`.
+    """
+
+    def __init__(
+        self,
+        m=1e5,
+        alpha=0.01,
+        beta=5.0,
+        from_logits=False,
+        reduction="sum_over_batch_size",
+        name="epsilon_softmax_ce_and_mae",
+        dtype=None,
+    ):
+        super().__init__(from_logits, reduction, name, dtype)
+        self.m = _non_negative("m", m)
+        self.alpha = _non_negative("alpha", alpha)
+        self.beta = _non_negative("beta", beta)
+
+    def per_example(self, p_y, p, log_p, one_hot):
+        top = ops.one_hot(ops.argmax(p, axis=-1), p.shape[-1])
+        p_eps = (p + self.m * top) / (1.0 + self.m)
+        label_p_eps = ops.sum(one_hot * p_eps, axis=-1)
+        cross_entropy = -ops.log(ops.maximum(label_p_eps, 1e-8))
+        return self.alpha * cross_entropy + self.beta * 2.0 * (1.0 - p_y)
+
+    def get_config(self):
+        return {**super().get_config(), "m": self.m, "alpha": self.alpha, "beta": self.beta}

@@ -2,6 +2,7 @@
 previous one or the new one, never half of one; concurrent writers never mix
 their files, and the commands refuse a second writer of one directory."""
 
+import contextlib
 import csv
 import json
 import os
@@ -25,39 +26,54 @@ ARTEFACTS = {"saved", "model.keras", "summary.json", "results.json", "results.cs
 
 
 class Writer:
-    """A `writer_worker.py` process; killed (and reaped) on exit."""
+    """A `writer_worker.py` process; killed (and reaped) on exit. It imports
+    and builds its models at once, and starts writing on `start`."""
 
     def __init__(self, directory, tag):
         self.log = open(os.path.join(directory, f"..{tag}.stderr"), "w+")  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "writer_worker.py"), directory, tag],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,
         )
 
+    def start(self):
+        self._expect("ready")
+        self.process.stdin.write("go\n")
+        self.process.stdin.flush()
+
     def wait_for_round(self):
         """Blocks until the writer has finished a round; returns seconds."""
         started = time.monotonic()
+        self._expect("round")
+        return time.monotonic() - started
+
+    def _expect(self, word):
         line = self.process.stdout.readline()
-        if not line.startswith("round"):
+        if not line.startswith(word):
             self.process.wait(timeout=60)
             self.log.seek(0)
             pytest.fail(f"writer stopped: {self.log.read()[-3000:]}")
-        return time.monotonic() - started
 
     def kill(self):
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=60)
-        self.process.stdout.close()
-        self.log.close()
+        for stream in (self.process.stdin, self.process.stdout, self.log):
+            stream.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.kill()
+
+
+def writers(stack, directory, tags):
+    """A `Writer` per tag, killed when ``stack`` closes."""
+    return [stack.enter_context(Writer(directory, tag)) for tag in tags]
 
 
 def expected_weights(directory):
@@ -102,30 +118,35 @@ def check_no_leftovers(directory):
     assert names == ARTEFACTS, names
 
 
-def test_killed_writer_leaves_complete_artefacts(tmp_path):
-    directory = str(tmp_path)
-    chooser = random.Random(0)
-    for kill in range(KILLS):
-        with Writer(directory, f"w{kill}") as writer:
-            duration = writer.wait_for_round()
-            # Anywhere in the next two rounds.
+def kill_rounds(directory, kills, per_kill, seed):
+    """``kills`` times: starts ``per_kill`` writers at once, kills them all at
+    a random instant within their next two rounds, and checks every artefact.
+    The next writers start (import and build) while the last ones' files are
+    checked; they write nothing before `Writer.start`."""
+    chooser = random.Random(seed)
+    with contextlib.ExitStack() as stack:
+        upcoming = writers(stack, directory, [f"w{k}" for k in range(per_kill)])
+        for kill in range(kills):
+            current = upcoming
+            for writer in current:
+                writer.start()
+            duration = max(writer.wait_for_round() for writer in current)
             time.sleep(chooser.uniform(0, 2 * duration))
-        check_complete(directory, expected_weights(directory))
+            for writer in current:
+                writer.kill()
+            if kill + 1 < kills:
+                tags = [f"w{(kill + 1) * per_kill + k}" for k in range(per_kill)]
+                upcoming = writers(stack, directory, tags)
+            check_complete(directory, expected_weights(directory))
     check_no_leftovers(directory)
+
+
+def test_killed_writer_leaves_complete_artefacts(tmp_path):
+    kill_rounds(str(tmp_path), KILLS, per_kill=1, seed=0)
 
 
 def test_concurrent_writers_never_mix_their_files(tmp_path):
-    directory = str(tmp_path)
-    chooser = random.Random(1)
-    for kill in range(CONCURRENT_KILLS):
-        with (
-            Writer(directory, f"first{kill}") as first,
-            Writer(directory, f"second{kill}") as second,
-        ):
-            duration = max(first.wait_for_round(), second.wait_for_round())
-            time.sleep(chooser.uniform(0, 2 * duration))
-        check_complete(directory, expected_weights(directory))
-    check_no_leftovers(directory)
+    kill_rounds(str(tmp_path), CONCURRENT_KILLS, per_kill=2, seed=1)
 
 
 def test_a_second_command_on_one_output_directory_is_refused(tmp_path):

@@ -93,9 +93,8 @@ def fine_tuning_net(frozen):
     return outer, taps
 
 
-@pytest.mark.parametrize("frozen", [False, True])
-@pytest.mark.parametrize("name", ["base/inner_relu", "inner_relu"])
-def test_a_margin_inside_a_nested_model_matches_the_reference(frozen, name):
+@pytest.mark.parametrize("name, frozen", [("base/inner_relu", False), ("inner_relu", True)])
+def test_a_margin_inside_a_nested_model_matches_the_reference(name, frozen):
     """By path or by its own (unique) name; also with the base frozen, where
     no trainable weight precedes the margin layer."""
     outer, taps = fine_tuning_net(frozen)
@@ -303,8 +302,6 @@ def test_mobilenet_v2_fine_tuning_end_to_end(tmp_path):
     assert np.all(np.isfinite(list(history.history["loss"])))
     # Training mode went through the base's batch norm, as plain Keras does.
     assert np.abs(base.get_layer("block_3_expand_BN").moving_mean.numpy() - moving).max() > 0
-    distances = model.margin_distances(x, y)
-    assert distances[inner].shape == (16,) and np.all(np.isfinite(distances[inner]))
     loaded = assert_model_file_round_trip(model, tmp_path / "model.keras", x)
     archive = served(loaded, tmp_path / "exported")
     np.testing.assert_allclose(archive.serve(x), model.predict(x, verbose=0), atol=1e-5)

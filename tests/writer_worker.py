@@ -6,8 +6,10 @@ Two small models ("a" and "b", different weights) take turns. Each round
 writes, for the current model: a `marginfit.save_model` directory
 (DIR/saved), a `.keras` file (DIR/model.keras), a JSON summary
 (DIR/summary.json) and the tuning results (DIR/results.json, .csv), each
-with the writers the library uses. Before the first round it records each
-model's weights in DIR/expected_<name>.npz; it prints one line per round.
+with the writers the library uses. Once its models are built it prints
+"ready" and waits for a line on stdin (so that a test can start the next
+writer while it checks the last one's files); then it records each model's
+weights in DIR/expected_<name>.npz, and prints one line per round.
 """
 
 import json
@@ -47,6 +49,8 @@ def write_round(directory, name, model, tag, round_number):
 
 def main(directory, tag):
     built = models()
+    print("ready", flush=True)
+    sys.stdin.readline()
     for name, model in built.items():
         with files.atomic_path(os.path.join(directory, f"expected_{name}.npz")) as temporary:
             with open(temporary, "wb") as file:
