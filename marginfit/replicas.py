@@ -32,9 +32,12 @@ class GlobalBatch:
     """One replica's view of the global batch of a step.
 
     With several replicas, every quantity asked for is reduced in one
-    all-reduce (a sum over the replicas, differentiable: the gradient of an
-    all-sum is the all-sum of the gradients); on one device nothing is
-    communicated.
+    all-reduce, a sum over the replicas; on one device nothing is
+    communicated. The sums are differentiable without a second all-reduce in
+    the backward pass: each replica's loss holds ``1 / replicas`` of a term of
+    the global sums and Keras adds the replicas' gradients, so the gradient
+    of the global sums with respect to this replica's own sums is taken as
+    ``replicas`` times the identity, which adds up to the exact gradient.
 
     Args:
         batch_size: Scalar int, this replica's number of examples.
@@ -64,9 +67,10 @@ class GlobalBatch:
         if positions:
             # This replica's batch size at its id: summed, every replica's.
             parts.append(tf.one_hot(replica, replicas) * tf.cast(batch_size, tf.float32))
-        reduced = context.all_reduce("sum", tf.concat(parts, axis=0))
+        reduced = context.all_reduce("sum", tf.stop_gradient(tf.concat(parts, axis=0)))
         if sums is not None:
-            self.sums = reduced[: sums.shape[0]]
+            local = tf.cast(sums, tf.float32)
+            self.sums = reduced[: sums.shape[0]] + replicas * (local - tf.stop_gradient(local))
         if positions:
             sizes = reduced[-replicas:]
             earlier = tf.range(replicas) < replica
