@@ -4,9 +4,11 @@ python resume_worker.py DIR [INDEX PORT,PORT,...]
 
 Fits a MarginModel (the default margin, per-group optimizers) for 3 epochs
 of 8 steps on fixed batches, backing up every 3 steps into DIR/backup, and
-prints "step EPOCH BATCH" after each step. With INDEX it is worker INDEX of
-a localhost cluster (TF_CONFIG) under MultiWorkerMirroredStrategy. At the
-end it writes the final weights to DIR/final<INDEX>.npz.
+prints "step EPOCH BATCH" after each step. It starts training (and reads any
+backup) once a line arrives on stdin, so that a test can start it early.
+With INDEX it is worker INDEX of a localhost cluster (TF_CONFIG) under
+MultiWorkerMirroredStrategy. At the end it writes the final weights to
+DIR/final<INDEX>.npz.
 """
 
 import os
@@ -58,6 +60,7 @@ def main(directory):
         model.compile(optimizer, loss=CE)
     x, y = digits(128)
     backup = marginfit.BackupAndRestore(os.path.join(directory, "backup"), save_freq=3)
+    sys.stdin.readline()
     model.fit(
         x,
         y,

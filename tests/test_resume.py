@@ -2,6 +2,7 @@
 `marginfit.BackupAndRestore` ends with the weights of an uninterrupted run,
 on one process and on a cluster of two workers."""
 
+import contextlib
 import os
 import random
 import signal
@@ -33,35 +34,48 @@ def commands(directory, cluster_ports):
     return [[SCRIPT, directory, str(i), ports] for i in range(len(cluster_ports))]
 
 
-def run_to_end(directory, cluster_ports=None):
-    """Runs (or resumes) the training to its end."""
+@contextlib.contextmanager
+def started(directory, cluster_ports=None):
+    """Starts a run's processes, which import and build their model but train
+    only once told to (`go`): a test starts the next run while the last one
+    trains. Kills and reaps them on the way out."""
     with processes(
         commands(directory, cluster_ports),
-        stdout=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-    ) as started:
-        for code, _, stderr in wait_all(started, TIMEOUT):
-            assert code == 0, stderr[-3000:]
+    ) as run:
+        yield run
 
 
-def kill_at(directory, epoch, batch, cluster_ports=None, victim=0):
-    """Starts the training and SIGKILLs process ``victim`` (then the rest of
+def go(run):
+    for process in run:
+        process.stdin.write("go\n")
+        process.stdin.flush()
+
+
+def finish(run):
+    """Lets the run train to its end; checks that every process succeeded."""
+    go(run)
+    for code, _, stderr in wait_all(run, TIMEOUT):
+        assert code == 0, stderr[-3000:]
+
+
+def kill_at(run, epoch, batch, victim=0):
+    """Lets the run train and SIGKILLs process ``victim`` (then the rest of
     the cluster) once step ``batch`` of ``epoch`` has finished."""
-    with processes(
-        commands(directory, cluster_ports),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    ) as started:
-        for line in started[0].stdout:
-            if line.split() == ["step", str(epoch), str(batch)]:
-                break
-        else:
-            pytest.fail("the training ended before the kill point")
-        started[victim].send_signal(signal.SIGKILL)
-        started[victim].wait(timeout=60)
-    # `processes` kills the rest: the cluster restarts as a whole.
+    go(run)
+    for line in run[0].stdout:
+        if line.split() == ["step", str(epoch), str(batch)]:
+            break
+    else:
+        pytest.fail("the training ended before the kill point")
+    run[victim].send_signal(signal.SIGKILL)
+    run[victim].wait(timeout=60)
+    for process in run:  # the cluster restarts as a whole
+        process.kill()
+        process.wait(timeout=60)
 
 
 def assert_same_weights(actual, expected):
@@ -79,38 +93,52 @@ def assert_nothing_left(directory):
 def one_process_weights(tmp_path_factory):
     """The final weights of an uninterrupted run in one process."""
     directory = str(tmp_path_factory.mktemp("reference"))
-    run_to_end(directory)
+    with started(directory) as run:
+        finish(run)
     return final_weights(directory)
 
 
 def test_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, one_process_weights):
     chooser = random.Random(0)
-    for kill in range(KILLS):
-        directory = str(tmp_path / f"killed{kill}")
-        os.makedirs(directory)
-        # Mid-epoch, in any epoch; backups are every 3 steps.
-        epoch, batch = chooser.randrange(3), chooser.randrange(1, STEPS_PER_EPOCH - 1)
-        kill_at(directory, epoch, batch)
-        assert not os.path.exists(os.path.join(directory, "final.npz"))
-        run_to_end(directory)
-        assert_same_weights(final_weights(directory), one_process_weights)
-        assert_nothing_left(directory)
+    with contextlib.ExitStack() as stack:
+        directories = [str(tmp_path / f"killed{kill}") for kill in range(KILLS)]
+        for directory in directories:
+            os.makedirs(directory)
+        upcoming = stack.enter_context(started(directories[0]))
+        for kill, directory in enumerate(directories):
+            # Mid-epoch, in any epoch; backups are every 3 steps.
+            epoch, batch = chooser.randrange(3), chooser.randrange(1, STEPS_PER_EPOCH - 1)
+            resumed = stack.enter_context(started(directory))
+            kill_at(upcoming, epoch, batch)
+            assert not os.path.exists(os.path.join(directory, "final.npz"))
+            if kill + 1 < KILLS:
+                upcoming = stack.enter_context(started(directories[kill + 1]))
+            finish(resumed)
+            assert_same_weights(final_weights(directory), one_process_weights)
+            assert_nothing_left(directory)
 
 
 def test_killed_worker_resumes_the_cluster_to_the_same_weights(tmp_path, one_process_weights):
     """Also the same weights as one process: the default margin is the same
     function of the global batch on one process and on two workers."""
-    reference = str(tmp_path / "reference")
+    reference, directory = str(tmp_path / "reference"), str(tmp_path / "killed")
     os.makedirs(reference)
-    run_to_end(reference, free_ports(2))
+    os.makedirs(directory)
+    # Three clusters overlap in time: their ports are taken at once, so that
+    # they differ.
+    ports = free_ports(6)
+    with (
+        started(reference, ports[0:2]) as uninterrupted,
+        started(directory, ports[2:4]) as killed,
+    ):
+        finish(uninterrupted)
+        with started(directory, ports[4:6]) as resumed:
+            kill_at(killed, 1, 4, victim=1)
+            finish(resumed)
     expected = final_weights(reference, 0)
     assert_same_weights(final_weights(reference, 1), expected)
     for ours, theirs in zip(expected, one_process_weights, strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
-    directory = str(tmp_path / "killed")
-    os.makedirs(directory)
-    kill_at(directory, 1, 4, free_ports(2), victim=1)
-    run_to_end(directory, free_ports(2))
     for index in (0, 1):
         assert_same_weights(final_weights(directory, index), expected)
     assert_nothing_left(directory)
