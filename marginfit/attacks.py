@@ -1,4 +1,5 @@
-"""Input perturbations for robustness evaluation: FGSM and PGD (L-inf).
+"""Input perturbations for robustness evaluation and adversarial training:
+FGSM and PGD (L-inf).
 
 Both maximise the cross-entropy of the model's output for the true labels
 within an L-inf ball of radius ``eps`` around each input, clipped to the
@@ -24,13 +25,19 @@ def _from_logits(model):
 
 
 def _loss_gradient(model, x, y):
-    """``[batch, ...]`` gradient of each example's cross-entropy w.r.t. ``x``."""
+    """``[batch, ...]`` gradient of each example's cross-entropy w.r.t. ``x``;
+    ``y`` holds class indices or one-hot rows."""
     with tf.GradientTape() as tape:
         tape.watch(x)
         outputs = tf.cast(model(x, training=False), tf.float32)
-        loss = keras.losses.sparse_categorical_crossentropy(
-            y, outputs, from_logits=_from_logits(model)
-        )
+        if len(y.shape) == 2 and y.shape[-1] == outputs.shape[-1] and y.shape[-1] > 1:
+            loss = keras.losses.categorical_crossentropy(
+                tf.cast(y, tf.float32), outputs, from_logits=_from_logits(model)
+            )
+        else:
+            loss = keras.losses.sparse_categorical_crossentropy(
+                tf.reshape(y, [-1]), outputs, from_logits=_from_logits(model)
+            )
     return tape.gradient(loss, x)
 
 
@@ -60,12 +67,93 @@ def fgsm(model, x, y, eps, clip=(0.0, 1.0)):
     return _project(x + eps * tf.sign(gradient), x, eps, clip)
 
 
-def pgd(model, x, y, eps, steps=10, step_size=None, random_start=True, clip=(0.0, 1.0), seed=0):
-    """Projected gradient descent (Madry et al. 2018), L-inf.
+@keras.saving.register_keras_serializable(package="marginfit")
+class PGD:
+    """L-inf projected gradient descent (Madry et al. 2018, arXiv 1706.06083):
+    an adversary to train against (``MarginModel(adversary=PGD(eps))``, PGD
+    adversarial training) or to evaluate with (`pgd`).
 
-    ``steps`` signed-gradient steps of ``step_size`` (default
-    ``2.5 * eps / steps``), each projected back onto the ``eps`` ball and the
-    ``clip`` range, from a uniform random start in the ball.
+    From a uniform random point of the ``eps`` ball around each input (if
+    ``random_start``), ``steps`` signed-gradient steps of ``step_size`` up the
+    cross-entropy of the true labels, each projected back onto the ball and
+    the ``clip`` range. The model runs in inference mode; the result carries
+    no gradient.
+
+    Args:
+        eps: L-inf radius, in input units (> 0).
+        steps: Number of steps (>= 1); 40, the authors' MNIST setting.
+        step_size: Size of each step, in input units; None for
+            ``2.5 * eps / steps``, the authors' rule (enough to cross the ball
+            from any start).
+        random_start: Whether to start from a uniform point of the ball.
+        clip: ``(low, high)`` valid input range, or None.
+    """
+
+    def __init__(self, eps, steps=40, step_size=None, random_start=True, clip=(0.0, 1.0)):
+        if not (isinstance(eps, (int, float)) and eps > 0 and np.isfinite(eps)):
+            raise ValueError(f"`eps` must be a positive float (an L-inf radius); received {eps!r}.")
+        _check(eps, clip)
+        if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+            raise ValueError(f"`steps` must be an integer >= 1; received {steps!r}.")
+        if step_size is not None and not step_size > 0:
+            raise ValueError(f"`step_size` must be > 0 or None; received {step_size!r}.")
+        self.eps = float(eps)
+        self.steps = steps
+        self.step_size = 2.5 * self.eps / steps if step_size is None else float(step_size)
+        self.random_start = bool(random_start)
+        self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
+
+    def perturb(self, model, x, y, seed=(0, 0)):
+        """``[batch, ...]`` float32 adversarial inputs for ``(x, y)``.
+
+        Args:
+            model: A Keras classifier (logits, or probabilities for a
+                `MarginModel` with ``output="probabilities"``).
+            x: ``[batch, ...]`` float inputs.
+            y: ``[batch]`` class indices, or ``[batch, classes]`` one-hot.
+            seed: ``[2]`` ints: the random start's stateless seed.
+        """
+        x = tf.convert_to_tensor(x, tf.float32)
+        y = tf.convert_to_tensor(y)
+        start = x
+        if self.random_start:
+            noise = tf.random.stateless_uniform(tf.shape(x), seed, -self.eps, self.eps)
+            start = _project(x + noise, x, self.eps, self.clip)
+
+        def step(index, x_adv):
+            gradient = _loss_gradient(model, x_adv, y)
+            moved = x_adv + self.step_size * tf.sign(gradient)
+            return index + 1, _project(moved, x, self.eps, self.clip)
+
+        _, x_adv = tf.while_loop(lambda index, _: index < self.steps, step, [0, start])
+        return tf.stop_gradient(x_adv)
+
+    def get_config(self):
+        return {
+            "eps": self.eps,
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "random_start": self.random_start,
+            "clip": None if self.clip is None else list(self.clip),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return isinstance(other, PGD) and self.get_config() == other.get_config()
+
+    def __repr__(self):
+        arguments = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"PGD({arguments})"
+
+
+def pgd(model, x, y, eps, steps=10, step_size=None, random_start=True, clip=(0.0, 1.0), seed=0):
+    """Projected gradient descent (Madry et al. 2018), L-inf: `PGD`'s
+    perturbation of ``(x, y)``, with the random start drawn from ``seed``.
+
+    ``eps=0`` returns ``x`` (clipped to ``clip``).
 
     Returns:
         ``[batch, ...]`` float32 perturbed inputs.
@@ -73,29 +161,30 @@ def pgd(model, x, y, eps, steps=10, step_size=None, random_start=True, clip=(0.0
     _check(eps, clip)
     if steps < 1:
         raise ValueError(f"`steps` must be >= 1; received {steps!r}.")
-    step_size = 2.5 * eps / steps if step_size is None else step_size
-    x = tf.convert_to_tensor(x, tf.float32)
-    y = tf.convert_to_tensor(y)
-    x_adv = x
-    if random_start:
-        noise = tf.random.stateless_uniform(tf.shape(x), [seed, 0], -eps, eps)
-        x_adv = _project(x + noise, x, eps, clip)
-    for _ in range(steps):
-        gradient = _loss_gradient(model, x_adv, y)
-        x_adv = _project(x_adv + step_size * tf.sign(gradient), x, eps, clip)
-    return x_adv
+    if eps == 0:
+        x = tf.convert_to_tensor(x, tf.float32)
+        return x if clip is None else tf.clip_by_value(x, *clip)
+    attack = PGD(eps, steps, step_size, random_start, clip)
+    return attack.perturb(model, x, y, seed=[seed, 0])
 
 
-def adversarial_accuracy(model, x, y, eps, attack="fgsm", batch_size=256, **options):
+def adversarial_accuracy(model, x, y, eps, attack="fgsm", batch_size=256, restarts=1, **options):
     """Accuracy of ``model`` on ``attack``-perturbed ``x`` (``"fgsm"`` or
-    ``"pgd"``), attacked in batches of ``batch_size``."""
+    ``"pgd"``), attacked in batches of ``batch_size``. With ``restarts`` > 1
+    (PGD from several random starts, seeds 0, 1, ...), an example counts as
+    correct only if no start fools the model."""
     attacks = {"fgsm": fgsm, "pgd": pgd}
     if attack not in attacks:
         raise ValueError(f"Unknown attack {attack!r}; use one of {sorted(attacks)}.")
+    if not (isinstance(restarts, int) and restarts >= 1):
+        raise ValueError(f"`restarts` must be an integer >= 1; received {restarts!r}.")
     correct = 0
     for start in range(0, len(x), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        perturbed = attacks[attack](model, xb, yb, eps, **options)
-        predictions = np.argmax(model.predict_on_batch(perturbed), axis=-1)
-        correct += int(np.sum(predictions == np.asarray(yb)))
+        xb, yb = x[start : start + batch_size], np.asarray(y[start : start + batch_size])
+        robust = np.ones(len(xb), bool)
+        for restart in range(restarts):
+            seeded = {"seed": restart} if attack == "pgd" else {}
+            perturbed = attacks[attack](model, xb, yb, eps, **options, **seeded)
+            robust &= np.argmax(model.predict_on_batch(perturbed), axis=-1) == yb
+        correct += int(robust.sum())
     return correct / len(x)

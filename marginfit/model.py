@@ -8,7 +8,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from marginfit import _keras_internals, _multi_worker, checks, replicas, resume, taps, updates
+from marginfit import (
+    _keras_internals,
+    _multi_worker,
+    attacks,
+    checks,
+    replicas,
+    resume,
+    taps,
+    updates,
+)
 from marginfit import margin as margin_lib
 from marginfit.callbacks import DeadExamplesWarning, NonFiniteStepError
 from marginfit.margin import INPUT, LargeMargin
@@ -18,6 +27,8 @@ _OUTPUT_KINDS = ("logits", "probabilities")
 # First half of the stateless seed of sampled competitors; the second is the
 # training step (0 in evaluation).
 _DRAW_SEED = 0x5EED
+# The same for the random start of the training adversary.
+_ATTACK_SEED = 0xA77AC
 
 
 @keras.saving.register_keras_serializable(package="marginfit")
@@ -68,6 +79,11 @@ class MarginModel(keras.Model):
             every update, as a plain Keras model does, without checking or
             counting. A `keras.optimizers.LossScaleOptimizer` skips such
             steps itself (and lowers its scale), so it gets every step.
+        adversary: A `marginfit.attacks.PGD` to train against (PGD
+            adversarial training, Madry et al. 2018): each training batch is
+            replaced by its perturbation, drawn from the step count; the
+            margin, if any, then acts on the perturbed batch. Evaluation uses
+            the inputs as given. None (the default) trains on the inputs.
         *args, **kwargs: As for `keras.Model`.
     """
 
@@ -78,7 +94,15 @@ class MarginModel(keras.Model):
 
     # `*args`/`**kwargs` exactly: Keras revives Functional subclasses from
     # their config only with this signature.
-    def __init__(self, *args, margin=None, output="logits", on_nonfinite="skip", **kwargs):
+    def __init__(
+        self,
+        *args,
+        margin=None,
+        output="logits",
+        on_nonfinite="skip",
+        adversary=None,
+        **kwargs,
+    ):
         if _keras_internals.functional_init_arguments(args, kwargs):
             _keras_internals.init_functional(self, args, kwargs)
         else:
@@ -98,7 +122,14 @@ class MarginModel(keras.Model):
             raise ValueError(
                 f"`on_nonfinite={on_nonfinite!r}` is not supported; use 'skip', 'raise' or 'apply'."
             )
+        if isinstance(adversary, dict):
+            adversary = keras.saving.deserialize_keras_object(adversary)
+        if adversary is not None and not isinstance(adversary, attacks.PGD):
+            raise TypeError(
+                f"`adversary` must be a `marginfit.attacks.PGD` or None; received {adversary!r}."
+            )
         self.margin = margin
+        self.adversary = adversary
         self.output_kind = output
         self.on_nonfinite = on_nonfinite
         # Whether step logs need the shape [1] (see `_multi_worker`).
@@ -117,9 +148,11 @@ class MarginModel(keras.Model):
             self._build_activation_model()
         elif margin is not None:
             self._check_subclass_call()
+        if adversary is not None and self._is_functional:
+            self._check_one_float_input("The adversary")
 
     @classmethod
-    def wrap(cls, model, margin, output="logits", name=None):
+    def wrap(cls, model, margin, output="logits", name=None, adversary=None):
         """A `MarginModel` over the layers (and weights) of a built model.
 
         Args:
@@ -128,6 +161,7 @@ class MarginModel(keras.Model):
             margin: The `LargeMargin` to train with.
             output: What the model emits: ``"logits"`` or ``"probabilities"``.
             name: Name of the new model (default: the wrapped model's name).
+            adversary: A `marginfit.attacks.PGD` to train against, or None.
         """
         try:
             inputs, outputs = model.inputs, model.outputs
@@ -148,7 +182,14 @@ class MarginModel(keras.Model):
                 "subclass `MarginModel` and let `call` accept "
                 "`return_activations` (see `MarginModel.call_with_activations`)."
             )
-        return cls(inputs, outputs, margin=margin, output=output, name=name or model.name)
+        return cls(
+            inputs,
+            outputs,
+            margin=margin,
+            output=output,
+            name=name or model.name,
+            adversary=adversary,
+        )
 
     def get_config(self):
         config = super().get_config()
@@ -157,6 +198,9 @@ class MarginModel(keras.Model):
         )
         config["output"] = self.output_kind
         config["on_nonfinite"] = self.on_nonfinite
+        config["adversary"] = (
+            None if self.adversary is None else keras.saving.serialize_keras_object(self.adversary)
+        )
         return config
 
     @property
@@ -235,20 +279,27 @@ class MarginModel(keras.Model):
                 stacklevel=3,
             )
         if INPUT in self.margin.layers:
-            self._check_input_margin()
+            self._check_one_float_input("The margin on 'input'")
         hidden = [name for name in self.margin.layers if name != INPUT]
         self._taps.model = taps.tap_model(self, hidden, _check_activation)
         self._taps.layers = tuple(hidden)
 
-    def _check_input_margin(self):
-        """The margin on ``"input"`` needs one floating-point input."""
+    def _check_one_float_input(self, what):
+        """The margin on ``"input"`` (or the adversary) needs one
+        floating-point input."""
         if len(self.inputs) != 1:
             raise ValueError(
-                f"The margin on 'input' needs a model with one input; model "
+                f"{what} needs a model with one input; model "
                 f"{self.name!r} has {len(self.inputs)}. Put the margin on a "
                 "layer after the inputs are merged."
             )
         dtype = keras.backend.standardize_dtype(self.inputs[0].dtype)
+        if not keras.backend.is_float_dtype(dtype) and what == "The adversary":
+            raise TypeError(
+                f"The adversary needs floating-point inputs to perturb, but model "
+                f"{self.name!r} takes {dtype} inputs (e.g. token ids), which have no "
+                "gradient. Train against an adversary on float inputs only."
+            )
         if not keras.backend.is_float_dtype(dtype):
             embeddings = taps.embedding_layers(self)
             where = (
@@ -259,7 +310,7 @@ class MarginModel(keras.Model):
                 else "the first layer with a floating-point output"
             )
             raise TypeError(
-                f"The margin on 'input' needs floating-point inputs, but model "
+                f"{what} needs floating-point inputs, but model "
                 f"{self.name!r} takes {dtype} inputs (e.g. token ids), which have no "
                 f"gradient. Put the margin on {where}, instead of 'input'."
             )
@@ -391,13 +442,18 @@ class MarginModel(keras.Model):
         `_margin_distances`): each example's keys depend on its position
         ``offset + i`` in the global batch and on the step, whatever the
         number of replicas."""
+        seed = self._step_seed(_DRAW_SEED, draws)
+        return replicas.uniform_rows(tf.shape(y_pred)[0], y_pred.shape[-1], seed, offset)
+
+    def _step_seed(self, first, draws):
+        """``[2]`` int64 stateless seed: ``first``, then the training step for
+        ``"fresh"`` draws (0 for ``"fixed"`` ones). A function of the step
+        count, which checkpoints hold: a restored model draws what the
+        uninterrupted one would have."""
         step = 0
         if draws == "fresh" and self.optimizer is not None:
-            # A function of the step count, which checkpoints hold: a
-            # restored model draws what the uninterrupted one would have.
             step = self.optimizer.iterations + 1
-        seed = tf.stack([_DRAW_SEED, tf.cast(step, tf.int64)])
-        return replicas.uniform_rows(tf.shape(y_pred)[0], y_pred.shape[-1], seed, offset)
+        return tf.stack([tf.constant(first, tf.int64), tf.cast(step, tf.int64)])
 
     def margin_distances(self, x, y=None, batch_size=256):
         """Each example's signed distance to the nearest competitor's boundary
@@ -524,6 +580,8 @@ class MarginModel(keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if self.adversary is not None:
+            x = self.adversary.perturb(self, x, y, seed=self._step_seed(_ATTACK_SEED, "fresh"))
         with tf.GradientTape() as tape:
             y_pred, penalty = self._forward(x, y, sample_weight, training=True, tape=tape)
             loss = self._loss(x, y, y_pred, sample_weight, penalty, training=True)

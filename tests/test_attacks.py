@@ -3,9 +3,15 @@
 import keras
 import numpy as np
 import pytest
-from helpers import CE, conv_net, digits
+from helpers import (
+    CE,
+    assert_config_round_trip,
+    assert_model_file_round_trip,
+    conv_net,
+    digits,
+)
 
-from marginfit import attacks
+from marginfit import MarginModel, attacks
 
 
 def linear_model(seed=0):
@@ -95,3 +101,98 @@ def test_bad_arguments(call, message):
     x = np.full((2, 5), 0.5, "float32")
     with pytest.raises(ValueError, match=message):
         call(model, x, np.array([0, 1]))
+
+
+# --------------------------------------------- PGD adversarial training
+
+
+def linear_pgd(kernel, bias, x, y, eps, steps, step_size):
+    """PGD on a linear softmax model in float64 numpy, from ``x`` (no random
+    start): ``d CE / d x = (softmax(x W + b) - onehot(y)) W^T``."""
+    x64, x_adv = x.astype("float64"), x.astype("float64")
+    for _ in range(steps):
+        logits = x_adv @ kernel + bias
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        gradient = (p - np.eye(kernel.shape[1])[y]) @ kernel.T
+        x_adv = np.clip(np.clip(x_adv + step_size * np.sign(gradient), x64 - eps, x64 + eps), 0, 1)
+    return x_adv
+
+
+def test_pgd_follows_the_analytic_gradient_of_a_linear_model():
+    model = linear_model()
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0.0, 1.0, size=(16, 5)).astype("float32")
+    y = rng.integers(0, 3, 16)
+    attack = attacks.PGD(0.2, steps=5, step_size=0.07, random_start=False)
+    expected = linear_pgd(*model.get_weights(), x, y, 0.2, 5, 0.07)
+    np.testing.assert_allclose(attack.perturb(model, x, y), expected, atol=1e-6)
+    # One-hot labels attack the same way.
+    np.testing.assert_allclose(attack.perturb(model, x, np.eye(3)[y]), expected, atol=1e-6)
+    # The authors' step rule.
+    assert attacks.PGD(0.1, steps=40).step_size == pytest.approx(2.5 * 0.1 / 40)
+
+
+def test_random_starts_differ_by_seed_and_stay_in_the_ball():
+    model = linear_model()
+    x = np.full((64, 5), 0.5, "float32")
+    y = np.zeros(64, int)
+    attack = attacks.PGD(0.1, steps=1, step_size=1e-6)  # ~ the start itself
+    a, b = (attack.perturb(model, x, y, seed=[s, 0]).numpy() for s in (0, 1))
+    for start in (a, b):
+        assert np.abs(start - x).max() <= 0.1 + 1e-6
+        assert np.abs(start - x).mean() == pytest.approx(0.05, abs=0.01)  # uniform in the ball
+    assert not np.allclose(a, b)
+
+
+def test_a_pgd_training_step_is_sgd_on_the_perturbed_batch():
+    """``MarginModel(adversary=PGD(...))`` replaces the batch by its PGD
+    perturbation, then takes the cross-entropy step: against the closed form
+    of a linear softmax model."""
+    model = linear_model()
+    kernel, bias = model.get_weights()
+    attack = attacks.PGD(0.1, steps=3, step_size=0.05, random_start=False)
+    trained = MarginModel.wrap(model, None, adversary=attack)
+    trained.compile(keras.optimizers.SGD(0.5), CE)
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0.0, 1.0, size=(8, 5)).astype("float32")
+    y = rng.integers(0, 3, 8)
+    x_adv = linear_pgd(kernel, bias, x, y, 0.1, 3, 0.05)
+    logits = x_adv @ kernel + bias
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    residual = (p - np.eye(3)[y]) / len(x)
+    trained.train_on_batch(x, y)
+    new_kernel, new_bias = trained.get_weights()
+    np.testing.assert_allclose(new_kernel, kernel - 0.5 * x_adv.T @ residual, atol=1e-6)
+    np.testing.assert_allclose(new_bias, bias - 0.5 * residual.sum(0), atol=1e-6)
+
+
+def test_the_adversary_survives_saving(tmp_path):
+    model, _ = conv_net(None)
+    adversarial = MarginModel.wrap(model, None, adversary=attacks.PGD(0.1, steps=2))
+    assert_config_round_trip(attacks.PGD(0.1, steps=7, clip=None))
+    x, _ = digits(4)
+    loaded = assert_model_file_round_trip(adversarial, tmp_path / "model.keras", x)
+    assert loaded.adversary == attacks.PGD(0.1, steps=2)
+
+
+def test_restarts_only_lower_the_attacked_accuracy(trained):
+    model, x, y = trained
+    once = attacks.adversarial_accuracy(model, x, y, 0.1, "pgd", steps=5)
+    thrice = attacks.adversarial_accuracy(model, x, y, 0.1, "pgd", restarts=3, steps=5)
+    assert thrice <= once
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: attacks.PGD(0.0), "`eps` must be a positive float"),
+        (lambda: attacks.PGD(0.1, steps=0), "`steps` must be an integer >= 1"),
+        (lambda: attacks.PGD(0.1, step_size=-1.0), "`step_size` must be > 0"),
+        (lambda: MarginModel.wrap(linear_model(), None, adversary="pgd"), "`adversary` must be"),
+    ],
+)
+def test_bad_adversaries(make, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        make()
