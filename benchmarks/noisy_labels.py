@@ -80,9 +80,8 @@ def run(dataset, noise, seed, method, epochs, ema):
     averaged = CleanAccuracy(x_val, clean_train[validation_rows])
     swap = cli.weight_average_callbacks(args, on_epoch_end=True)
     classes = data.num_classes(y_train, y_test)
-    model, _ = cli.build(
-        args, x_train.shape[1:], classes, METHODS[method] is not None, len(x_train)
-    )
+    kind = "cross-entropy" if METHODS[method] is None else "margin"
+    model, _ = cli.build(args, x_train.shape[1:], classes, kind, len(x_train))
     history = model.fit(
         x_train[fit_rows],
         y_train[fit_rows],

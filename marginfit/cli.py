@@ -20,7 +20,7 @@ import time
 import keras
 import numpy as np
 
-from marginfit import cluster, files, networks
+from marginfit import cluster, files, methods, networks
 from marginfit import data as data_lib
 from marginfit.margin import LargeMargin
 from marginfit.model import MarginModel
@@ -63,6 +63,13 @@ def _choice(*choices):
 
 
 _norm = _choice("1", "2", "inf")
+
+
+def _methods(text):
+    try:
+        return methods.check([name for name in text.split(",") if name])
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _non_negative(text):
@@ -140,6 +147,21 @@ _OPTIONS = {
             "the test set is evaluated once, after training",
         ),
         ("--seed", int, 0, "seed of weights, split and noise (default 0)"),
+    ],
+    "adversarial training (method pgd-at)": [
+        (
+            "--pgd-eps",
+            _positive(float),
+            0.1,
+            "L-inf radius of the training attack, input units (default 0.1)",
+        ),
+        (
+            "--pgd-steps",
+            _positive(int),
+            methods.PGD_STEPS,
+            f"steps of the training attack (default {methods.PGD_STEPS}, the authors' MNIST "
+            "setting; step size 2.5 eps / steps)",
+        ),
     ],
     "margin": [
         (
@@ -279,6 +301,14 @@ def parser(preset=None):
         "report.md with accuracy under label noise and FGSM/PGD, and PNG figures.",
     )
     compare.add_argument(
+        "--methods",
+        type=_methods,
+        default=[methods.CROSS_ENTROPY, methods.MARGIN],
+        help=f"comma-separated methods: {', '.join(methods.NAMES)} (default "
+        "cross-entropy,margin); each peer at its authors' published settings "
+        "(marginfit.methods)",
+    )
+    compare.add_argument(
         "--noise-levels",
         type=_floats,
         default=[0.4],
@@ -319,9 +349,11 @@ def margin_from(args, network):
     )
 
 
-def build(args, input_shape, num_classes, with_margin=True, num_examples=None):
-    """The `networks.classifier`, compiled with one Adam per layer group;
-    the margin only if ``with_margin``. Returns ``(model, margin)``.
+def build(args, input_shape, num_classes, method=methods.MARGIN, num_examples=None):
+    """The `networks.classifier`, compiled with one optimizer per layer group
+    for ``method`` (a name of `methods.NAMES`; the margin only for
+    ``"margin"``). Returns ``(model, margin)``, the margin the options ask
+    for either way.
 
     ``num_examples``, the training set's size, caps the weight average's
     span (`ema_momentum`) for short runs."""
@@ -333,12 +365,14 @@ def build(args, input_shape, num_classes, with_margin=True, num_examples=None):
     margin = margin_from(args, network)
     model = networks.margin_classifier(
         network,
-        margin if with_margin else None,
+        margin if method == methods.MARGIN else None,
         args.lr_features,
         args.lr_head,
         args.ce_weight,
         args.optimizer,
         ema_momentum(args, num_examples),
+        loss=methods.loss(method),
+        adversary=methods.adversary(method, args.pgd_eps, args.pgd_steps),
     )
     return model, margin
 
@@ -445,8 +479,10 @@ def _compare(args, argv, output):
 
     results = {
         "command": _command_line(argv),
+        "methods": args.methods,
         "noise": {},
         "attacks": {},
+        "seconds": {},
         "curves": {},
         "distances": {},
     }
@@ -454,14 +490,15 @@ def _compare(args, argv, output):
         data = load(args.data, noise, args.seed)
         shape, classes = data[0][0].shape[1:], data_lib.num_classes(data[0][1], data[1][1])
         row = {}
-        for name, with_margin in (("cross-entropy", False), ("margin", True)):
+        for name in args.methods:
             print(f"\n== {name}, label noise {noise:.0%} ==")
-            model, margin = build(args, shape, classes, with_margin, len(data[0][0]))
+            model, margin = build(args, shape, classes, name, len(data[0][0]))
             history, logs = fit(args, model, data, output, verbose=2)
             row[name] = logs["accuracy"]
             if noise == 0.0:
                 x_test, y_test = data[1]
                 results["attacks"][name] = report.robustness(model, x_test, y_test, args.eps)
+                results["seconds"][name] = logs["seconds"]
                 results["curves"][name] = history
                 results["distances"][name] = MarginModel.wrap(model, margin).margin_distances(
                     x_test, y_test

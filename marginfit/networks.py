@@ -199,6 +199,8 @@ def margin_classifier(
     ce_weight=0.0,
     optimizer="adam",
     ema_momentum=None,
+    loss=None,
+    adversary=None,
 ):
     """The network as a compiled `MarginModel` with `two_group_optimizer`.
 
@@ -212,17 +214,19 @@ def margin_classifier(
         ema_momentum: None, or the momentum in [0, 1) of the moving average
             of the weights that the optimizers keep and ``fit()`` ends with
             (see `two_group_optimizer`).
+        loss: The loss in place of the cross-entropy (on logits), or None.
+        adversary: A `marginfit.attacks.PGD` to train against, or None.
     """
     if not ce_weight >= 0:
         raise ValueError(f"`ce_weight` must be >= 0; received {ce_weight!r}.")
-    model = MarginModel(network.inputs, network.logits, margin=margin)
+    model = MarginModel(network.inputs, network.logits, margin=margin, adversary=adversary)
     optimizer = two_group_optimizer(model, network, lower_rate, upper_rate, optimizer, ema_momentum)
     if margin is not None and ce_weight == 0:
         model.compile(optimizer, loss=None, metrics=["accuracy"])
     else:
         model.compile(
             optimizer,
-            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            loss or keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             loss_weights=ce_weight if margin is not None else 1.0,
             metrics=["accuracy"],
         )

@@ -12,8 +12,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from marginfit import files  # noqa: E402
 from marginfit.attacks import adversarial_accuracy  # noqa: E402
 
-MODELS = ("cross-entropy", "margin")
-
 
 def robustness(model, x, y, eps_list):
     """``{"fgsm": [accuracy per eps], "pgd": [...]}`` on ``(x, y)``."""
@@ -36,12 +34,19 @@ def _figure(path, command, draw):
 
 def write(results, output, eps_list):
     """Writes the figures, ``results.json`` and ``report.md``; returns the
-    report's path."""
+    report's path.
+
+    ``results`` holds ``command``, ``methods`` (the names, in order),
+    ``noise[level][method]`` (test accuracy), ``attacks[method][attack]``
+    (accuracy per eps), ``seconds[method]`` (training time at clean labels),
+    ``curves[method]`` (the clean run's history) and
+    ``distances[method][layer]`` (test examples' distances)."""
     command = results["command"]
+    names = results["methods"]
     figures = []
 
     def curves(axes):
-        for name in MODELS:
+        for name in names:
             history = results["curves"][name]
             axes.plot(history["accuracy"], label=f"{name} train")
             axes.plot(history["val_accuracy"], "--", label=f"{name} validation")
@@ -51,12 +56,12 @@ def write(results, output, eps_list):
     figures.append(
         ("Training curves", _figure(os.path.join(output, "curves.png"), command, curves))
     )
-    for layer in results["distances"]["margin"]:
+    for layer in results["distances"][names[0]]:
 
         def histogram(axes, layer=layer):
-            values = [results["distances"][name][layer] for name in MODELS]
+            values = [results["distances"][name][layer] for name in names]
             bins = np.histogram_bin_edges(np.concatenate(values), bins=40)
-            for name, layer_values in zip(MODELS, values):
+            for name, layer_values in zip(names, values):
                 axes.hist(layer_values, bins=bins, alpha=0.6, label=name)
             axes.set(
                 xlabel=f"estimated distance to the boundary at {layer!r}",
@@ -73,7 +78,7 @@ def write(results, output, eps_list):
         )
 
     def attacks(axes):
-        for name in MODELS:
+        for name in names:
             for attack, style in (("fgsm", "-o"), ("pgd", "--s")):
                 axes.plot(
                     eps_list, results["attacks"][name][attack], style, label=f"{name} {attack}"
@@ -86,31 +91,32 @@ def write(results, output, eps_list):
     )
 
     rows = [
-        (f"test accuracy, {float(noise):.0%} label noise", *(row[m] for m in MODELS))
+        (f"test accuracy, {float(noise):.0%} label noise", *(row[m] for m in names))
         for noise, row in results["noise"].items()
     ]
     for attack in ("fgsm", "pgd"):
         rows += [
             (
                 f"{attack.upper()} accuracy, eps {eps:g}",
-                *(results["attacks"][m][attack][i] for m in MODELS),
+                *(results["attacks"][m][attack][i] for m in names),
             )
             for i, eps in enumerate(eps_list)
         ]
+    rows.append(("training seconds, clean labels", *(results["seconds"][m] for m in names)))
     lines = [
         "# marginfit compare",
         "",
         f"Produced by: `{command}`",
         "",
-        "| | cross-entropy | margin |",
-        "| --- | --- | --- |",
-        *(f"| {label} | {ce:.4f} | {margin:.4f} |" for label, ce, margin in rows),
+        "| | " + " | ".join(names) + " |",
+        "| --- |" + " --- |" * len(names),
+        *(f"| {label} | " + " | ".join(f"{v:.4f}" for v in rest) + " |" for label, *rest in rows),
         "",
     ]
     for title, name in figures:
         lines += [f"## {title}", "", f"![{title}]({name})", "", f"Produced by: `{command}`", ""]
     path = os.path.join(output, "report.md")
-    summary = {key: results[key] for key in ("command", "noise", "attacks")}
+    summary = {key: results[key] for key in ("command", "methods", "noise", "attacks", "seconds")}
     files.write_text(os.path.join(output, "results.json"), json.dumps(summary, indent=2))
     files.write_text(path, "\n".join(lines))
     return path

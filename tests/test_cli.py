@@ -11,7 +11,7 @@ import pytest
 from helpers import digits
 
 import marginfit
-from marginfit import cli, data
+from marginfit import cli, data, methods
 
 
 def parse(*argv):
@@ -145,37 +145,76 @@ def test_train_on_a_flat_npz_with_its_own_split(tmp_path):
     assert summary["test"]["ce_loss"] == 0.0  # margin alone
 
 
-def test_compare_writes_the_report(tmp_path):
-    results = cli.run(
-        [
-            "compare",
-            "--epochs",
-            "1",
-            "--noise-levels",
-            "0.4",
-            "--eps",
-            "0.05,0.1",
-            "--output",
-            str(tmp_path),
-        ]
-    )
-    report = (tmp_path / "report.md").read_text()
+def small_digits(path):
+    """200 training and 50 test digits as an .npz file for the commands."""
+    x, y = digits(250)
+    np.savez(path, x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
+    return str(path)
+
+
+def test_compare_runs_every_method_side_by_side(tmp_path):
+    names = list(methods.NAMES)
+    argv = ["compare", "--data", small_digits(tmp_path / "digits.npz"), "--epochs", "1"]
+    argv += ["--methods", ",".join(names), "--noise-levels", "0.4", "--eps", "0.05,0.1"]
+    argv += ["--pgd-steps", "2", "--output", str(tmp_path / "out")]
+    results = cli.run(argv)
+    output = tmp_path / "out"
+    saved = json.loads((output / "results.json").read_text())
+    assert saved["methods"] == names
+    assert saved["noise"].keys() == {"0", "0.4"}
+    for level in ("0", "0.4"):
+        assert list(saved["noise"][level]) == names
+    for name in names:
+        assert len(saved["attacks"][name]["pgd"]) == len(saved["attacks"][name]["fgsm"]) == 2
+        assert saved["seconds"][name] > 0
+        # Attacked accuracy never beats clean accuracy.
+        clean = results["noise"]["0"][name]
+        assert all(a <= clean + 1e-9 for a in results["attacks"][name]["pgd"])
+    report = (output / "report.md").read_text()
+    assert "| | " + " | ".join(names) + " |" in report
     for row in (
         "0% label noise",
         "40% label noise",
         "FGSM accuracy, eps 0.1",
         "PGD accuracy, eps 0.05",
+        "training seconds, clean labels",
     ):
         assert row in report
     assert report.count("Produced by: `marginfit compare") >= 1 + 6
     for name in ("curves", "robustness", "distances_input", "distances_dense1"):
-        png = tmp_path / f"{name}.png"
+        png = output / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({name}.png)" in report
-    # Attacked accuracy never beats clean accuracy.
-    for model in ("cross-entropy", "margin"):
-        clean = results["noise"]["0"][model]
-        assert all(a <= clean + 1e-9 for a in results["attacks"][model]["pgd"])
-    assert json.loads((tmp_path / "results.json").read_text())["noise"].keys() == {"0", "0.4"}
+    assert cli.parse_args(["compare", "--noise-levels", ""]).noise_levels == []
+
+
+def test_each_method_builds_its_loss_and_adversary():
+    """The peers at their authors' settings (`marginfit.methods`), the margin
+    alone, and PGD adversarial training at --pgd-eps."""
+    args = cli.parse_args(["compare", "--pgd-eps", "0.2", "--pgd-steps", "7"])
+    x, _ = digits(4)
+    expected = {
+        "cross-entropy": keras.losses.SparseCategoricalCrossentropy,
+        "gce": marginfit.losses.GeneralizedCrossEntropy,
+        "sce": marginfit.losses.SymmetricCrossEntropy,
+        "nce-rce": marginfit.losses.NCEAndRCE,
+        "ce-eps-mae": marginfit.losses.EpsilonSoftmaxCEAndMAE,
+        "pgd-at": keras.losses.SparseCategoricalCrossentropy,
+    }
+    for name in methods.NAMES:
+        model, _ = cli.build(args, x.shape[1:], 10, name)
+        assert (model.margin is not None) == (name == "margin")
+        if name == "margin":
+            assert model.loss is None
+        else:
+            assert type(model.loss) is expected[name]
+            assert model.loss.get_config()["from_logits"] is True
+        if name == "pgd-at":
+            assert model.adversary == marginfit.attacks.PGD(0.2, steps=7)
+        else:
+            assert model.adversary is None
+    assert methods.loss("nce-rce").get_config()["beta"] == 10.0  # the MNIST setting
+    with pytest.raises(SystemExit):
+        cli.parse_args(["compare", "--methods", "cross-entropy,focal"])
 
 
 def test_importing_the_commands_leaves_the_environment_alone():
@@ -310,7 +349,7 @@ def test_validation_logs_and_the_saved_model_use_the_averaged_weights(tmp_path, 
     args = parse("train", "--epochs", "3", "--ema", "0.9")
     train, test = data.load_digits()
     train = (train[0][:400], train[1][:400])
-    model, _ = cli.build(args, train[0].shape[1:], 10, with_margin=False, num_examples=400)
+    model, _ = cli.build(args, train[0].shape[1:], 10, "cross-entropy", num_examples=400)
     last = {}
     record = keras.callbacks.LambdaCallback(
         on_train_batch_end=lambda batch, logs: last.update(
