@@ -3,9 +3,11 @@
 Trains the `marginfit train` network (its defaults: the margin loss alone,
 on the input and every hidden layer, Adam 1e-3 with a moving average of
 the weights (momentum 0.99) that validation and the test set use, batch 64)
-with plain
-cross-entropy, with the margin's defaults and with other margin settings, on
-each dataset, label-noise rate and seed. The network sees the noisy training
+with plain cross-entropy, with the losses robust to label noise at their
+authors' published settings (`marginfit.methods`: GCE, SCE, NCE+RCE,
+CEeps+MAE), with the margin's defaults and with other margin settings, on
+each dataset, label-noise rate and seed: every method with the same network,
+optimizers, weight average, epochs, seeds and data. The network sees the noisy training
 data less a 10 % validation split, whose accuracy is logged per epoch
 against its noisy labels (what a user sees) and against its clean labels
 (to spot stalls at chance, with the training weights and with the averaged
@@ -19,7 +21,7 @@ one line per method, min-max band), each naming the command.
 
     python benchmarks/noisy_labels.py [--data digits,digits28] \\
         [--noise 0,0.2,0.4,0.6,0.8] [--seeds 3] [--epochs 60] \\
-        [--ema 0.99] [--methods cross-entropy,margin,top-1] \\
+        [--ema 0.99] [--methods cross-entropy,gce,sce,nce-rce,ce-eps-mae,margin,top-1] \\
         [--output runs/noisy_labels]
 """
 
@@ -36,15 +38,19 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from marginfit import cli, data  # noqa: E402
+from marginfit import methods as methods_lib  # noqa: E402
 
-# Method name -> `marginfit train` options (None: plain cross-entropy).
+# Method name -> (`marginfit.methods` name, `marginfit train` options).
 METHODS = {
-    "cross-entropy": None,
-    "margin": [],
+    **{name: (name, []) for name in methods_lib.NAMES if name != methods_lib.PGD_TRAINING},
     # The authors' loss: the top-scoring competitor(s), no class-balance term.
-    "top-1": ["--competitors", "top", "--balance", "0"],
-    "all competitors": "--competitors top --top-k 9 --aggregation sum --balance 0".split(),
+    "top-1": (methods_lib.MARGIN, ["--competitors", "top", "--balance", "0"]),
+    "all competitors": (
+        methods_lib.MARGIN,
+        "--competitors top --top-k 9 --aggregation sum --balance 0".split(),
+    ),
 }
+DEFAULT_METHODS = "cross-entropy,gce,sce,nce-rce,ce-eps-mae,margin,top-1"
 
 
 class CleanAccuracy(keras.callbacks.Callback):
@@ -61,7 +67,7 @@ class CleanAccuracy(keras.callbacks.Callback):
 
 def run(dataset, noise, seed, method, epochs, ema):
     """One training run: its final test accuracy and validation curves."""
-    options = METHODS[method] or []
+    kind, options = METHODS[method]
     args = cli.parse_args(
         ["train", "--data", dataset, "--seed", str(seed), "--epochs", str(epochs)]
         + ["--ema", str(ema), *options]
@@ -80,7 +86,6 @@ def run(dataset, noise, seed, method, epochs, ema):
     averaged = CleanAccuracy(x_val, clean_train[validation_rows])
     swap = cli.weight_average_callbacks(args, on_epoch_end=True)
     classes = data.num_classes(y_train, y_test)
-    kind = "cross-entropy" if METHODS[method] is None else "margin"
     model, _ = cli.build(args, x_train.shape[1:], classes, kind, len(x_train))
     history = model.fit(
         x_train[fit_rows],
@@ -209,7 +214,7 @@ def main(argv=None):
         default=cli.parse_args(["train"]).ema,
         help="the weight average's momentum, for every method (default: marginfit's)",
     )
-    parser.add_argument("--methods", default="cross-entropy,margin,top-1")
+    parser.add_argument("--methods", default=DEFAULT_METHODS)
     parser.add_argument("--output", default=os.path.join("runs", "noisy_labels"))
     args = parser.parse_args(argv)
     datasets = args.data.split(",")

@@ -24,21 +24,39 @@ def _from_logits(model):
     return getattr(model, "output_kind", "logits") == "logits"
 
 
-def _loss_gradient(model, x, y):
-    """``[batch, ...]`` gradient of each example's cross-entropy w.r.t. ``x``;
-    ``y`` holds class indices or one-hot rows."""
+LOSSES = ("ce", "cw")
+"""What the attacks maximise: the cross-entropy (``"ce"``) or the margin of
+Carlini & Wagner (``"cw"``, the largest other logit minus the label's),
+which does not saturate where a confident softmax flattens the cross-entropy
+to a zero gradient (so an attack on it is not fooled by large logits)."""
+
+
+def _check_loss(loss):
+    if loss not in LOSSES:
+        raise ValueError(f"Unknown `loss={loss!r}`; use 'ce' (cross-entropy) or 'cw'.")
+
+
+def _loss_gradient(model, x, y, loss="ce"):
+    """``[batch, ...]`` gradient of each example's ``loss`` (see `LOSSES`)
+    w.r.t. ``x``; ``y`` holds class indices or one-hot rows."""
     with tf.GradientTape() as tape:
         tape.watch(x)
         outputs = tf.cast(model(x, training=False), tf.float32)
-        if len(y.shape) == 2 and y.shape[-1] == outputs.shape[-1] and y.shape[-1] > 1:
-            loss = keras.losses.categorical_crossentropy(
-                tf.cast(y, tf.float32), outputs, from_logits=_from_logits(model)
+        classes = outputs.shape[-1]
+        if len(y.shape) == 2 and y.shape[-1] == classes and classes > 1:
+            one_hot = tf.cast(y, tf.float32)
+        else:
+            one_hot = tf.one_hot(tf.cast(tf.reshape(y, [-1]), tf.int32), classes)
+        if loss == "ce":
+            value = keras.losses.categorical_crossentropy(
+                one_hot, outputs, from_logits=_from_logits(model)
             )
         else:
-            loss = keras.losses.sparse_categorical_crossentropy(
-                tf.reshape(y, [-1]), outputs, from_logits=_from_logits(model)
-            )
-    return tape.gradient(loss, x)
+            logits = outputs if _from_logits(model) else tf.math.log(tf.maximum(outputs, 1e-30))
+            label = tf.reduce_sum(one_hot * logits, axis=-1)
+            other = tf.reduce_max(tf.where(one_hot > 0, tf.float32.min, logits), axis=-1)
+            value = other - label
+    return tape.gradient(value, x)
 
 
 def _project(x_adv, x, eps, clip):
@@ -46,7 +64,7 @@ def _project(x_adv, x, eps, clip):
     return x_adv if clip is None else tf.clip_by_value(x_adv, *clip)
 
 
-def fgsm(model, x, y, eps, clip=(0.0, 1.0)):
+def fgsm(model, x, y, eps, clip=(0.0, 1.0), loss="ce"):
     """Fast gradient sign method: ``x + eps * sign(grad_x loss)``, clipped.
 
     Args:
@@ -56,14 +74,16 @@ def fgsm(model, x, y, eps, clip=(0.0, 1.0)):
         y: ``[batch]`` integer labels.
         eps: L-inf radius, in input units.
         clip: ``(low, high)`` valid input range, or None.
+        loss: What to maximise, ``"ce"`` or ``"cw"`` (see `LOSSES`).
 
     Returns:
         ``[batch, ...]`` float32 perturbed inputs.
     """
     _check(eps, clip)
+    _check_loss(loss)
     x = tf.convert_to_tensor(x, tf.float32)
     y = tf.convert_to_tensor(y)
-    gradient = _loss_gradient(model, x, y)
+    gradient = _loss_gradient(model, x, y, loss)
     return _project(x + eps * tf.sign(gradient), x, eps, clip)
 
 
@@ -75,8 +95,8 @@ class PGD:
 
     From a uniform random point of the ``eps`` ball around each input (if
     ``random_start``), ``steps`` signed-gradient steps of ``step_size`` up the
-    cross-entropy of the true labels, each projected back onto the ball and
-    the ``clip`` range. The model runs in inference mode; the result carries
+    ``loss`` of the true labels, each projected back onto the ball and the
+    ``clip`` range. The model runs in inference mode; the result carries
     no gradient.
 
     Args:
@@ -87,9 +107,13 @@ class PGD:
             from any start).
         random_start: Whether to start from a uniform point of the ball.
         clip: ``(low, high)`` valid input range, or None.
+        loss: What to maximise: ``"ce"`` (the cross-entropy, the authors'
+            training attack) or ``"cw"`` (see `LOSSES`).
     """
 
-    def __init__(self, eps, steps=40, step_size=None, random_start=True, clip=(0.0, 1.0)):
+    def __init__(
+        self, eps, steps=40, step_size=None, random_start=True, clip=(0.0, 1.0), loss="ce"
+    ):
         if not (isinstance(eps, (int, float)) and eps > 0 and np.isfinite(eps)):
             raise ValueError(f"`eps` must be a positive float (an L-inf radius); received {eps!r}.")
         _check(eps, clip)
@@ -102,6 +126,8 @@ class PGD:
         self.step_size = 2.5 * self.eps / steps if step_size is None else float(step_size)
         self.random_start = bool(random_start)
         self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
+        _check_loss(loss)
+        self.loss = loss
 
     def perturb(self, model, x, y, seed=(0, 0)):
         """``[batch, ...]`` float32 adversarial inputs for ``(x, y)``.
@@ -121,7 +147,7 @@ class PGD:
             start = _project(x + noise, x, self.eps, self.clip)
 
         def step(index, x_adv):
-            gradient = _loss_gradient(model, x_adv, y)
+            gradient = _loss_gradient(model, x_adv, y, self.loss)
             moved = x_adv + self.step_size * tf.sign(gradient)
             return index + 1, _project(moved, x, self.eps, self.clip)
 
@@ -135,6 +161,7 @@ class PGD:
             "step_size": self.step_size,
             "random_start": self.random_start,
             "clip": None if self.clip is None else list(self.clip),
+            "loss": self.loss,
         }
 
     @classmethod
@@ -149,11 +176,23 @@ class PGD:
         return f"PGD({arguments})"
 
 
-def pgd(model, x, y, eps, steps=10, step_size=None, random_start=True, clip=(0.0, 1.0), seed=0):
+def pgd(
+    model,
+    x,
+    y,
+    eps,
+    steps=10,
+    step_size=None,
+    random_start=True,
+    clip=(0.0, 1.0),
+    seed=0,
+    loss="ce",
+):
     """Projected gradient descent (Madry et al. 2018), L-inf: `PGD`'s
     perturbation of ``(x, y)``, with the random start drawn from ``seed``.
 
-    ``eps=0`` returns ``x`` (clipped to ``clip``).
+    ``eps=0`` returns ``x`` (clipped to ``clip``). ``loss`` is ``"ce"`` or
+    ``"cw"`` (see `LOSSES`).
 
     Returns:
         ``[batch, ...]`` float32 perturbed inputs.
@@ -164,7 +203,7 @@ def pgd(model, x, y, eps, steps=10, step_size=None, random_start=True, clip=(0.0
     if eps == 0:
         x = tf.convert_to_tensor(x, tf.float32)
         return x if clip is None else tf.clip_by_value(x, *clip)
-    attack = PGD(eps, steps, step_size, random_start, clip)
+    attack = PGD(eps, steps, step_size, random_start, clip, loss)
     return attack.perturb(model, x, y, seed=[seed, 0])
 
 

@@ -324,6 +324,51 @@ def test_the_authors_preset_builds_their_configuration():
     assert np.isfinite(logs["loss"][0])
 
 
+def test_the_robust_preset_is_the_documented_margin_beside_the_cross_entropy():
+    args = parse("train", "--preset", "robust")
+    x, y = digits(32)
+    model, margin = cli.build(args, x.shape[1:], 10)
+    assert margin == marginfit.LargeMargin(
+        ["input"],
+        gamma=0.3,
+        norm="inf",
+        space="logits",
+        competitors="top",
+        balance=0.0,
+        approximate=False,
+    )
+    assert model.margin == margin
+    assert isinstance(model.loss, keras.losses.SparseCategoricalCrossentropy)
+    logs = model.evaluate(x, y, return_dict=True, verbose=0)
+    np.testing.assert_allclose(logs["loss"], logs["ce_loss"] + logs["margin_loss"], rtol=1e-5)
+    assert logs["ce_loss"] > 0
+
+
+def test_in_logit_space_the_input_distance_is_in_pixels():
+    """With ``space="logits"`` and the inf norm, the margin's distance at the
+    input of a linear model is exact: ``(z_y - z_j) / ||w_y - w_j||_1``, the
+    L-inf distance to the boundary, in the units of the pixels."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((64,))
+    model = marginfit.MarginModel(
+        inputs,
+        keras.layers.Dense(10)(inputs),
+        margin=marginfit.LargeMargin(
+            ["input"], norm="inf", space="logits", competitors="top", epsilon=0.0
+        ),
+    )
+    x, y = digits(16)
+    x = x.reshape(16, 64)
+    kernel, bias = model.get_weights()
+    logits = x @ kernel + bias
+    rows = np.arange(16)
+    rival = np.argsort(-np.where(np.eye(10)[y] > 0, -np.inf, logits), axis=1)[:, 0]
+    expected = (logits[rows, y] - logits[rows, rival]) / np.abs(
+        kernel[:, y] - kernel[:, rival]
+    ).sum(axis=0)
+    np.testing.assert_allclose(model.margin_distances(x, y)["input"], expected, rtol=1e-5)
+
+
 @pytest.mark.parametrize("epochs", [1, 2, 10, 60, 200])
 def test_weight_average_spans_at_most_a_tenth_of_the_run(epochs):
     """The average spans 1 / (1 - momentum) steps: --ema's 100 steps where
