@@ -207,23 +207,32 @@ def pgd(
     return attack.perturb(model, x, y, seed=[seed, 0])
 
 
-def adversarial_accuracy(model, x, y, eps, attack="fgsm", batch_size=256, restarts=1, **options):
+def adversarial_accuracy(
+    model, x, y, eps, attack="fgsm", batch_size=256, restarts=1, loss="ce", **options
+):
     """Accuracy of ``model`` on ``attack``-perturbed ``x`` (``"fgsm"`` or
-    ``"pgd"``), attacked in batches of ``batch_size``. With ``restarts`` > 1
+    ``"pgd"``), attacked in batches of ``batch_size``.
+
+    ``loss`` is what the attack maximises, ``"ce"`` or ``"cw"`` (see
+    `LOSSES`), or a tuple of both; with several losses, or ``restarts`` > 1
     (PGD from several random starts, seeds 0, 1, ...), an example counts as
-    correct only if no start fools the model."""
+    correct only if no attack fools the model."""
     attacks = {"fgsm": fgsm, "pgd": pgd}
     if attack not in attacks:
         raise ValueError(f"Unknown attack {attack!r}; use one of {sorted(attacks)}.")
     if not (isinstance(restarts, int) and restarts >= 1):
         raise ValueError(f"`restarts` must be an integer >= 1; received {restarts!r}.")
+    losses = (loss,) if isinstance(loss, str) else tuple(loss)
+    for name in losses:
+        _check_loss(name)
     correct = 0
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], np.asarray(y[start : start + batch_size])
         robust = np.ones(len(xb), bool)
-        for restart in range(restarts):
-            seeded = {"seed": restart} if attack == "pgd" else {}
-            perturbed = attacks[attack](model, xb, yb, eps, **options, **seeded)
-            robust &= np.argmax(model.predict_on_batch(perturbed), axis=-1) == yb
+        for name in losses:
+            for restart in range(restarts):
+                seeded = {"seed": restart} if attack == "pgd" else {}
+                perturbed = attacks[attack](model, xb, yb, eps, loss=name, **options, **seeded)
+                robust &= np.argmax(model.predict_on_batch(perturbed), axis=-1) == yb
         correct += int(robust.sum())
     return correct / len(x)

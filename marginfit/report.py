@@ -12,19 +12,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 from marginfit import files  # noqa: E402
 from marginfit.attacks import adversarial_accuracy  # noqa: E402
 
-PGD_STEPS = 20
-PGD_RESTARTS = 3
+PGD = {"steps": 20, "restarts": 3, "loss": ("ce", "cw")}
 """The evaluation's PGD: 20 steps of 2.5 eps / 20 from each of 3 random
-starts; an example counts as robust only if every start fails."""
+starts, on the cross-entropy and on the Carlini-Wagner margin; an example
+counts as robust only if every one fails."""
 
 
 def robustness(model, x, y, eps_list):
     """``{"fgsm": [accuracy per eps], "pgd": [...]}`` on ``(x, y)``, PGD as
-    `PGD_STEPS` and `PGD_RESTARTS` say."""
-    pgd = {"steps": PGD_STEPS, "restarts": PGD_RESTARTS}
+    `PGD` says."""
     return {
         "fgsm": [adversarial_accuracy(model, x, y, eps, "fgsm") for eps in eps_list],
-        "pgd": [adversarial_accuracy(model, x, y, eps, "pgd", **pgd) for eps in eps_list],
+        "pgd": [adversarial_accuracy(model, x, y, eps, "pgd", **PGD) for eps in eps_list],
     }
 
 

@@ -196,3 +196,28 @@ def test_restarts_only_lower_the_attacked_accuracy(trained):
 def test_bad_adversaries(make, message):
     with pytest.raises((ValueError, TypeError), match=message):
         make()
+
+
+def test_the_cw_loss_follows_the_logit_difference_of_a_linear_model():
+    """With ``loss="cw"`` a step follows ``sign(w_j - w_y)`` for the
+    highest other logit ``j``, however confident the model: a softmax that
+    saturates to a zero cross-entropy gradient does not stop it."""
+    model = linear_model()
+    kernel, bias = model.get_weights()
+    model.set_weights([kernel * 1e3, bias * 1e3])  # saturated softmax
+    rng = np.random.default_rng(4)
+    x = rng.uniform(0.2, 0.8, size=(16, 5)).astype("float32")
+    logits = x @ kernel + bias
+    y = logits.argmax(-1)  # correctly classified, with huge margins
+    rival = np.where(np.eye(3)[y] > 0, -np.inf, logits).argmax(-1)
+    expected = x + 0.05 * np.sign(kernel[:, rival].T - kernel[:, y].T)
+    np.testing.assert_allclose(attacks.fgsm(model, x, y, 0.05, loss="cw"), expected, rtol=1e-6)
+    # Where the logit gap exceeds float32's exp range, the cross-entropy's
+    # gradient underflows to 0: FGSM on it is stuck there.
+    gap = 1e3 * (logits[np.arange(16), y] - logits[np.arange(16), rival])
+    saturated = gap > 110
+    assert saturated.sum() >= 8
+    stuck = attacks.fgsm(model, x, y, 0.05).numpy()[saturated]
+    np.testing.assert_allclose(stuck, x[saturated], rtol=1e-6)
+    with pytest.raises(ValueError, match="Unknown `loss='hinge'`"):
+        attacks.PGD(0.1, loss="hinge")
