@@ -225,14 +225,34 @@ def adversarial_accuracy(
     losses = (loss,) if isinstance(loss, str) else tuple(loss)
     for name in losses:
         _check_loss(name)
+    perturb = _compiled(model, attacks[attack], eps, options)
     correct = 0
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], np.asarray(y[start : start + batch_size])
         robust = np.ones(len(xb), bool)
         for name in losses:
-            for restart in range(restarts):
-                seeded = {"seed": restart} if attack == "pgd" else {}
-                perturbed = attacks[attack](model, xb, yb, eps, loss=name, **options, **seeded)
+            for restart in range(restarts if attack == "pgd" else 1):
+                perturbed = perturb(xb, yb, name, restart)
                 robust &= np.argmax(model.predict_on_batch(perturbed), axis=-1) == yb
         correct += int(robust.sum())
     return correct / len(x)
+
+
+def _compiled(model, attack, eps, options):
+    """``perturb(x, y, loss, seed)``: ``attack`` (`fgsm` or `pgd`) on
+    ``model`` at ``eps`` as one `tf.function` per loss, traced once for every
+    batch size, so that its steps do not run one by one in eager mode."""
+    functions = {}
+
+    def perturb(x, y, loss, seed):
+        if loss not in functions:
+
+            def run(x, y, seed):
+                seeded = {"seed": seed} if attack is pgd else {}
+                return attack(model, x, y, eps, loss=loss, **options, **seeded)
+
+            functions[loss] = tf.function(run, reduce_retracing=True)
+        x = tf.convert_to_tensor(x, tf.float32)
+        return functions[loss](x, tf.convert_to_tensor(y), tf.constant(seed, tf.int32))
+
+    return perturb

@@ -269,7 +269,7 @@ PRESETS = {
         },
         "network": {"conv_filters": (32, 64), "kernel_size": 5, "dense_units": (512,)},
     },
-    # The margin for L-inf robustness (`ROBUST_MARGIN`): on the input, in
+    # The margin for L-inf robustness (the README's `LargeMargin` call): on the input, in
     # logit space (gamma is a distance in pixels), the nearest boundary of
     # the top-scoring competitor, differentiated through the gradient norm
     # (which the margin must shrink), beside the cross-entropy.
