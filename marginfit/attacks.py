@@ -1,10 +1,11 @@
 """Input perturbations for robustness evaluation and adversarial training:
-FGSM and PGD (L-inf).
+FGSM and PGD (L-inf), and the minimal perturbation that flips a prediction
+(DeepFool, L2 or L-inf), which measures the distance to the boundary.
 
-Both maximise the cross-entropy of the model's output for the true labels
-within an L-inf ball of radius ``eps`` around each input, clipped to the
-valid input range. Gradients come from `tf.GradientTape`; every example is
-attacked independently, in batches.
+FGSM and PGD maximise the cross-entropy (or the Carlini-Wagner margin) of
+the model's output for the true labels within an L-inf ball of radius
+``eps`` around each input, clipped to the valid input range. Gradients come
+from `tf.GradientTape`; every example is attacked independently, in batches.
 """
 
 import keras
@@ -256,3 +257,135 @@ def _compiled(model, attack, eps, options):
         return functions[loss](x, tf.convert_to_tensor(y), tf.constant(seed, tf.int32))
 
     return perturb
+
+
+NORMS = (2, "inf")
+"""The norms `minimal_perturbation` measures in."""
+
+
+def _logits(model, x):
+    outputs = tf.cast(model(x, training=False), tf.float32)
+    return outputs if _from_logits(model) else tf.math.log(tf.maximum(outputs, 1e-30))
+
+
+def _deepfool_step(model, x_adv, labels, norm):
+    """One DeepFool step at ``x_adv``: ``(step, predicted)``, the smallest
+    perturbation that crosses the linearised nearest boundary between the
+    label and another class (``[batch, ...]``) and the current predictions."""
+    with tf.GradientTape() as tape:
+        tape.watch(x_adv)
+        logits = _logits(model, x_adv)
+    jacobian = tape.batch_jacobian(logits, x_adv)  # [batch, classes, ...]
+    classes = logits.shape[-1]
+    flat = tf.reshape(jacobian, [tf.shape(x_adv)[0], classes, -1])
+    label_gradient = tf.gather(flat, labels, axis=1, batch_dims=1)  # [batch, features]
+    directions = flat - label_gradient[:, None, :]  # grad (z_k - z_y)
+    gaps = tf.gather(logits, labels, axis=1, batch_dims=1)[:, None] - logits  # z_y - z_k >= 0
+    dual = 1.0 if norm == "inf" else 2.0
+    sizes = tf.norm(directions, ord=dual, axis=-1)
+    ratio = gaps / tf.maximum(sizes, 1e-12)
+    ratio = tf.where(tf.one_hot(labels, classes) > 0, np.inf, ratio)
+    nearest = tf.argmin(ratio, axis=-1, output_type=tf.int32)
+    direction = tf.gather(directions, nearest, axis=1, batch_dims=1)
+    distance = tf.gather(ratio, nearest, axis=1, batch_dims=1)[:, None]
+    if norm == "inf":
+        step = distance * tf.sign(direction)
+    else:
+        step = distance * direction / tf.maximum(tf.norm(direction, axis=-1, keepdims=True), 1e-12)
+    predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    return tf.reshape(step, tf.shape(x_adv)), predicted
+
+
+def minimal_perturbation(
+    model, x, y, norm=2, steps=50, overshoot=0.02, bisection=10, batch_size=256
+):
+    """The smallest perturbation that changes each example's prediction, as
+    DeepFool finds it (Moosavi-Dezfooli et al. 2016, arXiv 1511.04599),
+    then shortened by bisection along it.
+
+    Each DeepFool step moves every example still classified as its label
+    across the linearised nearest boundary between the label and another
+    class (``(z_y - z_k) / ||grad (z_y - z_k)||_*`` in the dual norm), with a
+    ``1 + overshoot`` push; for a linear model the first step is exact.
+    ``bisection`` halvings of the found perturbation's length then keep the
+    shortest multiple that still flips the prediction. The sizes are upper
+    bounds on the true minimum (any flipping perturbation is), in the units
+    of the inputs; inputs are not clipped to a valid range.
+
+    Args:
+        model: A Keras classifier (logits, or probabilities for a
+            `MarginModel` with ``output="probabilities"``).
+        x: ``[batch, ...]`` float inputs.
+        y: ``[batch]`` integer labels (the attack moves away from them;
+            pass the predictions to measure from the decision itself).
+        norm: ``2`` or ``"inf"``.
+        steps: Most DeepFool steps per example (>= 1).
+        overshoot: Relative push past each linearised boundary (>= 0).
+        bisection: Number of halvings refining the length (>= 0).
+        batch_size: Examples per batch.
+
+    Returns:
+        ``(sizes, x_adv)``: ``[batch]`` float32 perturbation norms (0 where
+        the model already misclassifies the example, ``inf`` where no step
+        flipped it) and the ``[batch, ...]`` perturbed inputs.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"Unknown `norm={norm!r}`; use 2 or 'inf'.")
+    for name, value, low in (("steps", steps, 1), ("bisection", bisection, 0)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+            raise ValueError(f"`{name}` must be an integer >= {low}; received {value!r}.")
+    if not overshoot >= 0:
+        raise ValueError(f"`overshoot` must be >= 0; received {overshoot!r}.")
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y).reshape(-1).astype(np.int32)
+    if len(x) != len(y):
+        raise ValueError(f"`x` has {len(x)} examples and `y` {len(y)}; give one label each.")
+    search = tf.function(
+        lambda xb, yb: _deepfool(model, xb, yb, norm, steps, overshoot, bisection),
+        reduce_retracing=True,
+    )
+    sizes, perturbed = [], []
+    for start in range(0, len(x), batch_size):
+        size, x_adv = search(x[start : start + batch_size], y[start : start + batch_size])
+        sizes.append(size.numpy())
+        perturbed.append(x_adv.numpy())
+    return np.concatenate(sizes), np.concatenate(perturbed)
+
+
+def _deepfool(model, x, labels, norm, steps, overshoot, bisection):
+    """`minimal_perturbation` of one batch, traced."""
+    x = tf.convert_to_tensor(x, tf.float32)
+
+    def flipped(points):
+        predicted = tf.argmax(_logits(model, points), axis=-1, output_type=tf.int32)
+        return tf.not_equal(predicted, labels)
+
+    def step(index, total, done):
+        move, predicted = _deepfool_step(model, x + (1.0 + overshoot) * total, labels, norm)
+        done = tf.logical_or(done, tf.not_equal(predicted, labels))
+        keep = tf.reshape(tf.cast(done, tf.float32), [-1] + [1] * (len(x.shape) - 1))
+        return index + 1, total + (1.0 - keep) * move, done
+
+    total = tf.zeros_like(x)
+    done = tf.zeros(tf.shape(x)[:1], tf.bool)
+    _, total, _ = tf.while_loop(lambda i, *_: i < steps, step, [0, total, done])
+    perturbation = (1.0 + overshoot) * total
+    shape = [-1] + [1] * (len(x.shape) - 1)
+    success = flipped(x + perturbation)
+    # Bisection on t in [0, 1]: x + t * perturbation flips at `high`.
+    low = tf.zeros(tf.shape(x)[:1])
+    high = tf.ones(tf.shape(x)[:1])
+
+    def halve(index, low, high):
+        middle = (low + high) / 2
+        flips = flipped(x + tf.reshape(middle, shape) * perturbation)
+        return index + 1, tf.where(flips, low, middle), tf.where(flips, middle, high)
+
+    _, _, high = tf.while_loop(lambda i, *_: i < bisection, halve, [0, low, high])
+    already = flipped(x)
+    high = tf.where(already, 0.0, high)
+    x_adv = x + tf.reshape(high, shape) * perturbation
+    flat = tf.reshape(x_adv - x, [tf.shape(x)[0], -1])
+    sizes = tf.norm(flat, ord=np.inf if norm == "inf" else 2, axis=-1)
+    sizes = tf.where(tf.logical_or(success, already), sizes, np.inf)
+    return sizes, x_adv

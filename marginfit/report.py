@@ -97,18 +97,19 @@ def write(results, output, eps_list):
     )
 
     rows = [
-        (f"test accuracy, {float(noise):.0%} label noise", *(row[m] for m in names))
+        (f"test accuracy, {float(noise):.0%} label noise", *(f"{row[m]:.4f}" for m in names))
         for noise, row in results["noise"].items()
     ]
     for attack in ("fgsm", "pgd"):
         rows += [
             (
                 f"{attack.upper()} accuracy, eps {eps:g}",
-                *(results["attacks"][m][attack][i] for m in names),
+                *(f"{results['attacks'][m][attack][i]:.4f}" for m in names),
             )
             for i, eps in enumerate(eps_list)
         ]
-    rows.append(("training seconds, clean labels", *(results["seconds"][m] for m in names)))
+    seconds = (f"{results['seconds'][m]:.1f}" for m in names)
+    rows.append(("training seconds, clean labels", *seconds))
     lines = [
         "# marginfit compare",
         "",
@@ -116,7 +117,7 @@ def write(results, output, eps_list):
         "",
         "| | " + " | ".join(names) + " |",
         "| --- |" + " --- |" * len(names),
-        *(f"| {label} | " + " | ".join(f"{v:.4f}" for v in rest) + " |" for label, *rest in rows),
+        *(f"| {label} | " + " | ".join(rest) + " |" for label, *rest in rows),
         "",
     ]
     for title, name in figures:

@@ -1,4 +1,5 @@
-"""FGSM and PGD against analytic gradients and their defining constraints."""
+"""FGSM, PGD and minimal perturbations against analytic gradients, linear
+models' exact distances and their defining constraints."""
 
 import keras
 import numpy as np
@@ -221,3 +222,88 @@ def test_the_cw_loss_follows_the_logit_difference_of_a_linear_model():
     np.testing.assert_allclose(stuck, x[saturated], rtol=1e-6)
     with pytest.raises(ValueError, match="Unknown `loss='hinge'`"):
         attacks.PGD(0.1, loss="hinge")
+
+
+# --------------------------------------------- minimal perturbations
+
+
+def linear_distances(kernel, bias, x, norm):
+    """Float64 distance from each row of ``x`` to the boundary of its
+    predicted class ``y`` in a linear model: ``min_k (z_y - z_k) / ||w_y -
+    w_k||_*``, the dual norm of ``norm`` (the class's region is convex, so
+    its nearest face is the nearest boundary)."""
+    logits = x.astype("float64") @ kernel + bias
+    y = logits.argmax(-1)
+    gaps = logits[np.arange(len(x)), y][:, None] - logits
+    differences = kernel[:, y].T[:, None, :] - kernel.T[None, :, :]  # [batch, k, features]
+    dual = np.abs(differences).sum(-1) if norm == "inf" else np.linalg.norm(differences, axis=-1)
+    with np.errstate(invalid="ignore"):  # 0 / 0 at the label itself
+        ratio = np.where(np.eye(kernel.shape[1], dtype=bool)[y], np.inf, gaps / dual)
+    return ratio.min(-1), y
+
+
+@pytest.mark.parametrize("norm", [2, "inf"])
+def test_minimal_perturbation_is_the_distance_to_a_linear_boundary(norm):
+    model = linear_model()
+    kernel, bias = (w.astype("float64") for w in model.get_weights())
+    x = np.random.default_rng(3).normal(size=(64, 5)).astype("float32")
+    expected, y = linear_distances(kernel, bias, x, norm)
+    sizes, x_adv = attacks.minimal_perturbation(model, x, y, norm=norm)
+    # One DeepFool step lands 2 % past the boundary; bisection (10 halvings)
+    # brings it back to within 2 ** -10 of the step's length.
+    np.testing.assert_allclose(sizes, expected, rtol=2e-3)
+    assert np.all(sizes >= expected * (1 - 1e-5))
+    moved = (x_adv - x).reshape(len(x), -1)
+    np.testing.assert_allclose(
+        np.linalg.norm(moved, ord=np.inf if norm == "inf" else 2, axis=-1), sizes, rtol=1e-5
+    )
+    assert np.all(np.argmax(model.predict(x_adv, verbose=0), -1) != y)
+
+
+def test_pgd_flips_exactly_the_examples_beyond_their_minimal_perturbation():
+    """On a two-class linear model, L-inf PGD on the logit difference reaches
+    the best vertex of the ball, so it flips an example exactly when the
+    ball is larger than its minimal perturbation."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2)])
+    x = np.random.default_rng(4).normal(size=(200, 6)).astype("float32")
+    y = np.argmax(model.predict(x, verbose=0), -1)
+    sizes, _ = attacks.minimal_perturbation(model, x, y, norm="inf")
+    eps = float(np.median(sizes))
+    clear = np.abs(sizes - eps) > 0.01 * eps
+    perturbed = attacks.pgd(model, x, y, eps, steps=20, clip=None, loss="cw")
+    fooled = np.argmax(model.predict(perturbed, verbose=0), -1) != y
+    np.testing.assert_array_equal(fooled[clear], (sizes < eps)[clear])
+    assert 80 < clear.sum() and 0 < fooled[clear].sum() < clear.sum()
+
+
+def test_minimal_perturbations_of_a_network_flip_it(trained):
+    """On a conv net: each returned input is misclassified at the reported
+    distance, misclassified inputs are at 0, and bisection only shortens."""
+    model, x, y = trained
+    y = y.copy()
+    y[:4] = (np.argmax(model.predict(x[:4], verbose=0), -1) + 1) % 10  # wrong already
+    for norm in (2, "inf"):
+        sizes, x_adv = attacks.minimal_perturbation(model, x, y, norm=norm, batch_size=50)
+        unrefined, _ = attacks.minimal_perturbation(model, x, y, norm=norm, bisection=0)
+        assert np.all(sizes[:4] == 0) and np.all(np.isfinite(sizes))
+        moved = (x_adv - x).reshape(len(x), -1)
+        lengths = np.linalg.norm(moved, ord=np.inf if norm == "inf" else 2, axis=-1)
+        np.testing.assert_allclose(lengths, sizes, rtol=1e-5, atol=1e-7)
+        assert np.all(np.argmax(model.predict(x_adv, verbose=0), -1) != y)
+        assert np.all(sizes <= unrefined + 1e-7) and np.all(sizes[4:] > 0)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"norm": 1}, "Unknown `norm=1`"),
+        ({"steps": 0}, "`steps` must be an integer >= 1"),
+        ({"bisection": -1}, "`bisection` must be an integer >= 0"),
+        ({"overshoot": -0.1}, "`overshoot` must be >= 0"),
+    ],
+)
+def test_bad_minimal_perturbation_arguments(options, message):
+    x = np.full((2, 5), 0.5, "float32")
+    with pytest.raises(ValueError, match=message):
+        attacks.minimal_perturbation(linear_model(), x, np.array([0, 1]), **options)
