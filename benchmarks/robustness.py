@@ -42,6 +42,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from marginfit import attacks, cli  # noqa: E402
 from marginfit import methods as methods_lib  # noqa: E402
@@ -81,21 +82,21 @@ def train(dataset, seed, model_name, epochs, eps=None):
 def white_box(model, x, y, eps):
     """Accuracy under PGD on both losses (`WHITE_BOX`); robust only if every
     start of both fails."""
-    robust = np.ones(len(x), bool)
-    for loss in LOSSES:
-        for restart in range(WHITE_BOX["restarts"]):
-            adversarial = attacks.pgd(
-                model, x, y, eps, steps=WHITE_BOX["steps"], seed=restart, loss=loss
-            )
-            robust &= np.argmax(model.predict(adversarial, verbose=0), -1) == y
-    return float(robust.mean())
+    return attacks.adversarial_accuracy(
+        model, x, y, eps, "pgd", batch_size=len(x), loss=LOSSES, **WHITE_BOX
+    )
 
 
 def transfer(model, source, x, y, eps):
     """Accuracy of ``model`` on PGD examples of ``source`` (both losses)."""
     robust = np.ones(len(x), bool)
     for loss in LOSSES:
-        adversarial = attacks.pgd(source, x, y, eps, steps=WHITE_BOX["steps"], loss=loss)
+        attack = tf.function(
+            lambda x, y, loss=loss: attacks.pgd(
+                source, x, y, eps, steps=WHITE_BOX["steps"], loss=loss
+            )
+        )
+        adversarial = attack(tf.constant(x, tf.float32), tf.constant(y))
         robust &= np.argmax(model.predict(adversarial, verbose=0), -1) == y
     return float(robust.mean())
 
