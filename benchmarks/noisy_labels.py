@@ -22,7 +22,7 @@ one line per method, min-max band), each naming the command.
     python benchmarks/noisy_labels.py [--data digits,digits28] \\
         [--noise 0,0.2,0.4,0.6,0.8] [--seeds 3] [--epochs 60] \\
         [--ema 0.99] [--methods cross-entropy,gce,sce,nce-rce,ce-eps-mae,margin,top-1] \\
-        [--output runs/noisy_labels]
+        [--output runs/noisy_labels] [--report-only]
 """
 
 import argparse
@@ -112,14 +112,14 @@ def run(dataset, noise, seed, method, epochs, ema):
 
 
 def spread(runs, dataset, noise, method):
-    """``(mean, min, max)`` test accuracy over the seeds of one setting, or
-    None if it has no run."""
+    """``(mean, min, max, seeds)`` test accuracy over the seeds of one
+    setting, and their number, or None if it has no run."""
     values = [
         r["test_accuracy"]
         for r in runs
         if (r["data"], r["noise"], r["method"]) == (dataset, noise, method)
     ]
-    return (statistics.mean(values), min(values), max(values)) if values else None
+    return (statistics.mean(values), min(values), max(values), len(values)) if values else None
 
 
 STALL_AFTER = 5
@@ -146,7 +146,7 @@ def lowest_after_warm_up(runs, dataset, noise, method, curve="clean_val_accuracy
     return min(values) if values else None
 
 
-def table(runs, datasets, noises, methods, command):
+def table(runs, datasets, noises, methods, command, seeds):
     header = ["| label noise | " + " | ".join(methods) + " |", "| --- |" + " --- |" * len(methods)]
     lines = [f"Produced by: `{command}`", ""]
     for dataset in datasets:
@@ -155,7 +155,10 @@ def table(runs, datasets, noises, methods, command):
             cells = []
             for method in methods:
                 setting = spread(runs, dataset, noise, method)
-                cells.append("{:.4f} ({:.3f}-{:.3f})".format(*setting) if setting else "")
+                cell = "{:.4f} ({:.3f}-{:.3f})".format(*setting[:3]) if setting else ""
+                if setting and setting[3] != seeds:  # an unfinished benchmark
+                    cell += f" [{setting[3]} of {seeds} seeds]"
+                cells.append(cell)
             lines.append(f"| {noise:.0%} | " + " | ".join(cells) + " |")
         for curve, weights in CURVES.items():
             if not any(r.get(curve) for r in runs if r["data"] == dataset):
@@ -185,7 +188,7 @@ def figure(runs, datasets, noises, methods, command, path):
     for axis, dataset in zip(axes[0], datasets):
         for method in methods:
             points = [
-                (noise, *setting)
+                (noise, *setting[:3])
                 for noise in noises
                 if (setting := spread(runs, dataset, noise, method))
             ]
@@ -216,6 +219,11 @@ def main(argv=None):
     )
     parser.add_argument("--methods", default=DEFAULT_METHODS)
     parser.add_argument("--output", default=os.path.join("runs", "noisy_labels"))
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the table and figure from the runs logged so far; train nothing",
+    )
     args = parser.parse_args(argv)
     datasets = args.data.split(",")
     noises = [float(n) for n in args.noise.split(",")]
@@ -223,6 +231,7 @@ def main(argv=None):
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
+    argv = [a for a in argv if a != "--report-only"]
     command = "python benchmarks/noisy_labels.py " + " ".join(map(shlex.quote, argv))
     os.makedirs(args.output, exist_ok=True)
     log = os.path.join(args.output, "runs.jsonl")
@@ -237,7 +246,7 @@ def main(argv=None):
         for noise in noises:
             for seed in range(args.seeds):
                 for method in methods:
-                    if (dataset, noise, seed, method) in done:
+                    if (dataset, noise, seed, method) in done or args.report_only:
                         continue
                     result = run(dataset, noise, seed, method, args.epochs, args.ema)
                     runs.append(result)
@@ -248,7 +257,7 @@ def main(argv=None):
                         f"test accuracy {result['test_accuracy']:.4f}",
                         flush=True,
                     )
-    markdown = table(runs, datasets, noises, methods, command)
+    markdown = table(runs, datasets, noises, methods, command, args.seeds)
     with open(os.path.join(args.output, "noisy_labels.md"), "w") as file:
         file.write(markdown + "\n")
     figure(runs, datasets, noises, methods, command, os.path.join(args.output, "noisy_labels.png"))

@@ -28,7 +28,7 @@ benchmark resumes where it stopped), ``robustness.md`` (mean and min-max
 over seeds) and ``robustness.png``, each naming the command.
 
     python benchmarks/robustness.py [--data digits,digits28] [--eps 0.05,0.1,0.2]
-        [--seeds 3] [--epochs 60] [--output runs/robustness]
+        [--seeds 3] [--epochs 60] [--output runs/robustness] [--report-only]
 """
 
 import argparse
@@ -151,13 +151,16 @@ def run_seed(dataset, seed, eps_list, epochs, done, log):
     return results
 
 
-def cell(values):
+def cell(values, seeds, digits=(4, 3)):
+    """Mean (min-max) of ``values``, and their number if not ``seeds``."""
     if not values:
         return ""
-    return f"{statistics.mean(values):.4f} ({min(values):.3f}-{max(values):.3f})"
+    mean, spread = digits
+    text = f"{statistics.mean(values):.{mean}f} ({min(values):.{spread}f}-{max(values):.{spread}f})"
+    return text if len(values) == seeds else f"{text} [{len(values)} of {seeds} seeds]"
 
 
-def table(runs, datasets, eps_list, command):
+def table(runs, datasets, eps_list, command, seeds):
     lines = [f"Produced by: `{command}`", ""]
     header = ["| | " + " | ".join(MODELS) + " |", "| --- |" + " --- |" * len(MODELS)]
 
@@ -175,16 +178,18 @@ def table(runs, datasets, eps_list, command):
         for eps in eps_list:
             key = f"{eps:g}"
             cells = [
-                cell(values(dataset, m, lambda r, key=key: r["accuracy"][key], eps)) for m in MODELS
+                cell(values(dataset, m, lambda r, key=key: r["accuracy"][key], eps), seeds)
+                for m in MODELS
             ]
             lines.append(f"| PGD/transfer, eps {eps:g} | " + " | ".join(cells) + " |")
-        clean = [cell(values(dataset, m, lambda r: r["clean"])) for m in MODELS]
+        clean = [cell(values(dataset, m, lambda r: r["clean"]), seeds) for m in MODELS]
         lines.append("| clean | " + " | ".join(clean) + " |")
         sanity = [
-            cell(values(dataset, m, lambda r: r["accuracy"][f"{SANITY_EPS:g}"])) for m in MODELS
+            cell(values(dataset, m, lambda r: r["accuracy"][f"{SANITY_EPS:g}"]), seeds)
+            for m in MODELS
         ]
         lines.append(f"| eps {SANITY_EPS:g} (must be ~0) | " + " | ".join(sanity) + " |")
-        seconds = [cell(values(dataset, m, lambda r: r["seconds"])) for m in MODELS]
+        seconds = [cell(values(dataset, m, lambda r: r["seconds"]), seeds, (0, 0)) for m in MODELS]
         lines.append("| training seconds | " + " | ".join(seconds) + " |")
         masked = [
             f"{r['model']} seed {r['seed']} eps {eps}"
@@ -241,9 +246,15 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--output", default=os.path.join("runs", "robustness"))
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the table and figure from the runs logged so far; train nothing",
+    )
     args = parser.parse_args(argv)
     datasets = args.data.split(",")
     eps_list = [float(e) for e in args.eps.split(",")]
+    argv = [a for a in argv if a != "--report-only"]
     command = "python benchmarks/robustness.py " + " ".join(map(shlex.quote, argv))
     os.makedirs(args.output, exist_ok=True)
     log = os.path.join(args.output, "runs.jsonl")
@@ -255,7 +266,7 @@ def main(argv=None):
     for dataset in datasets:
         for seed in range(args.seeds):
             done = {(r["data"], r["seed"], r["model"], r["train_eps"]) for r in runs}
-            if all(
+            if args.report_only or all(
                 (dataset, seed, name, eps) in done
                 for name, eps in [
                     ("cross-entropy", None),
@@ -265,7 +276,7 @@ def main(argv=None):
             ):
                 continue
             runs += run_seed(dataset, seed, eps_list, args.epochs, done, log)
-    markdown = table(runs, datasets, eps_list, command)
+    markdown = table(runs, datasets, eps_list, command, args.seeds)
     with open(os.path.join(args.output, "robustness.md"), "w") as file:
         file.write(markdown + "\n")
     figure(runs, datasets, eps_list, command, os.path.join(args.output, "robustness.png"))
