@@ -151,13 +151,14 @@ def run_seed(dataset, seed, eps_list, epochs, done, log):
     return results
 
 
-def cell(values, seeds, digits=(4, 3)):
-    """Mean (min-max) of ``values``, and their number if not ``seeds``."""
+def cell(values, expected, digits=(4, 3)):
+    """Mean (min-max) of ``values``, and their number if not ``expected``
+    (the seeds, times the models per seed)."""
     if not values:
         return ""
     mean, spread = digits
     text = f"{statistics.mean(values):.{mean}f} ({min(values):.{spread}f}-{max(values):.{spread}f})"
-    return text if len(values) == seeds else f"{text} [{len(values)} of {seeds} seeds]"
+    return text if len(values) == expected else f"{text} [{len(values)} of {expected} runs]"
 
 
 def table(runs, datasets, eps_list, command, seeds):
@@ -182,14 +183,18 @@ def table(runs, datasets, eps_list, command, seeds):
                 for m in MODELS
             ]
             lines.append(f"| PGD/transfer, eps {eps:g} | " + " | ".join(cells) + " |")
-        clean = [cell(values(dataset, m, lambda r: r["clean"]), seeds) for m in MODELS]
+        # Rows over every model of a method: one PGD-AT model per eps.
+        models = {m: seeds * (len(eps_list) if m == "pgd-at" else 1) for m in MODELS}
+        clean = [cell(values(dataset, m, lambda r: r["clean"]), models[m]) for m in MODELS]
         lines.append("| clean | " + " | ".join(clean) + " |")
         sanity = [
-            cell(values(dataset, m, lambda r: r["accuracy"][f"{SANITY_EPS:g}"]), seeds)
+            cell(values(dataset, m, lambda r: r["accuracy"][f"{SANITY_EPS:g}"]), models[m])
             for m in MODELS
         ]
         lines.append(f"| eps {SANITY_EPS:g} (must be ~0) | " + " | ".join(sanity) + " |")
-        seconds = [cell(values(dataset, m, lambda r: r["seconds"]), seeds, (0, 0)) for m in MODELS]
+        seconds = [
+            cell(values(dataset, m, lambda r: r["seconds"]), models[m], (0, 0)) for m in MODELS
+        ]
         lines.append("| training seconds | " + " | ".join(seconds) + " |")
         masked = [
             f"{r['model']} seed {r['seed']} eps {eps}"
