@@ -172,6 +172,7 @@ def table(runs, datasets, eps_list, command, seeds):
             if r["data"] == dataset
             and r["model"] == name
             and (name != "pgd-at" or eps is None or r["train_eps"] == eps)
+            and (eps is None or f"{eps:g}" in r["accuracy"])  # a run of other eps
         ]
 
     for dataset in datasets:
@@ -228,6 +229,7 @@ def figure(runs, datasets, eps_list, command, path):
                     if r["data"] == dataset
                     and r["model"] == name
                     and (name != "pgd-at" or r["train_eps"] == eps)
+                    and f"{eps:g}" in r["accuracy"]
                 ]
                 if values:
                     points.append((eps, statistics.mean(values), min(values), max(values)))
