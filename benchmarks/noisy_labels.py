@@ -26,14 +26,13 @@ one line per method, min-max band), each naming the command.
 """
 
 import argparse
-import json
 import os
-import shlex
 import statistics
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import _results  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -179,29 +178,19 @@ def table(runs, datasets, noises, methods, command, seeds):
 
 
 def figure(runs, datasets, noises, methods, command, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
-    for axis, dataset in zip(axes[0], datasets):
-        for method in methods:
-            points = [
+    """Test accuracy against label noise per dataset, one line per method."""
+    panels = {
+        dataset: {
+            method: [
                 (noise, *setting[:3])
                 for noise in noises
                 if (setting := spread(runs, dataset, noise, method))
             ]
-            if points:
-                x, mean, low, high = zip(*points)
-                axis.plot(x, mean, "-o", label=method)
-                axis.fill_between(x, low, high, alpha=0.2)
-        axis.set(xlabel="label noise", ylabel="test accuracy", title=dataset, ylim=(0, 1))
-        axis.legend()
-    fig.text(0.01, 0.01, f"produced by: {command}", fontsize=6, color="gray")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+            for method in methods
+        }
+        for dataset in datasets
+    }
+    _results.accuracy_figure(panels, "label noise", command, path)
 
 
 def main(argv=None):
@@ -219,11 +208,7 @@ def main(argv=None):
     )
     parser.add_argument("--methods", default=DEFAULT_METHODS)
     parser.add_argument("--output", default=os.path.join("runs", "noisy_labels"))
-    parser.add_argument(
-        "--report-only",
-        action="store_true",
-        help="write the table and figure from the runs logged so far; train nothing",
-    )
+    _results.add_report_only(parser)
     args = parser.parse_args(argv)
     datasets = args.data.split(",")
     noises = [float(n) for n in args.noise.split(",")]
@@ -231,14 +216,8 @@ def main(argv=None):
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
-    argv = [a for a in argv if a != "--report-only"]
-    command = "python benchmarks/noisy_labels.py " + " ".join(map(shlex.quote, argv))
-    os.makedirs(args.output, exist_ok=True)
-    log = os.path.join(args.output, "runs.jsonl")
-    runs = []
-    if os.path.exists(log):
-        with open(log) as file:
-            runs = [json.loads(line) for line in file if line.strip()]
+    command = _results.command_line("noisy_labels.py", argv)
+    log, runs = _results.load_runs(args.output)
     # Runs from before the weight average have no "ema": they had none.
     runs = [r for r in runs if (r["epochs"], r.get("ema", 0.0)) == (args.epochs, args.ema)]
     done = {(r["data"], r["noise"], r["seed"], r["method"]) for r in runs}
@@ -250,8 +229,7 @@ def main(argv=None):
                         continue
                     result = run(dataset, noise, seed, method, args.epochs, args.ema)
                     runs.append(result)
-                    with open(log, "a") as file:
-                        file.write(json.dumps(result) + "\n")
+                    _results.append_run(log, result)
                     print(
                         f"{dataset} noise {noise:.0%} seed {seed} {method}: "
                         f"test accuracy {result['test_accuracy']:.4f}",

@@ -32,15 +32,14 @@ over seeds) and ``robustness.png``, each naming the command.
 """
 
 import argparse
-import json
 import os
-import shlex
 import statistics
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import _results  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -140,8 +139,7 @@ def run_seed(dataset, seed, eps_list, epochs, done, log):
             "seconds": trained,
             **evaluate(model, reference, x, y, [*evaluated, SANITY_EPS]),
         }
-        with open(log, "a") as file:
-            file.write(json.dumps(result) + "\n")
+        _results.append_run(log, result)
         print(
             f"{dataset} seed {seed} {name}{'' if eps is None else f' eps {eps:g}'}: "
             f"clean {result['clean']:.4f}, robust {result['accuracy']}, {trained:.0f} s",
@@ -161,40 +159,44 @@ def cell(values, expected, digits=(4, 3)):
     return text if len(values) == expected else f"{text} [{len(values)} of {expected} runs]"
 
 
+def select(runs, dataset, name, pick, eps=None):
+    """``pick(run)`` for each run of model kind ``name`` on ``dataset``;
+    with ``eps``, only the runs evaluated at it (and, of PGD-AT, the model
+    trained at it)."""
+    return [
+        pick(r)
+        for r in runs
+        if r["data"] == dataset
+        and r["model"] == name
+        and (name != "pgd-at" or eps is None or r["train_eps"] == eps)
+        and (eps is None or f"{eps:g}" in r["accuracy"])  # a run of other eps
+    ]
+
+
 def table(runs, datasets, eps_list, command, seeds):
     lines = [f"Produced by: `{command}`", ""]
     header = ["| | " + " | ".join(MODELS) + " |", "| --- |" + " --- |" * len(MODELS)]
-
-    def values(dataset, name, pick, eps=None):
-        return [
-            pick(r)
-            for r in runs
-            if r["data"] == dataset
-            and r["model"] == name
-            and (name != "pgd-at" or eps is None or r["train_eps"] == eps)
-            and (eps is None or f"{eps:g}" in r["accuracy"])  # a run of other eps
-        ]
-
     for dataset in datasets:
         lines += [f"### {dataset}: test accuracy, mean (min-max) over seeds", "", *header]
         for eps in eps_list:
             key = f"{eps:g}"
             cells = [
-                cell(values(dataset, m, lambda r, key=key: r["accuracy"][key], eps), seeds)
+                cell(select(runs, dataset, m, lambda r, key=key: r["accuracy"][key], eps), seeds)
                 for m in MODELS
             ]
             lines.append(f"| PGD/transfer, eps {eps:g} | " + " | ".join(cells) + " |")
         # Rows over every model of a method: one PGD-AT model per eps.
         models = {m: seeds * (len(eps_list) if m == "pgd-at" else 1) for m in MODELS}
-        clean = [cell(values(dataset, m, lambda r: r["clean"]), models[m]) for m in MODELS]
+        clean = [cell(select(runs, dataset, m, lambda r: r["clean"]), models[m]) for m in MODELS]
         lines.append("| clean | " + " | ".join(clean) + " |")
         sanity = [
-            cell(values(dataset, m, lambda r: r["accuracy"][f"{SANITY_EPS:g}"]), models[m])
+            cell(select(runs, dataset, m, lambda r: r["accuracy"][f"{SANITY_EPS:g}"]), models[m])
             for m in MODELS
         ]
         lines.append(f"| eps {SANITY_EPS:g} (must be ~0) | " + " | ".join(sanity) + " |")
         seconds = [
-            cell(values(dataset, m, lambda r: r["seconds"]), models[m], (0, 0)) for m in MODELS
+            cell(select(runs, dataset, m, lambda r: r["seconds"]), models[m], (0, 0))
+            for m in MODELS
         ]
         lines.append("| training seconds | " + " | ".join(seconds) + " |")
         masked = [
@@ -213,36 +215,16 @@ def table(runs, datasets, eps_list, command, seeds):
 
 
 def figure(runs, datasets, eps_list, command, path):
-    import matplotlib
+    """Test accuracy against eps per dataset, one line per model kind."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def points(dataset, name):
+        for eps in eps_list:
+            pick = lambda r, key=f"{eps:g}": r["accuracy"][key]  # noqa: E731
+            if values := select(runs, dataset, name, pick, eps):
+                yield eps, statistics.mean(values), min(values), max(values)
 
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
-    for axis, dataset in zip(axes[0], datasets):
-        for name in MODELS:
-            points = []
-            for eps in eps_list:
-                values = [
-                    r["accuracy"][f"{eps:g}"]
-                    for r in runs
-                    if r["data"] == dataset
-                    and r["model"] == name
-                    and (name != "pgd-at" or r["train_eps"] == eps)
-                    and f"{eps:g}" in r["accuracy"]
-                ]
-                if values:
-                    points.append((eps, statistics.mean(values), min(values), max(values)))
-            if points:
-                x, mean, low, high = zip(*points)
-                axis.plot(x, mean, "-o", label=name)
-                axis.fill_between(x, low, high, alpha=0.2)
-        axis.set(xlabel="eps (L-inf)", ylabel="test accuracy", title=dataset, ylim=(0, 1))
-        axis.legend()
-    fig.text(0.01, 0.01, f"produced by: {command}", fontsize=6, color="gray")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    panels = {d: {name: list(points(d, name)) for name in MODELS} for d in datasets}
+    _results.accuracy_figure(panels, "eps (L-inf)", command, path)
 
 
 def main(argv=None):
@@ -253,22 +235,12 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--output", default=os.path.join("runs", "robustness"))
-    parser.add_argument(
-        "--report-only",
-        action="store_true",
-        help="write the table and figure from the runs logged so far; train nothing",
-    )
+    _results.add_report_only(parser)
     args = parser.parse_args(argv)
     datasets = args.data.split(",")
     eps_list = [float(e) for e in args.eps.split(",")]
-    argv = [a for a in argv if a != "--report-only"]
-    command = "python benchmarks/robustness.py " + " ".join(map(shlex.quote, argv))
-    os.makedirs(args.output, exist_ok=True)
-    log = os.path.join(args.output, "runs.jsonl")
-    runs = []
-    if os.path.exists(log):
-        with open(log) as file:
-            runs = [json.loads(line) for line in file if line.strip()]
+    command = _results.command_line("robustness.py", argv)
+    log, runs = _results.load_runs(args.output)
     runs = [r for r in runs if r["epochs"] == args.epochs]
     for dataset in datasets:
         for seed in range(args.seeds):
