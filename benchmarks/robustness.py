@@ -50,7 +50,8 @@ MODELS = ("cross-entropy", "pgd-at", "robust margin")
 SANITY_EPS = 0.5
 """An eps at which every honest attack leaves (near) no digit recognised."""
 WHITE_BOX = {"steps": 50, "restarts": 5}
-LOSSES = ("ce", "cw")
+LOSSES = attacks.LOSSES
+"""What the attacks maximise: both the cross-entropy and the CW margin."""
 
 
 def train(dataset, seed, model_name, epochs, eps=None):

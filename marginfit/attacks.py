@@ -32,6 +32,12 @@ which does not saturate where a confident softmax flattens the cross-entropy
 to a zero gradient (so an attack on it is not fooled by large logits)."""
 
 
+def _as_logits(model, outputs):
+    """``[batch, classes]`` logits of ``model``'s float32 ``outputs`` (the
+    log of probabilities, which differ from the logits by a constant)."""
+    return outputs if _from_logits(model) else tf.math.log(tf.maximum(outputs, 1e-30))
+
+
 def _check_loss(loss):
     if loss not in LOSSES:
         raise ValueError(f"Unknown `loss={loss!r}`; use 'ce' (cross-entropy) or 'cw'.")
@@ -53,7 +59,7 @@ def _loss_gradient(model, x, y, loss="ce"):
                 one_hot, outputs, from_logits=_from_logits(model)
             )
         else:
-            logits = outputs if _from_logits(model) else tf.math.log(tf.maximum(outputs, 1e-30))
+            logits = _as_logits(model, outputs)
             label = tf.reduce_sum(one_hot * logits, axis=-1)
             other = tf.reduce_max(tf.where(one_hot > 0, tf.float32.min, logits), axis=-1)
             value = other - label
@@ -264,8 +270,7 @@ NORMS = (2, "inf")
 
 
 def _logits(model, x):
-    outputs = tf.cast(model(x, training=False), tf.float32)
-    return outputs if _from_logits(model) else tf.math.log(tf.maximum(outputs, 1e-30))
+    return _as_logits(model, tf.cast(model(x, training=False), tf.float32))
 
 
 def _deepfool_step(model, x_adv, labels, norm):
@@ -290,8 +295,9 @@ def _deepfool_step(model, x_adv, labels, norm):
     distance = tf.gather(ratio, nearest, axis=1, batch_dims=1)[:, None]
     if norm == "inf":
         step = distance * tf.sign(direction)
-    else:
-        step = distance * direction / tf.maximum(tf.norm(direction, axis=-1, keepdims=True), 1e-12)
+    else:  # the dual norm is the L2 norm itself
+        size = tf.gather(sizes, nearest, axis=1, batch_dims=1)[:, None]
+        step = distance * direction / tf.maximum(size, 1e-12)
     predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
     return tf.reshape(step, tf.shape(x_adv)), predicted
 
@@ -355,6 +361,7 @@ def minimal_perturbation(
 def _deepfool(model, x, labels, norm, steps, overshoot, bisection):
     """`minimal_perturbation` of one batch, traced."""
     x = tf.convert_to_tensor(x, tf.float32)
+    per_example = [-1] + [1] * (len(x.shape) - 1)  # broadcasts [batch] over x
 
     def flipped(points):
         predicted = tf.argmax(_logits(model, points), axis=-1, output_type=tf.int32)
@@ -363,14 +370,13 @@ def _deepfool(model, x, labels, norm, steps, overshoot, bisection):
     def step(index, total, done):
         move, predicted = _deepfool_step(model, x + (1.0 + overshoot) * total, labels, norm)
         done = tf.logical_or(done, tf.not_equal(predicted, labels))
-        keep = tf.reshape(tf.cast(done, tf.float32), [-1] + [1] * (len(x.shape) - 1))
+        keep = tf.reshape(tf.cast(done, tf.float32), per_example)
         return index + 1, total + (1.0 - keep) * move, done
 
     total = tf.zeros_like(x)
     done = tf.zeros(tf.shape(x)[:1], tf.bool)
     _, total, _ = tf.while_loop(lambda i, *_: i < steps, step, [0, total, done])
     perturbation = (1.0 + overshoot) * total
-    shape = [-1] + [1] * (len(x.shape) - 1)
     success = flipped(x + perturbation)
     # Bisection on t in [0, 1]: x + t * perturbation flips at `high`.
     low = tf.zeros(tf.shape(x)[:1])
@@ -378,13 +384,13 @@ def _deepfool(model, x, labels, norm, steps, overshoot, bisection):
 
     def halve(index, low, high):
         middle = (low + high) / 2
-        flips = flipped(x + tf.reshape(middle, shape) * perturbation)
+        flips = flipped(x + tf.reshape(middle, per_example) * perturbation)
         return index + 1, tf.where(flips, low, middle), tf.where(flips, middle, high)
 
     _, _, high = tf.while_loop(lambda i, *_: i < bisection, halve, [0, low, high])
     already = flipped(x)
     high = tf.where(already, 0.0, high)
-    x_adv = x + tf.reshape(high, shape) * perturbation
+    x_adv = x + tf.reshape(high, per_example) * perturbation
     flat = tf.reshape(x_adv - x, [tf.shape(x)[0], -1])
     sizes = tf.norm(flat, ord=np.inf if norm == "inf" else 2, axis=-1)
     sizes = tf.where(tf.logical_or(success, already), sizes, np.inf)

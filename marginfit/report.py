@@ -10,9 +10,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from marginfit import files  # noqa: E402
-from marginfit.attacks import adversarial_accuracy  # noqa: E402
+from marginfit.attacks import LOSSES, adversarial_accuracy  # noqa: E402
 
-PGD = {"steps": 20, "restarts": 3, "loss": ("ce", "cw")}
+PGD = {"steps": 20, "restarts": 3, "loss": LOSSES}
 """The evaluation's PGD: 20 steps of 2.5 eps / 20 from each of 3 random
 starts, on the cross-entropy and on the Carlini-Wagner margin; an example
 counts as robust only if every one fails."""
