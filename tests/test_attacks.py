@@ -242,6 +242,12 @@ def linear_distances(kernel, bias, x, norm):
     return ratio.min(-1), y
 
 
+def lengths(x_adv, x, norm):
+    """``[batch]`` norms of each example's perturbation, in float64."""
+    moved = (x_adv.astype("float64") - x).reshape(len(x), -1)
+    return np.linalg.norm(moved, ord=np.inf if norm == "inf" else 2, axis=-1)
+
+
 @pytest.mark.parametrize("norm", [2, "inf"])
 def test_minimal_perturbation_is_the_distance_to_a_linear_boundary(norm):
     model = linear_model()
@@ -253,10 +259,7 @@ def test_minimal_perturbation_is_the_distance_to_a_linear_boundary(norm):
     # brings it back to within 2 ** -10 of the step's length.
     np.testing.assert_allclose(sizes, expected, rtol=2e-3)
     assert np.all(sizes >= expected * (1 - 1e-5))
-    moved = (x_adv - x).reshape(len(x), -1)
-    np.testing.assert_allclose(
-        np.linalg.norm(moved, ord=np.inf if norm == "inf" else 2, axis=-1), sizes, rtol=1e-5
-    )
+    np.testing.assert_allclose(lengths(x_adv, x, norm), sizes, rtol=1e-5)
     assert np.all(np.argmax(model.predict(x_adv, verbose=0), -1) != y)
 
 
@@ -287,9 +290,7 @@ def test_minimal_perturbations_of_a_network_flip_it(trained):
         sizes, x_adv = attacks.minimal_perturbation(model, x, y, norm=norm, batch_size=50)
         unrefined, _ = attacks.minimal_perturbation(model, x, y, norm=norm, bisection=0)
         assert np.all(sizes[:4] == 0) and np.all(np.isfinite(sizes))
-        moved = (x_adv - x).reshape(len(x), -1)
-        lengths = np.linalg.norm(moved, ord=np.inf if norm == "inf" else 2, axis=-1)
-        np.testing.assert_allclose(lengths, sizes, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(lengths(x_adv, x, norm), sizes, rtol=1e-5, atol=1e-7)
         assert np.all(np.argmax(model.predict(x_adv, verbose=0), -1) != y)
         assert np.all(sizes <= unrefined + 1e-7) and np.all(sizes[4:] > 0)
 
