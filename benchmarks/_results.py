@@ -1,12 +1,38 @@
-"""What the accuracy benchmarks (`noisy_labels.py`, `robustness.py`) share:
+"""What the accuracy benchmarks (`noisy_labels.py`, `robustness.py`,
+`distances.py`) share: a training run of `marginfit compare`'s network,
 their log of runs, the command line their reports name, and the figure of
 accuracy against a setting, one panel per dataset."""
 
 import json
 import os
 import shlex
+import time
 
 REPORT_ONLY = "--report-only"
+
+
+def train(dataset, seed, method, epochs, flags=()):
+    """One training run of ``method`` (a name of `marginfit.methods.NAMES`)
+    with `marginfit compare`'s network, optimizers, weight average and
+    clean labels, plus the command-line ``flags``, on every training
+    example: ``(model, margin, seconds, (x_test, y_test))``, ``margin`` the
+    `LargeMargin` the flags ask for (also for other methods)."""
+    from marginfit import cli
+
+    argv = ["compare", "--data", dataset, "--seed", str(seed), "--epochs", str(epochs), *flags]
+    args = cli.parse_args(argv)
+    (x_train, y_train), test = cli.load(dataset, 0.0, seed)
+    model, margin = cli.build(args, x_train.shape[1:], 10, method, len(x_train))
+    started = time.perf_counter()
+    model.fit(
+        x_train,
+        y_train,
+        epochs=epochs,
+        batch_size=args.batch_size,
+        verbose=0,
+        callbacks=cli.weight_average_callbacks(args),
+    )
+    return model, margin, time.perf_counter() - started, test
 
 
 def add_report_only(parser):

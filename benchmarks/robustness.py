@@ -35,7 +35,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -43,7 +42,7 @@ import _results  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from marginfit import attacks, cli  # noqa: E402
+from marginfit import attacks  # noqa: E402
 from marginfit import methods as methods_lib  # noqa: E402
 
 MODELS = ("cross-entropy", "pgd-at", "robust margin")
@@ -56,27 +55,13 @@ LOSSES = attacks.LOSSES
 
 def train(dataset, seed, model_name, epochs, eps=None):
     """``(model, seconds, (x_test, y_test))`` of one training run."""
-    argv = ["compare", "--data", dataset, "--seed", str(seed), "--epochs", str(epochs)]
-    method = model_name
+    flags, method = [], model_name
     if model_name == "robust margin":
-        argv += ["--preset", "robust"]
-        method = methods_lib.MARGIN
+        flags, method = ["--preset", "robust"], methods_lib.MARGIN
     elif model_name == "pgd-at":
-        argv += ["--pgd-eps", str(eps)]
-    args = cli.parse_args(argv)
-    data = cli.load(dataset, 0.0, seed)
-    (x_train, y_train), test = data
-    model, _ = cli.build(args, x_train.shape[1:], 10, method, len(x_train))
-    started = time.perf_counter()
-    model.fit(
-        x_train,
-        y_train,
-        epochs=epochs,
-        batch_size=args.batch_size,
-        verbose=0,
-        callbacks=cli.weight_average_callbacks(args),
-    )
-    return model, time.perf_counter() - started, test
+        flags = ["--pgd-eps", str(eps)]
+    model, _, seconds, test = _results.train(dataset, seed, method, epochs, flags)
+    return model, seconds, test
 
 
 def white_box(model, x, y, eps):

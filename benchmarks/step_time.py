@@ -14,11 +14,12 @@ same jit setting), the peak memory of a few variants relative to CE
 implementation, the cost of the step's checks (`check_costs`: the
 in-step label checks, and the non-finite guard with SGD and with Adam), and
 the ratio with the optimizer of `marginfit train` (`train_command_ratios`:
-Adam, with and without the weight average).
+Adam, with and without the weight average), and the evaluation step's
+ratio (`evaluation_ratio`, which adds the distances to the boundary).
 Absolute times alone mean little; quote the ratios.
 
     python benchmarks/step_time.py [--repeats 5] [--steps 3] [--quick] [--checks-only]
-        [--train-command-only]
+        [--train-command-only] [--evaluation-only]
 """
 
 import argparse
@@ -132,21 +133,35 @@ def time_variants(architecture, variants, repeats, steps, min_seconds=0.5):
     return time_models(models, repeats, steps, min_seconds)
 
 
-def time_models(models, repeats, steps, min_seconds=0.5):
-    """Median seconds per `train_on_batch` of each ``{key: model}``,
+def time_models(models, repeats, steps, min_seconds=0.5, method="train_on_batch"):
+    """Median seconds per ``method`` call (`train_on_batch`, or
+    `test_on_batch` for the evaluation step) of each ``{key: model}``,
     measured interleaved (see `time_variants`)."""
     x, y = batch()
+    calls = {key: getattr(model, method) for key, model in models.items()}
     counts = {}
-    for key, model in models.items():  # trace, compile and warm up
-        model.train_on_batch(x, y)
-        estimate = seconds_per_step(lambda model=model: model.train_on_batch(x, y), 2)
+    for key, call in calls.items():  # trace, compile and warm up
+        call(x, y)
+        estimate = seconds_per_step(lambda call=call: call(x, y), 2)
         counts[key] = max(steps, math.ceil(min_seconds / estimate))
     times = {key: [] for key in models}
     for _ in range(repeats):
-        for key, model in models.items():
-            step = lambda model=model: model.train_on_batch(x, y)  # noqa: E731
-            times[key].append(seconds_per_step(step, counts[key]))
+        for key, call in calls.items():
+            times[key].append(seconds_per_step(lambda call=call: call(x, y), counts[key]))
     return {key: statistics.median(values) for key, values in times.items()}
+
+
+def evaluation_ratio(repeats, steps):
+    """The default CNN's evaluation step (`test_on_batch`: the loss and the
+    distances to the nearest boundary, `margin.boundary_distances`) over the
+    CE evaluation step, timed interleaved."""
+    models = {
+        kind: build("cnn", options) for kind, options in (("margin", DEFAULT_MARGIN), ("ce", None))
+    }
+    median = time_models(models, repeats, steps, method="test_on_batch")
+    ratio = round(median["margin"] / median["ce"], 3)
+    print(f"cnn default evaluation step / CE evaluation step: {ratio:.3f}", flush=True)
+    return {"evaluation_ratio": ratio}
 
 
 # ------------------------------------------------------------ the checks
@@ -302,6 +317,9 @@ def main(argv=None):
         action="store_true",
         help="only the default step with Adam, with and without the weight average",
     )
+    parser.add_argument(
+        "--evaluation-only", action="store_true", help="only the default evaluation step"
+    )
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
@@ -311,6 +329,9 @@ def main(argv=None):
         return None
     if args.train_command_only:
         print(json.dumps(train_command_ratios(max(args.repeats, 15), args.steps)))
+        return None
+    if args.evaluation_only:
+        print(json.dumps(evaluation_ratio(max(args.repeats, 15), args.steps)))
         return None
 
     # Sampled and top-scoring competitors cost the same for the same top_k.
@@ -355,6 +376,7 @@ def main(argv=None):
 
     report.update(check_costs(max(args.repeats, 15), args.steps))
     report.update(train_command_ratios(max(args.repeats, 15), args.steps))
+    report.update(evaluation_ratio(max(args.repeats, 15), args.steps))
 
     report["naive_ratio"] = round(naive_ratio(), 1)
     print(f"naive per-example/per-class loop step / CE step: {report['naive_ratio']:.0f}x")

@@ -80,8 +80,9 @@ class DistanceHistograms(keras.callbacks.Callback):
     """Writes histograms of the distance to the boundary to TensorBoard.
 
     Every ``every`` epochs (and after the last), each margin layer's
-    per-example distances to the nearest competitor's boundary on
-    ``validation_data`` (`MarginModel.margin_distances`, inference mode) go
+    per-example distances to the nearest decision boundary, in the layer's
+    units, on ``validation_data`` (`MarginModel.margin_distances`, inference
+    mode) go
     to ``log_dir/validation`` as the histogram ``distance/<layer>`` at the
     epoch's step, where `keras.callbacks.TensorBoard` writes its own
     validation logs; TensorBoard's Histograms tab then shows the margin

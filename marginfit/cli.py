@@ -533,6 +533,7 @@ def _compare(args, argv, output):
         "seconds": {},
         "curves": {},
         "distances": {},
+        "measured": {},
     }
     for noise in [0.0, *args.noise_levels]:
         data = load(args.data, noise, args.seed)
@@ -550,6 +551,9 @@ def _compare(args, argv, output):
                 results["curves"][name] = history
                 results["distances"][name] = MarginModel.wrap(model, margin).margin_distances(
                     x_test, y_test
+                )
+                results["measured"][name] = report.measured_distances(
+                    model, x_test, y_test, margin.norm
                 )
         results["noise"][f"{noise:g}"] = row
     path = report.write(results, output, args.eps)

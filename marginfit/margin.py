@@ -17,6 +17,11 @@ layer and one example is
 
 summed over competitors (``aggregation="sum"``) or taken at the nearest one
 (``aggregation="max"``, the worst case).
+
+``d_lj`` is a distance (in the layer's units, times ``w_l``) only where
+``f`` are logits; softmax differences saturate, so their ``d_lj`` measure
+confidence as much as geometry. What is reported as a distance is always
+the logits' (`boundary_distances`).
 """
 
 import contextlib
@@ -79,8 +84,16 @@ class LargeMargin:
     Args:
         layers: Names (or layer objects) of the layers whose outputs carry the
             margin; the name ``"input"`` designates the model input.
-        gamma: Desired distance to the boundary, in the units of the layer's
-            activations. One float, or one per layer.
+        gamma: The margin the hinge asks for, one float or one per layer,
+            in the units of the quantity it is compared with: the layer
+            weight times the first-order distance of the scores in
+            ``space``. With ``space="logits"`` that is a distance in the
+            layer's units (pixels at the input, in the norm ``norm``; exact
+            for a linear model), so gamma can be a target distance, e.g. a
+            known attack's eps. With ``space="probabilities"`` the estimate
+            grows without bound as the softmax saturates (its gradient
+            vanishes while the difference stays near 1), so gamma is no
+            distance: the default 1e4 keeps the hinge on for every example.
         norm: Norm ``p`` of the distance: 1, 2 or ``"inf"``. Gradients are
             measured in the dual norm (2 -> 2, 1 -> inf, inf -> 1).
         top_k: Number of competing classes per example.
@@ -107,8 +120,12 @@ class LargeMargin:
         layer_weights: Per-layer scale ``w_l`` dividing the gradient norm,
             or None for 1 everywhere (the authors use the layer size with the
             inf norm).
-        space: Scores the differences are taken in: ``"probabilities"``
-            (softmax of the logits, the authors' choice) or ``"logits"``.
+        space: Scores the loss's differences are taken in:
+            ``"probabilities"`` (softmax of the logits, the authors' choice
+            and the default) or ``"logits"`` (see ``gamma`` for the units of
+            each). The distances the logs and `MarginModel.margin_distances`
+            report are those of the logits in either case
+            (`boundary_distances`).
         weight: Multiplier of the penalty in the total loss.
         balance: Weight of the class-balance term added to the penalty:
             ``KL(uniform || p_mean) = -mean_c log(p_mean_c) - log(classes)``,
@@ -547,3 +564,52 @@ def _gradient_norms(tape, differences, activations, margin, outer_tape, record):
             for layer_norms, gradient in zip(norms, gradients):
                 layer_norms.append(dual_norm(gradient, margin.dual_norm))
         return [tf.stack(layer_norms, axis=-1) for layer_norms in norms]
+
+
+REPORTED_COMPETITORS = 9
+"""Most competitors among which `boundary_distances` seeks the nearest
+boundary: the highest-scoring ones, as DeepFool implementations limit
+their candidate classes to the 10 most likely (the label among them)."""
+
+
+def boundary_distances(tape, differences, activations, margin):
+    """Each example's first-order distance to the nearest decision boundary
+    at every margin layer, in the units of the layer's activations (pixels
+    at the input), whatever space the loss is taken in.
+
+    The distance to the boundary between the label ``y`` and a competitor
+    ``j`` is that of the logits' linearisation, ``(z_y - z_j) / ||grad_h
+    (z_y - z_j)||_q`` in the dual norm ``q`` (one DeepFool step: exact for
+    a linear model); the nearest competitor gives the result. No layer
+    weights apply: the loss compares ``layer_weights[l]`` times this with
+    ``gamma``.
+
+    Args:
+        tape: The persistent `tf.GradientTape` that recorded the forward pass.
+        differences: ``[batch, k]`` logit differences ``z_y - z_j`` of the
+            competitors to search (`score_differences` in logit space).
+        activations: One ``[batch, ...]`` tensor per margin layer.
+        margin: The `LargeMargin` config (its layers, norm and epsilon).
+
+    Returns:
+        One ``[batch]`` float32 tensor of signed distances per layer
+        (negative where the example is misclassified).
+    """
+    competitors = differences.shape[-1]
+    batch = tf.shape(differences)[:1]
+
+    def nearer(competitor, nearest):
+        selector = tf.one_hot(tf.fill(batch, competitor), competitors)
+        gradients = _gradients(tape, differences, activations, selector, margin.layers)
+        difference = tf.reduce_sum(differences * selector, axis=-1)
+        return competitor + 1, [
+            tf.minimum(
+                layer_nearest,
+                difference / (dual_norm(gradient, margin.dual_norm) + margin.epsilon),
+            )
+            for layer_nearest, gradient in zip(nearest, gradients)
+        ]
+
+    start = [tf.fill(batch, np.inf) for _ in activations]
+    _, nearest = tf.while_loop(lambda k, _: k < competitors, nearer, [0, start])
+    return nearest

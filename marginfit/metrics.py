@@ -35,7 +35,9 @@ class ViolationRate(keras.metrics.Metric):
     """Streaming fraction of examples whose margin is violated.
 
     An example violates the margin when its distance to the nearest
-    competitor's boundary is below ``gamma`` at any margin layer. The metric
+    boundary is below ``gamma`` at any margin layer (`MarginModel` passes the
+    distances of `margin.boundary_distances` and each layer's ``gamma /
+    layer_weight``, so that both are in the layer's units). The metric
     accumulates the (sample-weighted) counts of violating and of all
     examples across batches; the result is their ratio, in [0, 1]. Lower is
     better.
@@ -113,47 +115,63 @@ class StepCount(keras.metrics.Metric):
 
 
 class MarginMetrics(_keras_internals.MetricsList):
-    """The margin's metrics as one group: ``ce_loss``, ``margin_loss``,
-    ``violation_rate``, ``dead_rate`` and one ``distance_<layer>`` per
-    margin layer.
+    """The margin's metrics as one group.
+
+    Training and evaluation: ``ce_loss``, ``margin_loss`` and ``dead_rate``.
+    Evaluation only (inference mode, where the function a distance is
+    measured on is the deployed one): one ``distance_<layer>`` per margin
+    layer, the mean of `margin.boundary_distances` in the layer's units,
+    and, where the loss's gamma is a distance (``space="logits"``),
+    ``violation_rate``: the share of examples closer than ``gamma /
+    layer_weight`` to a boundary at some layer.
 
     Grouped so that Keras' monitoring callbacks find their directions.
+
+    Args:
+        margin: The `LargeMargin` config.
     """
 
-    def __init__(self, layer_names, gamma, name="margin_metrics"):
-        self.layer_names = tuple(layer_names)
-        means = [
-            "ce_loss",
-            "margin_loss",
-            "dead_rate",
-            *map(distance_metric_name, self.layer_names),
-        ]
-        metrics = [keras.metrics.Mean(name=mean) for mean in means] + [ViolationRate(gamma)]
+    def __init__(self, margin, name="margin_metrics"):
+        self.layer_names = margin.layers
+        means = ["ce_loss", "margin_loss", "dead_rate", *map(distance_metric_name, margin.layers)]
+        metrics = [keras.metrics.Mean(name=mean) for mean in means]
+        if margin.space == "logits":
+            weights = margin.layer_weights or (1.0,) * len(margin.layers)
+            metrics.append(ViolationRate([g / w for g, w in zip(margin.gamma, weights)]))
         for metric in metrics:
             _keras_internals.declare_direction(metric, direction(metric.name))
         super().__init__(metrics, name=name)
         self.by_name = {metric.name: metric for metric in metrics}
+        self.evaluation_names = tuple(
+            name
+            for name in self.by_name
+            if name == "violation_rate" or name.startswith(DISTANCE_PREFIX)
+        )
 
-    def update(self, ce_loss, margin_loss, nearest, dead, batch_size, sample_weight=None):
-        """Adds one batch to every metric of the group.
+    def update(self, ce_loss, margin_loss, dead, batch_size, distances=None, sample_weight=None):
+        """Adds one batch to the metrics of the group.
 
         Args:
             ce_loss: Scalar, the loss without the margin, unscaled.
             margin_loss: Scalar, the batch's margin loss.
-            nearest: One ``[batch]`` tensor per margin layer: each example's
-                distance to the nearest competitor's boundary.
             dead: ``[batch]`` bool, the examples no gradient can move.
             batch_size: Number of examples, the weight of the scalar means.
+            distances: In evaluation, one ``[batch]`` tensor per margin
+                layer: each example's distance to the nearest boundary
+                (`margin.boundary_distances`); None in training.
             sample_weight: Optional ``[batch]`` weights of the examples.
         """
         self.by_name["ce_loss"].update_state(ce_loss, sample_weight=batch_size)
         self.by_name["margin_loss"].update_state(margin_loss, sample_weight=batch_size)
         self.by_name["dead_rate"].update_state(keras.ops.cast(dead, self.dtype))
-        for layer_name, layer_nearest in zip(self.layer_names, nearest):
-            self.by_name[distance_metric_name(layer_name)].update_state(layer_nearest)
-        self.by_name["violation_rate"].update_state(
-            keras.ops.stack(nearest, axis=-1), sample_weight
-        )
+        if distances is None:
+            return
+        for layer_name, layer_distances in zip(self.layer_names, distances):
+            self.by_name[distance_metric_name(layer_name)].update_state(layer_distances)
+        if "violation_rate" in self.by_name:
+            self.by_name["violation_rate"].update_state(
+                keras.ops.stack(distances, axis=-1), sample_weight
+            )
 
     def result(self):
         """``{name: value}`` of every metric in the group."""

@@ -1,5 +1,6 @@
 """`MarginModel`: a `keras.Model` whose `fit()`/`evaluate()` add the margin."""
 
+import dataclasses
 import inspect
 import types
 import warnings
@@ -31,6 +32,22 @@ _DRAW_SEED = 0x5EED
 _ATTACK_SEED = 0xA77AC
 
 
+@dataclasses.dataclass
+class MarginPass:
+    """What one forward pass gives the margin (`MarginModel._margin_pass`)."""
+
+    outputs: tf.Tensor
+    """``[batch, classes]`` model outputs."""
+    distances: list = None
+    """The loss's ``[batch, competitors]`` distances per margin layer."""
+    dead: tf.Tensor = None
+    """``[batch]`` bool: the examples no gradient of the loss can move."""
+    boundaries: list = None
+    """``[batch]`` `margin.boundary_distances` per margin layer."""
+    balance: tf.Tensor = None
+    """The class-balance term (a scalar)."""
+
+
 @keras.saving.register_keras_serializable(package="marginfit")
 class MarginModel(keras.Model):
     """A Keras model trained with the large-margin penalty of Elsayed et al.
@@ -53,8 +70,11 @@ class MarginModel(keras.Model):
     ``margin.weight * margin_loss`` (the hinge terms plus ``margin.balance``
     times the class-balance term) plus the regularization losses. The logs
     of `fit()` and `evaluate()` add ``ce_loss`` (the compiled loss),
-    ``margin_loss`` and ``distance_<layer>`` (mean signed distance to the
-    nearest competitor's boundary) to ``loss`` and the compiled metrics.
+    ``margin_loss`` and ``dead_rate`` to ``loss`` and the compiled metrics;
+    evaluation (and so ``val_`` logs) adds ``distance_<layer>``: the mean
+    signed distance to the nearest decision boundary, in the layer's units
+    (`margin.boundary_distances`, measured in inference mode), and, with
+    ``space="logits"``, ``violation_rate`` (see `marginfit.metrics`).
     `predict()` is the plain forward pass.
 
     A training step whose loss or any gradient is not finite changes no
@@ -143,7 +163,7 @@ class MarginModel(keras.Model):
         self._taps = types.SimpleNamespace(model=None, layers=())
         # The traced function of `margin_distances`, made on its first call.
         self._functions = types.SimpleNamespace(nearest=None)
-        self.margin_metrics = MarginMetrics(margin.layers, margin.gamma) if margin else None
+        self.margin_metrics = MarginMetrics(margin) if margin else None
         if margin is not None and self._is_functional:
             self._build_activation_model()
         elif margin is not None:
@@ -335,9 +355,11 @@ class MarginModel(keras.Model):
         """The forward pass of one step, with the margin.
 
         Returns ``(y_pred, penalty)``: the ``[batch, classes]`` outputs and
-        ``(margin_loss, nearest, dead)``: `margin.margin_loss` (plus the
-        class-balance term of the global batch) and the dead examples of
-        `margin.layer_distances`; None without a margin.
+        ``(margin_loss, dead, distances)``: `margin.margin_loss` (plus the
+        class-balance term of the global batch), the dead examples of
+        `margin.layer_distances` and, in evaluation, the
+        `margin.boundary_distances` (None in training); None without a
+        margin.
         """
         if self.margin is None:
             return self(x, training=training), None
@@ -349,18 +371,25 @@ class MarginModel(keras.Model):
         if training and self.margin.coupling == "inference":
             # The inference pass runs first, so that it sees the moving
             # statistics as they were before this step's training pass.
-            _, (distances, dead), _ = self._margin_distances(x, y, False, tape, "fresh")
+            margin_pass = self._margin_pass(x, y, False, tape, "fresh")
             y_pred = self(x, training=True)
             balance = self._balance(y_pred, sample_weight)
         else:
-            draws = "fresh" if training else "fixed"
-            y_pred, (distances, dead), balance = self._margin_distances(
-                x, y, training, tape, draws, sample_weight, with_balance=True
+            margin_pass = self._margin_pass(
+                x,
+                y,
+                training,
+                tape,
+                "fresh" if training else "fixed",
+                sample_weight,
+                with_balance=True,
+                with_boundaries=not training,
             )
-        margin_loss, nearest = margin_lib.margin_loss(distances, self.margin, sample_weight)
+            y_pred, balance = margin_pass.outputs, margin_pass.balance
+        margin_loss, _ = margin_lib.margin_loss(margin_pass.distances, self.margin, sample_weight)
         if balance is not None:
             margin_loss += self.margin.balance * balance
-        return y_pred, (margin_loss, nearest, dead)
+        return y_pred, (margin_loss, margin_pass.dead, margin_pass.boundaries)
 
     def _balance(self, y_pred, sample_weight, batch=None):
         """The class-balance term of the global batch (None with
@@ -373,16 +402,25 @@ class MarginModel(keras.Model):
             batch = replicas.GlobalBatch(tf.shape(y_pred)[0], sums)
         return margin_lib.balance_from_sums(batch.sums)
 
-    def _margin_distances(
-        self, x, y, training, outer_tape, draws, sample_weight=None, with_balance=False
+    def _margin_pass(
+        self,
+        x,
+        y,
+        training,
+        outer_tape,
+        draws,
+        sample_weight=None,
+        with_balance=False,
+        with_boundaries=False,
+        with_loss=True,
     ):
-        """One forward pass: outputs, `margin.layer_distances`'s
-        ``(distances, dead)``, and the class-balance term if
-        ``with_balance`` (else None).
+        """One forward pass and what the margin needs of it: a `MarginPass`
+        whose loss terms (`margin.layer_distances`) come ``with_loss``, whose
+        class-balance term comes ``with_balance`` and whose
+        `margin.boundary_distances` come ``with_boundaries`` (else None).
 
-        ``draws`` chooses sampled competitors: ``"fresh"`` (a training step),
-        ``"fixed"`` (a fixed seed, for evaluation) or ``"top"`` (the
-        top-scoring ones, whatever ``margin.competitors`` says).
+        ``draws`` chooses sampled competitors: ``"fresh"`` (a training step)
+        or ``"fixed"`` (a fixed seed, for evaluation).
         """
         margin = self.margin
         on_input = INPUT in margin.layers
@@ -393,8 +431,9 @@ class MarginModel(keras.Model):
                     "model received a nested structure."
                 )
             x = tf.convert_to_tensor(x)
-        sampled = margin.competitors == "sampled" and draws != "top"
-        with tf.GradientTape(persistent=margin.top_k > 1) as tape:
+        sampled = margin.competitors == "sampled" and with_loss
+        persistent = margin.top_k > 1 or with_boundaries
+        with tf.GradientTape(persistent=persistent) as tape:
             # Every float input, so that the tape records the path to a margin
             # layer that no trainable weight precedes (a frozen base, a
             # concatenation of inputs).
@@ -422,6 +461,11 @@ class MarginModel(keras.Model):
                 self.output_kind,
                 self._competitor_draws(y_pred, batch.offset, draws) if sampled else None,
             )
+            if with_boundaries:
+                competitors = min(y_pred.shape[-1] - 1, margin_lib.REPORTED_COMPETITORS)
+                logit_differences = margin_lib.score_differences(
+                    y_pred, labels, competitors, "logits", self.output_kind
+                )
         missing = [n for n in margin.layers if n != INPUT and n not in activations]
         if missing:
             raise ValueError(
@@ -433,9 +477,18 @@ class MarginModel(keras.Model):
         targets = [x if name == INPUT else activations[name] for name in margin.layers]
         for name, target in zip(margin.layers, targets):
             _check_floating(name, target.dtype)
-        distances = margin_lib.layer_distances(tape, differences, targets, margin, outer_tape)
-        balance = self._balance(y_pred, sample_weight, batch) if with_balance else None
-        return y_pred, distances, balance
+        result = MarginPass(y_pred)
+        if with_loss:
+            result.distances, result.dead = margin_lib.layer_distances(
+                tape, differences, targets, margin, outer_tape
+            )
+        if with_boundaries:
+            result.boundaries = margin_lib.boundary_distances(
+                tape, logit_differences, targets, margin
+            )
+        if with_balance:
+            result.balance = self._balance(y_pred, sample_weight, batch)
+        return result
 
     def _competitor_draws(self, y_pred, offset, draws):
         """``[batch, classes]`` random keys choosing sampled competitors (see
@@ -456,10 +509,14 @@ class MarginModel(keras.Model):
         return tf.stack([tf.constant(first, tf.int64), tf.cast(step, tf.int64)])
 
     def margin_distances(self, x, y=None, batch_size=256):
-        """Each example's signed distance to the nearest competitor's boundary
-        at every margin layer, in inference mode: the nearest of the margin's
-        ``top_k`` highest-scoring competitors (also where the margin trains
-        on sampled ones).
+        """Each example's signed distance to the nearest decision boundary
+        at every margin layer, in the units of the layer (pixels at the
+        input) and the margin's norm, in inference mode: the first-order
+        distance of the logits, ``(z_y - z_j) / ||grad (z_y - z_j)||``, to
+        the nearest of the (up to 9) highest-scoring other classes ``j``
+        (`margin.boundary_distances`), whatever space the loss is taken in.
+        It is exact for a linear model; `marginfit.attacks.minimal_perturbation`
+        measures the real distance at the input.
 
         Args:
             x: The inputs, in any form `fit()` takes: an ``[n, ...]`` array, a
@@ -482,8 +539,10 @@ class MarginModel(keras.Model):
 
             @tf.function(reduce_retracing=True)
             def nearest(xb, yb):
-                _, (distances, _), _ = self._margin_distances(xb, yb, False, None, "top")
-                return [tf.reduce_min(d, axis=-1) for d in distances]
+                margin_pass = self._margin_pass(
+                    xb, yb, False, None, "fixed", with_boundaries=True, with_loss=False
+                )
+                return margin_pass.boundaries
 
             self._functions.nearest = nearest
         parts = []
@@ -560,10 +619,10 @@ class MarginModel(keras.Model):
         loss = keras_loss
         batch_size = tf.shape(y_pred)[0]
         if penalty is not None:
-            margin_loss, nearest, dead = penalty
+            margin_loss, dead, boundaries = penalty
             loss = keras_loss + self.margin.weight * margin_loss / replicas
             self.margin_metrics.update(
-                keras_loss * replicas, margin_loss, nearest, dead, batch_size, sample_weight
+                keras_loss * replicas, margin_loss, dead, batch_size, boundaries, sample_weight
             )
         tracker = _keras_internals.loss_tracker(self)
         tracker.update_state(loss * replicas, sample_weight=batch_size)
@@ -593,7 +652,7 @@ class MarginModel(keras.Model):
         else:
             warnings.warn("The model does not have any trainable weights.", stacklevel=2)
         counted = self.on_nonfinite != "apply"
-        return self._logs(x, y, y_pred, sample_weight, count=counted)
+        return self._logs(x, y, y_pred, sample_weight, training=True, count=counted)
 
     def _apply_gradients(self, loss, gradients):
         """Applies the step's gradients unless ``on_nonfinite`` and a
@@ -617,13 +676,17 @@ class MarginModel(keras.Model):
         y_pred, penalty = self._forward(x, y, sample_weight, training=False)
         self._loss(x, y, y_pred, sample_weight, penalty, training=False)
         # Evaluation updates nothing; its logs leave the count out.
-        return self._logs(x, y, y_pred, sample_weight, count=False)
+        return self._logs(x, y, y_pred, sample_weight, training=False, count=False)
 
-    def _logs(self, x, y, y_pred, sample_weight, count):
-        """`compute_metrics`, with ``nonfinite_steps`` only if ``count``."""
+    def _logs(self, x, y, y_pred, sample_weight, training, count):
+        """`compute_metrics`, with ``nonfinite_steps`` only if ``count`` and
+        the margin's evaluation metrics only out of ``training``."""
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         if not count:
             logs.pop("nonfinite_steps", None)
+        if training and self.margin_metrics is not None:
+            for name in self.margin_metrics.evaluation_names:
+                logs.pop(name, None)
         return _multi_worker.step_logs(logs, self._vector_logs)
 
     # ---------------------------------- multi-worker training and resuming

@@ -147,6 +147,32 @@ def batch_coupled_distances(tap_model, x, y, *, layers, norm=2, top_k=1, epsilon
     return coupled, own
 
 
+def boundary_distances(tap_model, x, y, *, layers, norm=2, output_kind="logits", epsilon=1e-6):
+    """What the logs call a distance: per layer and example, the smallest
+    logit-space first-order distance ``(z_y - z_j) / ||grad (z_y - z_j)||``
+    over the (up to 9) highest-scoring competitors, without layer weights.
+
+    Returns ``[num_layers, batch]`` numpy.
+    """
+    classes = tap_model(tf.convert_to_tensor(x[:1]))[0].shape[-1]
+    nearest = np.zeros((len(layers), len(x)))
+    for k in range(len(x)):
+        distances = example_distances(
+            tap_model,
+            x[k : k + 1],
+            y[k],
+            layers=layers,
+            norm=norm,
+            top_k=min(classes - 1, 9),
+            space="logits",
+            output_kind=output_kind,
+            epsilon=epsilon,
+        )
+        for layer, per_layer in enumerate(distances):
+            nearest[layer, k] = min(float(d) for d in per_layer)
+    return nearest
+
+
 def balance_reference(logits, weights):
     """KL(uniform || weighted batch-mean softmax) and its gradient with
     respect to the logits, in float64 numpy: the gradient of

@@ -178,10 +178,28 @@ def test_compare_runs_every_method_side_by_side(tmp_path):
         "FGSM accuracy, eps 0.1",
         "PGD accuracy, eps 0.05",
         "training seconds, clean labels",
+        "median distance at the input, estimated",
+        "median distance at 'dense1', estimated",
+        "median distance at the input, measured (DeepFool)",
     ):
         assert row in report
-    assert report.count("Produced by: `marginfit compare") >= 1 + 6
-    for name in ("curves", "robustness", "distances_input", "distances_dense1"):
+    for name in names:
+        # The measured distances are the minimal perturbations' sizes, in pixels.
+        measured = results["measured"][name]
+        correct = measured[(measured > 0) & np.isfinite(measured)]
+        assert saved["median_distances"][name]["measured"] == pytest.approx(np.median(correct))
+        estimated = results["distances"][name]["input"]
+        assert saved["median_distances"][name]["input"] == pytest.approx(
+            np.median(estimated[estimated > 0])
+        )
+    assert report.count("Produced by: `marginfit compare") >= 1 + 7
+    for name in (
+        "curves",
+        "robustness",
+        "distances_input",
+        "distances_dense1",
+        "measured_distances",
+    ):
         png = output / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({name}.png)" in report
     assert cli.parse_args(["compare", "--noise-levels", ""]).noise_levels == []
@@ -348,10 +366,10 @@ def test_the_robust_preset_is_the_documented_margin_beside_the_cross_entropy():
     assert ce > 0
 
 
-def test_in_logit_space_the_input_distance_is_in_pixels():
-    """With ``space="logits"`` and the inf norm, the margin's distance at the
-    input of a linear model is exact: ``(z_y - z_j) / ||w_y - w_j||_1``, the
-    L-inf distance to the boundary, in the units of the pixels."""
+def test_the_input_distance_of_a_linear_model_is_exact_in_pixels():
+    """The reported distance at the input of a linear model is exact:
+    ``min_j (z_y - z_j) / ||w_y - w_j||_1``, the L-inf distance to the
+    decision region's boundary, in the units of the pixels."""
     keras.utils.set_random_seed(0)
     inputs = keras.Input((64,))
     model = marginfit.MarginModel(
@@ -366,10 +384,10 @@ def test_in_logit_space_the_input_distance_is_in_pixels():
     kernel, bias = model.get_weights()
     logits = x @ kernel + bias
     rows = np.arange(16)
-    rival = np.argsort(-np.where(np.eye(10)[y] > 0, -np.inf, logits), axis=1)[:, 0]
-    expected = (logits[rows, y] - logits[rows, rival]) / np.abs(
-        kernel[:, y] - kernel[:, rival]
-    ).sum(axis=0)
+    gaps = logits[rows, y][:, None] - logits  # [16, 10]
+    sizes = np.abs(kernel.T[y][:, None, :] - kernel.T[None]).sum(axis=-1)  # [16, 10]
+    ratios = np.where(np.eye(10)[y] > 0, np.inf, gaps / np.where(sizes > 0, sizes, 1))
+    expected = ratios.min(axis=1)
     np.testing.assert_allclose(model.margin_distances(x, y)["input"], expected, rtol=1e-5)
 
 

@@ -22,14 +22,21 @@ from reference import balance_reference
 from marginfit import LargeMargin, MarginModel
 
 
-def assert_logs_match_reference(logs, expected_loss, nearest, margin, sample_weight=None):
+def assert_logs_match_reference(logs, expected_loss, margin, taps, x, y, sample_weight=None):
+    """The loss is the reference's; the distances are the logit-space
+    first-order distances to the nearest boundary, whatever the loss's space;
+    the violation rate (logit space only) compares them with gamma over the
+    layer weight."""
     np.testing.assert_allclose(logs["margin_loss"], float(expected_loss), rtol=1e-5)
+    nearest = reference.boundary_distances(taps, x, y, layers=LAYERS, norm=margin.norm)
     for name, distances in zip(LAYERS, nearest):
         np.testing.assert_allclose(logs[f"distance_{name}"], distances.mean(), rtol=1e-5, atol=1e-7)
+    if margin.space != "logits":
+        assert "violation_rate" not in logs
+        return
     # An example violates the margin when any layer's distance is below gamma.
-    violated = np.any(
-        [distances < gamma for distances, gamma in zip(nearest, margin.gamma)], axis=0
-    )
+    layer_weights = margin.layer_weights or [1.0] * len(LAYERS)
+    violated = np.any([d < g / w for d, g, w in zip(nearest, margin.gamma, layer_weights)], axis=0)
     weights = np.ones(len(violated)) if sample_weight is None else sample_weight
     expected_rate = np.sum(weights * violated) / np.sum(weights)
     np.testing.assert_allclose(logs["violation_rate"], expected_rate, rtol=1e-6)
@@ -52,15 +59,16 @@ def test_evaluate_matches_naive_reference(norm, top_k, aggregation, approximate)
     x, y = digits(20)
     # Batches of 8, 8 and 4: the logs are streaming means over examples.
     logs = model.evaluate(x, y, batch_size=8, return_dict=True, verbose=0)
-    expected_loss, nearest = reference_loss(taps, x, y, margin)
-    assert_logs_match_reference(logs, expected_loss, nearest, margin)
+    expected_loss, _ = reference_loss(taps, x, y, margin)
+    assert_logs_match_reference(logs, expected_loss, margin, taps, x, y)
     expected_ce = CE(y, taps(x)[0])
     np.testing.assert_allclose(logs["ce_loss"], expected_ce, rtol=1e-5)
     np.testing.assert_allclose(logs["loss"], logs["ce_loss"] + logs["margin_loss"], rtol=1e-5)
 
 
-def test_layer_weights_sample_weights_and_one_hot_labels():
-    margin = margin_for(2, top_k=2, layer_weights=[64.0, 144.0, 16.0])
+@pytest.mark.parametrize("space", ["probabilities", "logits"])
+def test_layer_weights_sample_weights_and_one_hot_labels(space):
+    margin = margin_for(2, top_k=2, layer_weights=[0.5, 2.0, 1.5], space=space)
     model, taps = conv_net(margin)
     model.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     x, y = digits(16)
@@ -73,8 +81,8 @@ def test_layer_weights_sample_weights_and_one_hot_labels():
         return_dict=True,
         verbose=0,
     )
-    expected_loss, nearest = reference_loss(taps, x, y, margin, sample_weight=weights)
-    assert_logs_match_reference(logs, expected_loss, nearest, margin, weights)
+    expected_loss, _ = reference_loss(taps, x, y, margin, sample_weight=weights)
+    assert_logs_match_reference(logs, expected_loss, margin, taps, x, y, weights)
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -181,8 +189,11 @@ def test_training_logs_are_streaming_means_over_the_epoch():
     x, y = digits(20)
     history = model.fit(x, y, batch_size=8, shuffle=False, verbose=0)
     logs = {key: values[-1] for key, values in history.history.items()}
-    expected_loss, nearest = reference_loss(taps, x, y, margin, training=True)
-    assert_logs_match_reference(logs, expected_loss, nearest, margin)
+    expected_loss, _ = reference_loss(taps, x, y, margin, training=True)
+    np.testing.assert_allclose(logs["margin_loss"], float(expected_loss), rtol=1e-5)
+    np.testing.assert_allclose(logs["ce_loss"], CE(y, taps(x)[0]), rtol=1e-5)
+    # Distances are measured in evaluation (inference mode) only.
+    assert not [key for key in logs if key.startswith("distance_") or key == "violation_rate"]
 
 
 def test_regularization_losses_are_part_of_the_loss():
@@ -335,7 +346,7 @@ def test_random_small_models_agree_with_the_reference(
     y = rng.integers(0, classes, 7)
     logs = model.evaluate(x, y, batch_size=7, return_dict=True, verbose=0)
     config = margin.get_config()
-    expected, nearest = reference.margin_loss(
+    expected, _ = reference.margin_loss(
         taps,
         x,
         y,
@@ -347,5 +358,6 @@ def test_random_small_models_agree_with_the_reference(
         top_k=top_k,
     )
     np.testing.assert_allclose(logs["margin_loss"], float(expected), rtol=1e-5, atol=1e-7)
+    nearest = reference.boundary_distances(taps, x, y, layers=layers, norm=margin.norm)
     for name, distances in zip(layers, nearest):
         np.testing.assert_allclose(logs[f"distance_{name}"], distances.mean(), rtol=1e-4, atol=1e-6)

@@ -106,9 +106,10 @@ def test_a_margin_inside_a_nested_model_matches_the_reference(name, frozen):
         expected_outputs, expected_relu = taps(tf.constant(x), training=training)
         np.testing.assert_allclose(outputs, expected_outputs, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(activations[name], expected_relu, rtol=1e-5, atol=1e-6)
-    expected_loss, nearest = reference.margin_loss(
+    expected_loss, _ = reference.margin_loss(
         taps, x, y, gamma=list(margin.gamma), alpha=2.0, layers=["input", name]
     )
+    nearest = reference.boundary_distances(taps, x, y, layers=["input", name])
     distances = model.margin_distances(x, y)
     for layer, expected in zip(["input", name], nearest):
         np.testing.assert_allclose(distances[layer], expected, rtol=1e-4, atol=1e-6)
@@ -185,8 +186,8 @@ def test_margin_distances_take_every_input_structure_fit_takes():
         np.testing.assert_allclose(distances["concat"], expected["input"], rtol=1e-5)
         np.testing.assert_allclose(distances["hidden"], expected["hidden"], rtol=1e-5)
     two.compile("sgd", loss=CE)
-    history = two.fit({"a": xa, "b": xb}, y, epochs=1, verbose=0)
-    assert np.isfinite(history.history["distance_concat"][0])
+    logs = two.evaluate({"a": xa, "b": xb}, y, return_dict=True, verbose=0)
+    np.testing.assert_allclose(logs["distance_concat"], expected["input"].mean(), rtol=1e-5)
 
 
 # ------------------------------------------------------------- token inputs
@@ -215,7 +216,7 @@ def test_a_margin_on_the_embedding_matches_the_reference():
     model, taps = text_net(["embedding"])
     x = np.random.default_rng(0).integers(0, 20, (8, 6)).astype("int32")
     y = np.arange(8) % 3
-    _, nearest = reference.margin_loss(taps, x, y, gamma=[1.0], alpha=4.0, layers=["embedding"])
+    nearest = reference.boundary_distances(taps, x, y, layers=["embedding"])
     np.testing.assert_allclose(model.margin_distances(x, y)["embedding"], nearest[0], rtol=1e-4)
 
 
@@ -294,12 +295,21 @@ def test_mobilenet_v2_fine_tuning_end_to_end(tmp_path):
     # SGD: Adam's update of MobileNetV2's 158 variables takes TensorFlow
     # about 20 s more to trace, for a plain Keras model alike.
     model.compile(keras.optimizers.SGD(1e-3), loss=CE)
-    images, y = digits(16)
+    images, y = digits(32)
     x = np.repeat(tf.image.resize(images, (32, 32)).numpy(), 3, axis=-1)
     moving = base.get_layer("block_3_expand_BN").moving_mean.numpy().copy()
-    history = model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    assert set(history.history) >= {"distance_input", f"distance_{inner}", "margin_loss"}
+    history = model.fit(
+        x[:16], y[:16], batch_size=16, epochs=2, validation_data=(x[16:], y[16:]), verbose=0
+    )
     assert np.all(np.isfinite(list(history.history["loss"])))
+    # Distances are measured in inference mode only, so that those of the
+    # training and the validation digits are of the same function.
+    assert "distance_input" not in history.history
+    trained = model.evaluate(x[:16], y[:16], return_dict=True, verbose=0)
+    for layer in ("input", inner):
+        validation = history.history[f"val_distance_{layer}"][-1]
+        assert 0.5 < trained[f"distance_{layer}"] / validation < 2
+    x = x[:16]
     # Training mode went through the base's batch norm, as plain Keras does.
     assert np.abs(base.get_layer("block_3_expand_BN").moving_mean.numpy() - moving).max() > 0
     loaded = assert_model_file_round_trip(model, tmp_path / "model.keras", x)
