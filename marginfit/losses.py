@@ -21,7 +21,9 @@ class HuberLoss(keras.losses.Huber):
     Args:
         threshold: Positive float, where the loss turns from quadratic to
             linear (in the units of the targets).
-        reduction, name, dtype: As for `keras.losses.Loss`.
+        reduction: As for `keras.losses.Loss`.
+        name: As for `keras.losses.Loss`.
+        dtype: As for `keras.losses.Loss`.
     """
 
     def __init__(
@@ -123,7 +125,9 @@ class GeneralizedCrossEntropy(_RobustLoss):
     Args:
         q: In (0, 1]; 0.7, the authors' setting for MNIST and CIFAR.
         from_logits: Whether ``y_pred`` are logits (else probabilities).
-        reduction, name, dtype: As for `keras.losses.Loss`.
+        reduction: As for `keras.losses.Loss`.
+        name: As for `keras.losses.Loss`.
+        dtype: As for `keras.losses.Loss`.
 
     Example:
         ``model.compile("adam", marginfit.losses.GeneralizedCrossEntropy(from_logits=True))``
@@ -160,7 +164,10 @@ class SymmetricCrossEntropy(_RobustLoss):
         alpha: Weight of the cross-entropy; the authors use 0.01 on MNIST,
             0.1 on CIFAR-10.
         beta: Weight of the reverse cross-entropy; 1.0 on both.
-        from_logits, reduction, name, dtype: As for `GeneralizedCrossEntropy`.
+        from_logits: Whether ``y_pred`` are logits (else probabilities).
+        reduction: As for `keras.losses.Loss`.
+        name: As for `keras.losses.Loss`.
+        dtype: As for `keras.losses.Loss`.
     """
 
     def __init__(
@@ -198,7 +205,10 @@ class NCEAndRCE(_RobustLoss):
             and CIFAR-10.
         beta: Weight of the passive term (RCE); 10.0 on MNIST, 1.0 on
             CIFAR-10.
-        from_logits, reduction, name, dtype: As for `GeneralizedCrossEntropy`.
+        from_logits: Whether ``y_pred`` are logits (else probabilities).
+        reduction: As for `keras.losses.Loss`.
+        name: As for `keras.losses.Loss`.
+        dtype: As for `keras.losses.Loss`.
     """
 
     def __init__(
@@ -237,7 +247,10 @@ class EpsilonSoftmaxCEAndMAE(_RobustLoss):
             1e5 on CIFAR-10 with symmetric noise.
         alpha: Weight of the epsilon-softmax cross-entropy; 0.01 there.
         beta: Weight of the MAE; 5.0 there.
-        from_logits, reduction, name, dtype: As for `GeneralizedCrossEntropy`.
+        from_logits: Whether ``y_pred`` are logits (else probabilities).
+        reduction: As for `keras.losses.Loss`.
+        name: As for `keras.losses.Loss`.
+        dtype: As for `keras.losses.Loss`.
     """
 
     def __init__(

@@ -566,10 +566,14 @@ def _gradient_norms(tape, differences, activations, margin, outer_tape, record):
         return [tf.stack(layer_norms, axis=-1) for layer_norms in norms]
 
 
-REPORTED_COMPETITORS = 9
-"""Most competitors among which `boundary_distances` seeks the nearest
-boundary: the highest-scoring ones, as DeepFool implementations limit
-their candidate classes to the 10 most likely (the label among them)."""
+LOGGED_COMPETITORS = 1
+"""Competitors of the ``distance_<layer>`` logs (`boundary_distances`): the
+highest-scoring one, one backward pass per evaluation batch."""
+
+NEAREST_COMPETITORS = 9
+"""Competitors `MarginModel.margin_distances` searches by default: the 9
+highest-scoring, as DeepFool implementations limit their candidate classes
+to the 10 most likely (the label among them)."""
 
 
 def boundary_distances(tape, differences, activations, margin):
@@ -579,10 +583,10 @@ def boundary_distances(tape, differences, activations, margin):
 
     The distance to the boundary between the label ``y`` and a competitor
     ``j`` is that of the logits' linearisation, ``(z_y - z_j) / ||grad_h
-    (z_y - z_j)||_q`` in the dual norm ``q`` (one DeepFool step: exact for
-    a linear model); the nearest competitor gives the result. No layer
-    weights apply: the loss compares ``layer_weights[l]`` times this with
-    ``gamma``.
+    (z_y - z_j)||_q`` in the dual norm ``q``; the nearest of the given
+    competitors gives the result (with every other class: DeepFool's first
+    step, exact for a linear model). No layer weights apply: the loss
+    compares ``layer_weights[l]`` times this with ``gamma``.
 
     Args:
         tape: The persistent `tf.GradientTape` that recorded the forward pass.

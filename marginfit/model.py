@@ -104,7 +104,8 @@ class MarginModel(keras.Model):
             replaced by its perturbation, drawn from the step count; the
             margin, if any, then acts on the perturbed batch. Evaluation uses
             the inputs as given. None (the default) trains on the inputs.
-        *args, **kwargs: As for `keras.Model`.
+        *args: As for `keras.Model`.
+        **kwargs: As for `keras.Model`.
     """
 
     def __new__(cls, *args, **kwargs):
@@ -161,8 +162,9 @@ class MarginModel(keras.Model):
         # Holds the Functional that also returns the margin activations; kept
         # out of Keras' tracking so that it adds nothing to saving or summary.
         self._taps = types.SimpleNamespace(model=None, layers=())
-        # The traced function of `margin_distances`, made on its first call.
-        self._functions = types.SimpleNamespace(nearest=None)
+        # The traced functions of `margin_distances`, by number of competitors
+        # (in a namespace, out of Keras' tracking).
+        self._functions = types.SimpleNamespace(nearest={})
         self.margin_metrics = MarginMetrics(margin) if margin else None
         if margin is not None and self._is_functional:
             self._build_activation_model()
@@ -383,7 +385,7 @@ class MarginModel(keras.Model):
                 "fresh" if training else "fixed",
                 sample_weight,
                 with_balance=True,
-                with_boundaries=not training,
+                boundaries=0 if training else margin_lib.LOGGED_COMPETITORS,
             )
             y_pred, balance = margin_pass.outputs, margin_pass.balance
         margin_loss, _ = margin_lib.margin_loss(margin_pass.distances, self.margin, sample_weight)
@@ -411,13 +413,14 @@ class MarginModel(keras.Model):
         draws,
         sample_weight=None,
         with_balance=False,
-        with_boundaries=False,
+        boundaries=0,
         with_loss=True,
     ):
         """One forward pass and what the margin needs of it: a `MarginPass`
         whose loss terms (`margin.layer_distances`) come ``with_loss``, whose
         class-balance term comes ``with_balance`` and whose
-        `margin.boundary_distances` come ``with_boundaries`` (else None).
+        `margin.boundary_distances` come from the ``boundaries``
+        highest-scoring competitors (none, and None, for 0).
 
         ``draws`` chooses sampled competitors: ``"fresh"`` (a training step)
         or ``"fixed"`` (a fixed seed, for evaluation).
@@ -432,7 +435,7 @@ class MarginModel(keras.Model):
                 )
             x = tf.convert_to_tensor(x)
         sampled = margin.competitors == "sampled" and with_loss
-        persistent = margin.top_k > 1 or with_boundaries
+        persistent = margin.top_k > 1 or bool(boundaries)
         with tf.GradientTape(persistent=persistent) as tape:
             # Every float input, so that the tape records the path to a margin
             # layer that no trainable weight precedes (a frozen base, a
@@ -461,10 +464,13 @@ class MarginModel(keras.Model):
                 self.output_kind,
                 self._competitor_draws(y_pred, batch.offset, draws) if sampled else None,
             )
-            if with_boundaries:
-                competitors = min(y_pred.shape[-1] - 1, margin_lib.REPORTED_COMPETITORS)
+            if boundaries:
                 logit_differences = margin_lib.score_differences(
-                    y_pred, labels, competitors, "logits", self.output_kind
+                    y_pred,
+                    labels,
+                    min(boundaries, y_pred.shape[-1] - 1),
+                    "logits",
+                    self.output_kind,
                 )
         missing = [n for n in margin.layers if n != INPUT and n not in activations]
         if missing:
@@ -482,7 +488,7 @@ class MarginModel(keras.Model):
             result.distances, result.dead = margin_lib.layer_distances(
                 tape, differences, targets, margin, outer_tape
             )
-        if with_boundaries:
+        if boundaries:
             result.boundaries = margin_lib.boundary_distances(
                 tape, logit_differences, targets, margin
             )
@@ -508,15 +514,20 @@ class MarginModel(keras.Model):
             step = self.optimizer.iterations + 1
         return tf.stack([tf.constant(first, tf.int64), tf.cast(step, tf.int64)])
 
-    def margin_distances(self, x, y=None, batch_size=256):
+    def margin_distances(
+        self, x, y=None, batch_size=256, competitors=margin_lib.NEAREST_COMPETITORS
+    ):
         """Each example's signed distance to the nearest decision boundary
         at every margin layer, in the units of the layer (pixels at the
         input) and the margin's norm, in inference mode: the first-order
         distance of the logits, ``(z_y - z_j) / ||grad (z_y - z_j)||``, to
-        the nearest of the (up to 9) highest-scoring other classes ``j``
-        (`margin.boundary_distances`), whatever space the loss is taken in.
-        It is exact for a linear model; `marginfit.attacks.minimal_perturbation`
-        measures the real distance at the input.
+        the nearest of the ``competitors`` highest-scoring other classes
+        ``j`` (`margin.boundary_distances`), whatever space the loss is
+        taken in. With every other class (the default, for up to 10
+        classes) it is exact for a linear model;
+        `marginfit.attacks.minimal_perturbation` measures the real distance
+        at the input. The ``distance_<layer>`` logs are the mean of these
+        with ``competitors=1`` (one backward pass per batch).
 
         Args:
             x: The inputs, in any form `fit()` takes: an ``[n, ...]`` array, a
@@ -525,6 +536,9 @@ class MarginModel(keras.Model):
                 of ``(x, y)`` batches, with ``y`` left None.
             y: ``[n]`` labels (or one-hot ``[n, classes]``) for array inputs.
             batch_size: Examples per batch, for array inputs.
+            competitors: Number of highest-scoring classes, other than the
+                label, whose boundaries are searched (one backward pass
+                each); capped at the number of other classes.
 
         Returns:
             ``{layer name: [n] float32 numpy array}``.
@@ -534,17 +548,21 @@ class MarginModel(keras.Model):
                 "This MarginModel has no margin; give it a `margin` (or wrap "
                 "the model with `MarginModel.wrap(model, margin=...)`)."
             )
+        if not (
+            isinstance(competitors, int) and not isinstance(competitors, bool) and competitors >= 1
+        ):
+            raise ValueError(f"`competitors` must be an integer >= 1; received {competitors!r}.")
         checks.check_data(self, x, y, name="margin_distances()")
-        if self._functions.nearest is None:
+        if competitors not in self._functions.nearest:
 
             @tf.function(reduce_retracing=True)
             def nearest(xb, yb):
                 margin_pass = self._margin_pass(
-                    xb, yb, False, None, "fixed", with_boundaries=True, with_loss=False
+                    xb, yb, False, None, "fixed", boundaries=competitors, with_loss=False
                 )
                 return margin_pass.boundaries
 
-            self._functions.nearest = nearest
+            self._functions.nearest[competitors] = nearest
         parts = []
         for batch in _keras_internals.batches(x, y, batch_size):
             xb, yb, _ = keras.utils.unpack_x_y_sample_weight(batch)
@@ -553,7 +571,7 @@ class MarginModel(keras.Model):
                     "margin_distances() needs labels: pass `y` with array inputs, "
                     "or a dataset of (x, y) batches."
                 )
-            parts.append(self._functions.nearest(xb, yb))
+            parts.append(self._functions.nearest[competitors](xb, yb))
         return {
             name: np.concatenate([part[k].numpy() for part in parts])
             for k, name in enumerate(self.margin.layers)

@@ -207,7 +207,8 @@ def margin_classifier(
     Args:
         network: A `Network`.
         margin: A `LargeMargin`, or None for plain cross-entropy.
-        lower_rate, upper_rate: Learning rates of the two groups.
+        lower_rate: Learning rate of the lower group (see `two_group_optimizer`).
+        upper_rate: Learning rate of the upper group.
         ce_weight: Weight of the cross-entropy next to the margin (0: the
             margin alone). Ignored without a margin (cross-entropy alone).
         optimizer: The optimizer kind of both groups (see `OPTIMIZERS`).

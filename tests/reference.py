@@ -147,10 +147,13 @@ def batch_coupled_distances(tap_model, x, y, *, layers, norm=2, top_k=1, epsilon
     return coupled, own
 
 
-def boundary_distances(tap_model, x, y, *, layers, norm=2, output_kind="logits", epsilon=1e-6):
-    """What the logs call a distance: per layer and example, the smallest
+def boundary_distances(
+    tap_model, x, y, *, layers, norm=2, competitors=9, output_kind="logits", epsilon=1e-6
+):
+    """What marginfit calls a distance: per layer and example, the smallest
     logit-space first-order distance ``(z_y - z_j) / ||grad (z_y - z_j)||``
-    over the (up to 9) highest-scoring competitors, without layer weights.
+    over the ``competitors`` highest-scoring competitors (the logs: 1), without
+    layer weights.
 
     Returns ``[num_layers, batch]`` numpy.
     """
@@ -163,7 +166,7 @@ def boundary_distances(tap_model, x, y, *, layers, norm=2, output_kind="logits",
             y[k],
             layers=layers,
             norm=norm,
-            top_k=min(classes - 1, 9),
+            top_k=min(classes - 1, competitors),
             space="logits",
             output_kind=output_kind,
             epsilon=epsilon,

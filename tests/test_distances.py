@@ -64,9 +64,13 @@ def test_input_distances_agree_with_the_measured_minimal_perturbation(trained, d
     reported = reporting.margin_distances(x, y)["input"]
     ratio = median_of_correct(reported, sizes) / median_of_correct(sizes, sizes)
     assert 0.5 <= ratio <= 2, ratio
-    # The log is the mean of the same distances.
+    # The log is the mean of the distances to the top competitor's boundary,
+    # which agree too.
+    logged = reporting.margin_distances(x, y, competitors=1)["input"]
+    ratio = median_of_correct(logged, sizes) / median_of_correct(sizes, sizes)
+    assert 0.5 <= ratio <= 2, ratio
     logs = reporting.evaluate(x, y, return_dict=True, verbose=0)
-    np.testing.assert_allclose(logs["distance_input"], reported.mean(), rtol=1e-5)
+    np.testing.assert_allclose(logs["distance_input"], logged.mean(), rtol=1e-5)
 
 
 def test_hidden_distances_are_exact_where_the_rest_is_linear(trained, data):
@@ -102,3 +106,22 @@ def test_the_violation_rate_is_the_share_closer_than_gamma(data):
     share = np.mean(sizes < gamma)
     assert 0.1 < share < 0.9  # gamma is where the distances are
     assert abs(rate - share) <= 0.1, (rate, share)
+
+
+def test_fewer_competitors_give_upper_bounds_and_bad_counts_are_refused():
+    """On a linear model every competitor gives the exact distance; the top
+    competitor's alone (the logs') is never nearer."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,))
+    model = MarginModel(inputs, keras.layers.Dense(4)(inputs), margin=LargeMargin(["input"]))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 5)).astype("float32"), rng.integers(0, 4, 32)
+    kernel, bias = model.get_weights()
+    gaps = (x @ kernel + bias)[np.arange(32), y][:, None] - (x @ kernel + bias)
+    sizes = np.linalg.norm(kernel.T[y][:, None, :] - kernel.T[None], axis=-1)
+    exact = np.where(np.eye(4)[y] > 0, np.inf, gaps / np.where(sizes > 0, sizes, 1)).min(1)
+    np.testing.assert_allclose(model.margin_distances(x, y)["input"], exact, rtol=1e-5)
+    top = model.margin_distances(x, y, competitors=1)["input"]
+    assert np.all(top >= exact - 1e-5 * np.abs(exact)) and np.any(top > exact + 1e-3)
+    with pytest.raises(ValueError, match=r"^`competitors` must be an integer >= 1"):
+        model.margin_distances(x, y, competitors=0)

@@ -24,11 +24,13 @@ from marginfit import LargeMargin, MarginModel
 
 def assert_logs_match_reference(logs, expected_loss, margin, taps, x, y, sample_weight=None):
     """The loss is the reference's; the distances are the logit-space
-    first-order distances to the nearest boundary, whatever the loss's space;
-    the violation rate (logit space only) compares them with gamma over the
-    layer weight."""
+    first-order distances to the top competitor's boundary, whatever the
+    loss's space; the violation rate (logit space only) compares them with
+    gamma over the layer weight."""
     np.testing.assert_allclose(logs["margin_loss"], float(expected_loss), rtol=1e-5)
-    nearest = reference.boundary_distances(taps, x, y, layers=LAYERS, norm=margin.norm)
+    nearest = reference.boundary_distances(
+        taps, x, y, layers=LAYERS, norm=margin.norm, competitors=1
+    )
     for name, distances in zip(LAYERS, nearest):
         np.testing.assert_allclose(logs[f"distance_{name}"], distances.mean(), rtol=1e-5, atol=1e-7)
     if margin.space != "logits":
@@ -358,6 +360,8 @@ def test_random_small_models_agree_with_the_reference(
         top_k=top_k,
     )
     np.testing.assert_allclose(logs["margin_loss"], float(expected), rtol=1e-5, atol=1e-7)
-    nearest = reference.boundary_distances(taps, x, y, layers=layers, norm=margin.norm)
+    nearest = reference.boundary_distances(
+        taps, x, y, layers=layers, norm=margin.norm, competitors=1
+    )
     for name, distances in zip(layers, nearest):
         np.testing.assert_allclose(logs[f"distance_{name}"], distances.mean(), rtol=1e-4, atol=1e-6)
