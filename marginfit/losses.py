@@ -96,6 +96,12 @@ class _RobustLoss(keras.losses.Loss):
     def call(self, y_true, y_pred):
         return self.per_example(*_label_probabilities(y_true, y_pred, self.from_logits))
 
+    def per_example(self, p_y, p, log_p, one_hot):
+        """``[batch]`` losses from the label's probability ``p_y``
+        (``[batch]``), the probabilities ``p`` and their logs ``log_p``
+        (``[batch, classes]``) and the ``one_hot`` labels."""
+        raise NotImplementedError
+
     def get_config(self):
         return {**super().get_config(), "from_logits": self.from_logits}
 

@@ -656,6 +656,9 @@ class MarginModel(keras.Model):
         return tf.cast(loss, tf.float32)
 
     def train_step(self, data):
+        """One training step (`keras.Model.train_step`): the forward pass
+        with the margin, the loss, the update (skipped where not finite, as
+        ``on_nonfinite`` says), and the logs."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if self.adversary is not None:
             x = self.adversary.perturb(self, x, y, seed=self._step_seed(_ATTACK_SEED, "fresh"))
@@ -690,6 +693,9 @@ class MarginModel(keras.Model):
         self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
 
     def test_step(self, data):
+        """One evaluation step (`keras.Model.test_step`): the loss with the
+        margin, the compiled metrics and the distances to the boundary, in
+        inference mode."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y_pred, penalty = self._forward(x, y, sample_weight, training=False)
         self._loss(x, y, y_pred, sample_weight, penalty, training=False)
@@ -710,6 +716,8 @@ class MarginModel(keras.Model):
     # ---------------------------------- multi-worker training and resuming
 
     def make_train_function(self, force=False):
+        """`keras.Model.make_train_function`, passing over the batches a
+        resumed epoch already trained on (`marginfit.BackupAndRestore`)."""
         self._vector_logs = _multi_worker.needs_vector_logs(self.distribute_strategy)
         super().make_train_function(force)
         if not isinstance(self.train_function, resume.SkippingTrainFunction):
@@ -717,6 +725,8 @@ class MarginModel(keras.Model):
         return self.train_function
 
     def make_test_function(self, force=False):
+        """`keras.Model.make_test_function`, with the logs' shape that
+        multi-worker evaluation needs."""
         self._vector_logs = _multi_worker.needs_vector_logs(self.distribute_strategy)
         return super().make_test_function(force)
 

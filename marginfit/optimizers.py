@@ -262,6 +262,8 @@ class BacktrackingSGD(keras.optimizers.Optimizer):
         self.previous_gradients = self.add_optimizer_variables(variables, "previous_gradient")
 
     def update_step(self, gradient, variable, learning_rate):
+        """Updates one variable as the class docstring says
+        (`keras.optimizers.Optimizer.update_step`)."""
         index = _keras_internals.variable_index(self, variable)
         previous_weight = self.previous_weights[index]
         previous_gradient = self.previous_gradients[index]

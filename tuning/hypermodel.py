@@ -43,7 +43,9 @@ class MarginHyperModel(kt.HyperModel):
         input_shape: Shape of one example: ``(height, width, channels)``
             gives conv layers then dense layers; ``(features,)`` dense only.
         num_classes: Number of classes (of integer labels).
-        alpha, top_k, approximate: Fixed `LargeMargin` settings.
+        alpha: Fixed `LargeMargin` setting of every trial.
+        top_k: Fixed `LargeMargin` setting of every trial.
+        approximate: Fixed `LargeMargin` setting of every trial.
         name: Name of the hypermodel.
     """
 
