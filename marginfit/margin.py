@@ -21,16 +21,16 @@ summed over competitors (``aggregation="sum"``) or taken at the nearest one
 ``d_lj`` is a distance (in the layer's units, times ``w_l``) only where
 ``f`` are logits; softmax differences saturate, so their ``d_lj`` measure
 confidence as much as geometry. What is reported as a distance is always
-the logits' (`boundary_distances`).
+the logits' (`marginfit.backend.boundary_distances`).
 """
 
-import contextlib
+import functools
 import math
 import numbers
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
 INPUT = "input"
 """Name under which `LargeMargin.layers` designates the model input."""
@@ -43,6 +43,8 @@ _AGGREGATIONS = ("max", "sum")
 _SPACES = ("probabilities", "logits")
 _COUPLINGS = ("batch", "inference")
 _COMPETITORS = ("top", "sampled")
+_TINY = float(np.finfo("float32").tiny)
+_LOWEST = float(np.finfo("float32").min)
 
 
 def _parse_norm(norm):
@@ -125,7 +127,7 @@ class LargeMargin:
             and the default) or ``"logits"`` (see ``gamma`` for the units of
             each). The distances the logs and `MarginModel.margin_distances`
             report are those of the logits in either case
-            (`boundary_distances`).
+            (`marginfit.backend.boundary_distances`).
         weight: Multiplier of the penalty in the total loss.
         balance: Weight of the class-balance term added to the penalty:
             ``KL(uniform || p_mean) = -mean_c log(p_mean_c) - log(classes)``,
@@ -258,6 +260,11 @@ class LargeMargin:
         self.balance = float(balance)
 
     @property
+    def per_layer_weights(self):
+        """One float per margin layer: ``layer_weights``, or 1 everywhere."""
+        return self.layer_weights or (1.0,) * len(self.layers)
+
+    @property
     def dual_norm(self):
         """Order of the norm the gradients are measured in: 1, 2 or inf."""
         return _DUAL_ORDER[self.norm]
@@ -292,36 +299,6 @@ class LargeMargin:
         return f"LargeMargin({arguments})"
 
 
-def class_indices(labels, num_classes):
-    """Class index per example from sparse or one-hot labels.
-
-    Args:
-        labels: ``[batch]`` or ``[batch, 1]`` class indices, or
-            ``[batch, num_classes]`` one-hot (or soft) labels.
-        num_classes: Number of classes ``C`` of the model output.
-
-    Returns:
-        ``[batch]`` int32 class indices.
-    """
-    labels = tf.convert_to_tensor(labels)
-    if labels.shape.rank == 2 and labels.shape[-1] == num_classes and (num_classes > 1):
-        return tf.argmax(labels, axis=-1, output_type=tf.int32)
-    indices = tf.cast(tf.reshape(labels, [-1]), tf.int32)
-    # XLA drops assertions; outside XLA a bad label stops the step here.
-    tf.debugging.assert_non_negative(
-        indices,
-        message=f"{LABEL_ERROR_PREFIX} >= 0, but a batch holds a negative label. Check the labels.",
-    )
-    tf.debugging.assert_less(
-        indices,
-        num_classes,
-        message=f"{LABEL_ERROR_PREFIX} < {num_classes} (the number of model "
-        "outputs), but a batch holds a larger one. Check the labels or the size "
-        "of the output layer.",
-    )
-    return indices
-
-
 def score_differences(outputs, labels, top_k, space, output_kind, draws=None):
     """Score of the label minus the scores of its ``top_k`` competitors.
 
@@ -341,23 +318,22 @@ def score_differences(outputs, labels, top_k, space, output_kind, draws=None):
         ``[batch, top_k]`` float32 differences ``f_y - f_j``; highest-scoring
         competitors first, or in the order of their keys.
     """
-    outputs = tf.cast(outputs, tf.float32)
+    outputs = ops.cast(outputs, "float32")
     if space == output_kind:
         scores = outputs
     elif space == "probabilities":
-        scores = tf.nn.softmax(outputs, axis=-1)
+        scores = ops.softmax(outputs, axis=-1)
     else:
         # log p differs from the logits by a per-example constant, which
         # cancels in every difference.
-        scores = tf.math.log(tf.maximum(outputs, np.finfo("float32").tiny))
-    num_classes = scores.shape[-1]
-    is_label = tf.one_hot(labels, num_classes, on_value=True, off_value=False)
-    label_scores = tf.reduce_sum(tf.where(is_label, scores, 0.0), axis=-1)
-    keys = scores if draws is None else tf.cast(draws, tf.float32)
-    keys = tf.where(is_label, tf.float32.min, keys)
-    competitors = tf.math.top_k(keys, k=top_k, sorted=True).indices
-    competitor_scores = tf.gather(scores, competitors, batch_dims=1)
-    return label_scores[:, None] - competitor_scores
+        scores = ops.log(ops.maximum(outputs, _TINY))
+    is_label = ops.equal(ops.arange(scores.shape[-1])[None, :], ops.expand_dims(labels, -1))
+    label_scores = ops.sum(ops.where(is_label, scores, 0.0), axis=-1)
+    keys = scores if draws is None else ops.cast(draws, "float32")
+    keys = ops.where(is_label, _LOWEST, keys)
+    _, competitors = ops.top_k(keys, k=top_k, sorted=True)
+    competitor_scores = ops.take_along_axis(scores, competitors, axis=-1)
+    return ops.expand_dims(label_scores, -1) - competitor_scores
 
 
 def dual_norm(gradients, order):
@@ -366,14 +342,20 @@ def dual_norm(gradients, order):
     Returns ``[batch]``. The 2-norm is written so that its own gradient is 0,
     not NaN, at a zero vector (needed when differentiating through it).
     """
-    flat = tf.reshape(tf.cast(gradients, tf.float32), [tf.shape(gradients)[0], -1])
+    flat = ops.reshape(ops.cast(gradients, "float32"), (ops.shape(gradients)[0], -1))
     if order == 1:
-        return tf.reduce_sum(tf.abs(flat), axis=-1)
+        return ops.sum(ops.abs(flat), axis=-1)
     if math.isinf(order):
-        return tf.reduce_max(tf.abs(flat), axis=-1)
-    squared = tf.reduce_sum(tf.square(flat), axis=-1)
+        return ops.max(ops.abs(flat), axis=-1)
+    squared = ops.sum(ops.square(flat), axis=-1)
     positive = squared > 0
-    return tf.where(positive, tf.sqrt(tf.where(positive, squared, 1.0)), 0.0)
+    return ops.where(positive, ops.sqrt(ops.where(positive, squared, 1.0)), 0.0)
+
+
+def distance(differences, norms, weight, epsilon):
+    """The first-order distance ``differences / (norms / weight + epsilon)``
+    (elementwise; ``norms`` the gradients' dual norms)."""
+    return differences / (norms / weight + epsilon)
 
 
 def hinge_terms(distances, gamma, alpha, aggregation):
@@ -384,13 +366,13 @@ def hinge_terms(distances, gamma, alpha, aggregation):
     (``"sum"``).
     """
     if aggregation == "max":
-        distances = tf.reduce_min(distances, axis=-1, keepdims=True)
-    clipped = tf.maximum(distances, gamma * (1.0 - alpha))
-    return tf.reduce_sum(tf.nn.relu(gamma - clipped), axis=-1)
+        distances = ops.min(distances, axis=-1, keepdims=True)
+    clipped = ops.maximum(distances, gamma * (1.0 - alpha))
+    return ops.sum(ops.relu(gamma - clipped), axis=-1)
 
 
 def margin_loss(distances, margin, sample_weight=None):
-    """The margin loss of a batch, and each example's nearest distances.
+    """The margin loss of a batch.
 
     Per example, the hinge terms of every margin layer (`hinge_terms`) are
     averaged over the layers and weighted by ``sample_weight``; the loss is
@@ -399,23 +381,21 @@ def margin_loss(distances, margin, sample_weight=None):
     Args:
         distances: One ``[batch, competitors]`` float32 tensor of signed
             distances per margin layer, in the order of ``margin.layers``
-            (from `layer_distances`).
+            (from the backend's ``layer_distances``).
         margin: The `LargeMargin` config.
         sample_weight: Optional ``[batch]`` (or ``[batch, 1]``) weights.
 
     Returns:
-        ``(loss, nearest)``: the float32 scalar loss, and one ``[batch]``
-        tensor per layer of the distance to the nearest competitor's boundary.
+        The float32 scalar loss.
     """
     terms = [
         hinge_terms(layer_distances, gamma, margin.alpha, margin.aggregation)
         for layer_distances, gamma in zip(distances, margin.gamma)
     ]
-    per_example = tf.add_n(terms) / len(terms)
+    per_example = functools.reduce(ops.add, terms) / len(terms)
     if sample_weight is not None:
-        per_example *= tf.reshape(tf.cast(sample_weight, tf.float32), [-1])
-    nearest = [tf.reduce_min(layer_distances, axis=-1) for layer_distances in distances]
-    return tf.reduce_mean(per_example), nearest
+        per_example *= ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+    return ops.mean(per_example)
 
 
 def balance_term(outputs, output_kind, sample_weight=None):
@@ -444,176 +424,29 @@ def balance_sums(outputs, output_kind, sample_weight=None):
         probabilities per class, then the sum of the weights (the number of
         examples without ``sample_weight``).
     """
-    outputs = tf.cast(outputs, tf.float32)
-    probabilities = tf.nn.softmax(outputs, axis=-1) if output_kind == "logits" else outputs
+    outputs = ops.cast(outputs, "float32")
+    probabilities = ops.softmax(outputs, axis=-1) if output_kind == "logits" else outputs
     if sample_weight is None:
-        weights = tf.ones_like(probabilities[:, :1])
+        weights = ops.ones_like(probabilities[:, :1])
     else:
-        weights = tf.reshape(tf.cast(sample_weight, tf.float32), [-1, 1])
-    weighted = tf.reduce_sum(weights * probabilities, axis=0)
-    return tf.concat([weighted, tf.reshape(tf.reduce_sum(weights), [1])], axis=0)
+        weights = ops.reshape(ops.cast(sample_weight, "float32"), (-1, 1))
+    weighted = ops.sum(weights * probabilities, axis=0)
+    return ops.concatenate([weighted, ops.reshape(ops.sum(weights), (1,))], axis=0)
 
 
 def balance_from_sums(sums):
     """`balance_term` from `balance_sums` (of a batch, or added up over the
     replicas' parts of it); float32 scalar."""
     classes = sums.shape[0] - 1
-    mean = tf.math.divide_no_nan(sums[:classes], sums[classes])
-    tiny = np.finfo("float32").tiny
-    return -tf.reduce_mean(tf.math.log(tf.maximum(mean, tiny))) - math.log(classes)
-
-
-def layer_distances(tape, differences, activations, margin, outer_tape=None):
-    """Distances to the boundary at every margin layer.
-
-    All margin layers share one backward pass per competitor: the gradient of
-    the batch sum of ``differences[:, j]`` with respect to a ``[batch, ...]``
-    activation holds each example's own gradient in its row, for models
-    whose examples do not interact.
-
-    Args:
-        tape: The `tf.GradientTape` that recorded the forward pass; it must be
-            persistent when ``top_k > 1``.
-        differences: ``[batch, top_k]`` from `score_differences`.
-        activations: One ``[batch, ...]`` tensor per margin layer, in the
-            order of ``margin.layers``.
-        margin: The `LargeMargin` config.
-        outer_tape: The tape computing the weights' gradients, if any. It
-            records only the backward passes it must differentiate through.
-
-    Returns:
-        ``(distances, dead)``: one float32 tensor of signed distances per
-        layer, ``[batch, top_k]``, or ``[batch, 1]`` (the nearest
-        competitor's) for an exact, ``"max"`` aggregated margin with
-        ``top_k > 1``; and a ``[batch]`` bool tensor, True for the examples
-        that no gradient can move: on the wrong side of (or on) a boundary
-        whose difference has a zero gradient at some margin layer (dead
-        ReLUs, saturated outputs). Their distances are ``difference /
-        epsilon``, not geometry.
-    """
-    if margin.approximate or margin.top_k == 1 or margin.aggregation == "sum":
-        # Every competitor's distance enters the loss (or the gradient norm
-        # is a constant): one backward pass per competitor.
-        record = not margin.approximate
-        norms = _gradient_norms(tape, differences, activations, margin, outer_tape, record)
-        distances = [_distance(differences, n, w, margin) for n, w in zip(norms, _weights(margin))]
-        return distances, _dead(differences, norms)
-    # Exact, "max": only the nearest competitor's distance reaches the loss.
-    # Find it with unrecorded passes, then record (and later differentiate
-    # through) one backward pass per layer, seeded with each example's
-    # nearest competitor and reaching only that layer.
-    norms = _gradient_norms(tape, differences, activations, margin, outer_tape, False)
-    distances = []
-    for activation, layer_norms, weight, name in zip(
-        activations, norms, _weights(margin), margin.layers
-    ):
-        estimate = _distance(differences, tf.stop_gradient(layer_norms), weight, margin)
-        nearest = tf.one_hot(tf.argmin(estimate, axis=-1), margin.top_k)
-        (gradient,) = _gradients(tape, differences, [activation], nearest, [name])
-        norm = dual_norm(gradient, margin.dual_norm)
-        difference = tf.reduce_sum(differences * nearest, axis=-1, keepdims=True)
-        distances.append(_distance(difference, norm[:, None], weight, margin))
-    return distances, _dead(differences, norms)
-
-
-def _dead(differences, norms):
-    """``[batch]``: a competitor not beaten whose gradient is exactly zero
-    at some layer."""
-    stuck = [(layer_norms == 0) & (differences <= 0) for layer_norms in norms]
-    return tf.reduce_any(tf.stack(stuck, axis=-1), axis=[1, 2])
-
-
-def _weights(margin):
-    return margin.layer_weights or (1.0,) * len(margin.layers)
-
-
-def _distance(differences, norms, weight, margin):
-    if margin.approximate:
-        norms = tf.stop_gradient(norms)
-    return differences / (norms / weight + margin.epsilon)
-
-
-def _gradients(tape, differences, activations, selector, names):
-    """Gradients of ``sum(differences * selector)`` w.r.t. ``activations``.
-
-    Seeding the backward pass with ``selector`` picks competitors without
-    slicing (a slice taken outside the tape would not be recorded)."""
-    gradients = tape.gradient(differences, activations, output_gradients=selector)
-    for name, gradient in zip(names, gradients):
-        if gradient is None:
-            raise ValueError(
-                f"The model output does not depend on margin layer {name!r} in "
-                "the recorded forward pass. Put the margin on a layer between "
-                "the inputs and the output (with integer inputs, after a "
-                "trainable layer: the tape records nothing before it)."
-            )
-    return gradients
-
-
-def _gradient_norms(tape, differences, activations, margin, outer_tape, record):
-    """``[batch, top_k]`` dual norms of each competitor's gradient, per layer.
-
-    The outer tape records these passes only if ``record``."""
-    skip_recording = outer_tape is not None and not record
-    with outer_tape.stop_recording() if skip_recording else contextlib.nullcontext():
-        norms = [[] for _ in activations]
-        batch = tf.shape(differences)[:1]
-        for competitor in range(margin.top_k):
-            selector = tf.one_hot(tf.fill(batch, competitor), margin.top_k)
-            gradients = _gradients(tape, differences, activations, selector, margin.layers)
-            for layer_norms, gradient in zip(norms, gradients):
-                layer_norms.append(dual_norm(gradient, margin.dual_norm))
-        return [tf.stack(layer_norms, axis=-1) for layer_norms in norms]
+    mean = ops.divide_no_nan(sums[:classes], sums[classes])
+    return -ops.mean(ops.log(ops.maximum(mean, _TINY))) - math.log(classes)
 
 
 LOGGED_COMPETITORS = 1
-"""Competitors of the ``distance_<layer>`` logs (`boundary_distances`): the
+"""Competitors of the ``distance_<layer>`` logs (`marginfit.backend.boundary_distances`): the
 highest-scoring one, one backward pass per evaluation batch."""
 
 NEAREST_COMPETITORS = 9
 """Competitors `MarginModel.margin_distances` searches by default: the 9
 highest-scoring, as DeepFool implementations limit their candidate classes
 to the 10 most likely (the label among them)."""
-
-
-def boundary_distances(tape, differences, activations, margin):
-    """Each example's first-order distance to the nearest decision boundary
-    at every margin layer, in the units of the layer's activations (pixels
-    at the input), whatever space the loss is taken in.
-
-    The distance to the boundary between the label ``y`` and a competitor
-    ``j`` is that of the logits' linearisation, ``(z_y - z_j) / ||grad_h
-    (z_y - z_j)||_q`` in the dual norm ``q``; the nearest of the given
-    competitors gives the result (with every other class: DeepFool's first
-    step, exact for a linear model). No layer weights apply: the loss
-    compares ``layer_weights[l]`` times this with ``gamma``.
-
-    Args:
-        tape: The persistent `tf.GradientTape` that recorded the forward pass.
-        differences: ``[batch, k]`` logit differences ``z_y - z_j`` of the
-            competitors to search (`score_differences` in logit space).
-        activations: One ``[batch, ...]`` tensor per margin layer.
-        margin: The `LargeMargin` config (its layers, norm and epsilon).
-
-    Returns:
-        One ``[batch]`` float32 tensor of signed distances per layer
-        (negative where the example is misclassified).
-    """
-    competitors = differences.shape[-1]
-    batch = tf.shape(differences)[:1]
-
-    def nearer(competitor, nearest):
-        selector = tf.one_hot(tf.fill(batch, competitor), competitors)
-        gradients = _gradients(tape, differences, activations, selector, margin.layers)
-        difference = tf.reduce_sum(differences * selector, axis=-1)
-        return competitor + 1, [
-            tf.minimum(
-                layer_nearest,
-                difference / (dual_norm(gradient, margin.dual_norm) + margin.epsilon),
-            )
-            for layer_nearest, gradient in zip(nearest, gradients)
-        ]
-
-    start = [tf.fill(batch, np.inf) for _ in activations]
-    _, nearest = tf.while_loop(lambda k, _: k < competitors, nearer, [0, start])
-    return nearest

@@ -13,6 +13,7 @@ from marginfit import (
     _keras_internals,
     _multi_worker,
     attacks,
+    backend,
     checks,
     replicas,
     resume,
@@ -43,7 +44,7 @@ class MarginPass:
     dead: tf.Tensor = None
     """``[batch]`` bool: the examples no gradient of the loss can move."""
     boundaries: list = None
-    """``[batch]`` `margin.boundary_distances` per margin layer."""
+    """``[batch]`` `backend.boundary_distances` per margin layer."""
     balance: tf.Tensor = None
     """The class-balance term (a scalar)."""
 
@@ -73,7 +74,7 @@ class MarginModel(keras.Model):
     ``margin_loss`` and ``dead_rate`` to ``loss`` and the compiled metrics;
     evaluation (and so ``val_`` logs) adds ``distance_<layer>``: the mean
     signed distance to the nearest decision boundary, in the layer's units
-    (`margin.boundary_distances`, measured in inference mode), and, with
+    (`backend.boundary_distances`, measured in inference mode), and, with
     ``space="logits"``, ``violation_rate`` (see `marginfit.metrics`).
     `predict()` is the plain forward pass.
 
@@ -359,8 +360,8 @@ class MarginModel(keras.Model):
         Returns ``(y_pred, penalty)``: the ``[batch, classes]`` outputs and
         ``(margin_loss, dead, distances)``: `margin.margin_loss` (plus the
         class-balance term of the global batch), the dead examples of
-        `margin.layer_distances` and, in evaluation, the
-        `margin.boundary_distances` (None in training); None without a
+        `backend.layer_distances` and, in evaluation, the
+        `backend.boundary_distances` (None in training); None without a
         margin.
         """
         if self.margin is None:
@@ -388,7 +389,7 @@ class MarginModel(keras.Model):
                 boundaries=0 if training else margin_lib.LOGGED_COMPETITORS,
             )
             y_pred, balance = margin_pass.outputs, margin_pass.balance
-        margin_loss, _ = margin_lib.margin_loss(margin_pass.distances, self.margin, sample_weight)
+        margin_loss = margin_lib.margin_loss(margin_pass.distances, self.margin, sample_weight)
         if balance is not None:
             margin_loss += self.margin.balance * balance
         return y_pred, (margin_loss, margin_pass.dead, margin_pass.boundaries)
@@ -417,9 +418,9 @@ class MarginModel(keras.Model):
         with_loss=True,
     ):
         """One forward pass and what the margin needs of it: a `MarginPass`
-        whose loss terms (`margin.layer_distances`) come ``with_loss``, whose
+        whose loss terms (`backend.layer_distances`) come ``with_loss``, whose
         class-balance term comes ``with_balance`` and whose
-        `margin.boundary_distances` come from the ``boundaries``
+        `backend.boundary_distances` come from the ``boundaries``
         highest-scoring competitors (none, and None, for 0).
 
         ``draws`` chooses sampled competitors: ``"fresh"`` (a training step)
@@ -444,7 +445,7 @@ class MarginModel(keras.Model):
             y_pred, activations = self.call_with_activations(x, training=training)
             if self._taps.model is None:
                 self._check_output_shape(y_pred.shape)
-            labels = margin_lib.class_indices(y, y_pred.shape[-1])
+            labels = backend.class_indices(y, y_pred.shape[-1])
             # One all-reduce (with several replicas) for the balance term's
             # sums and the competitors' positions in the global batch.
             batch = replicas.GlobalBatch(
@@ -485,13 +486,11 @@ class MarginModel(keras.Model):
             _check_floating(name, target.dtype)
         result = MarginPass(y_pred)
         if with_loss:
-            result.distances, result.dead = margin_lib.layer_distances(
+            result.distances, result.dead = backend.layer_distances(
                 tape, differences, targets, margin, outer_tape
             )
         if boundaries:
-            result.boundaries = margin_lib.boundary_distances(
-                tape, logit_differences, targets, margin
-            )
+            result.boundaries = backend.boundary_distances(tape, logit_differences, targets, margin)
         if with_balance:
             result.balance = self._balance(y_pred, sample_weight, batch)
         return result
@@ -522,7 +521,7 @@ class MarginModel(keras.Model):
         input) and the margin's norm, in inference mode: the first-order
         distance of the logits, ``(z_y - z_j) / ||grad (z_y - z_j)||``, to
         the nearest of the ``competitors`` highest-scoring other classes
-        ``j`` (`margin.boundary_distances`), whatever space the loss is
+        ``j`` (`backend.boundary_distances`), whatever space the loss is
         taken in. With every other class (the default, for up to 10
         classes) it is exact for a linear model;
         `marginfit.attacks.minimal_perturbation` measures the real distance

@@ -1,5 +1,6 @@
 """LargeMargin's validation and config, and the pure penalty math."""
 
+import importlib
 import re
 
 import hypothesis
@@ -11,7 +12,7 @@ from helpers import assert_config_round_trip, normalized
 from hypothesis import strategies as st
 from reference import balance_reference
 
-from marginfit import LargeMargin
+from marginfit import LargeMargin, backend
 from marginfit import margin as margin_lib
 
 
@@ -155,11 +156,11 @@ def test_sampled_competitors_are_uniform_distinct_and_never_the_label():
 def test_class_indices_from_sparse_and_one_hot_labels():
     labels = np.array([3, 0, 9])
     for given in (labels, labels[:, None], np.eye(10)[labels]):
-        np.testing.assert_array_equal(margin_lib.class_indices(given, 10), labels)
+        np.testing.assert_array_equal(backend.class_indices(given, 10), labels)
     with pytest.raises(tf.errors.InvalidArgumentError, match="< 10"):
-        margin_lib.class_indices(np.array([1, 10]), 10)
+        backend.class_indices(np.array([1, 10]), 10)
     with pytest.raises(tf.errors.InvalidArgumentError, match=">= 0"):
-        margin_lib.class_indices(np.array([-1, 2]), 10)
+        backend.class_indices(np.array([-1, 2]), 10)
 
 
 @pytest.mark.parametrize("order", [1, 2, np.inf])
@@ -307,3 +308,12 @@ def test_balance_term_is_zero_when_even_and_pushes_a_dominant_class_down():
     assert float(value) > 1.0
     # Gradient descent lowers the dominant class's logit, raises the others.
     assert np.all(gradient[:, 0] > 0) and np.all(gradient[:, 1:] < 0)
+
+
+def test_another_keras_backend_is_refused_with_the_fix(monkeypatch):
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(ImportError, match=r"^marginfit runs on Keras' TensorFlow backend, but "):
+        importlib.reload(backend)
+    monkeypatch.undo()
+    importlib.reload(backend)
+    assert backend.layer_distances.__module__ == "marginfit.backend.tensorflow"
