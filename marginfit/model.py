@@ -436,7 +436,7 @@ class MarginModel(keras.Model):
                 )
             x = tf.convert_to_tensor(x)
         sampled = margin.competitors == "sampled" and with_loss
-        persistent = margin.top_k > 1 or bool(boundaries)
+        persistent = (with_loss and margin.top_k > 1) or bool(boundaries)
         with tf.GradientTape(persistent=persistent) as tape:
             # Every float input, so that the tape records the path to a margin
             # layer that no trainable weight precedes (a frozen base, a
@@ -457,14 +457,15 @@ class MarginModel(keras.Model):
                 ),
                 positions=sampled,
             )
-            differences = margin_lib.score_differences(
-                y_pred,
-                labels,
-                margin.top_k,
-                margin.space,
-                self.output_kind,
-                self._competitor_draws(y_pred, batch.offset, draws) if sampled else None,
-            )
+            if with_loss:
+                differences = margin_lib.score_differences(
+                    y_pred,
+                    labels,
+                    margin.top_k,
+                    margin.space,
+                    self.output_kind,
+                    self._competitor_draws(y_pred, batch.offset, draws) if sampled else None,
+                )
             if boundaries:
                 logit_differences = margin_lib.score_differences(
                     y_pred,
@@ -497,7 +498,7 @@ class MarginModel(keras.Model):
 
     def _competitor_draws(self, y_pred, offset, draws):
         """``[batch, classes]`` random keys choosing sampled competitors (see
-        `_margin_distances`): each example's keys depend on its position
+        `_margin_pass`): each example's keys depend on its position
         ``offset + i`` in the global batch and on the step, whatever the
         number of replicas."""
         seed = self._step_seed(_DRAW_SEED, draws)

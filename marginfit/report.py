@@ -109,7 +109,9 @@ def write(results, output, eps_list):
         )
 
     measured = {name: results["measured"][name] for name in names}
-    if all(values is not None for values in measured.values()):
+    # None for every method where the margin's norm is not measured.
+    was_measured = all(values is not None for values in measured.values())
+    if was_measured:
 
         def against(axes_list):
             axes_list = np.atleast_1d(axes_list)
@@ -170,7 +172,7 @@ def write(results, output, eps_list):
         where = "the input" if layer == INPUT else repr(layer)
         cells = (f"{medians[m][layer]:.4g}" for m in names)
         rows.append((f"median distance at {where}, estimated", *cells))
-    if all(values is not None for values in measured.values()):
+    if was_measured:
         for name in names:
             medians[name]["measured"] = _median(measured[name])
         cells = (f"{medians[m]['measured']:.4g}" for m in names)
