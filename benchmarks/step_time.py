@@ -18,8 +18,15 @@ Adam, with and without the weight average), and the evaluation step's
 ratio (`evaluation_ratio`, which adds the distances to the boundary).
 Absolute times alone mean little; quote the ratios.
 
+``--backend tensorflow jax`` instead measures the default step (and the
+exact one, and top_k=9) over the CE step on each named Keras backend, each
+in its own process (a backend is fixed at import), and prints the ratios
+side by side with the device and the absolute step times; it runs on a host
+with JAX and Keras but no TensorFlow. (PyTorch: marginfit does not run on
+it; the row says so.)
+
     python benchmarks/step_time.py [--repeats 5] [--steps 3] [--quick] [--checks-only]
-        [--train-command-only] [--evaluation-only]
+        [--train-command-only] [--evaluation-only] [--backend NAME ...]
 """
 
 import argparse
@@ -34,10 +41,12 @@ import time
 from unittest import mock
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if "--backend-child" in sys.argv:
+    # A backend is fixed when Keras is imported.
+    os.environ["KERAS_BACKEND"] = sys.argv[sys.argv.index("--backend-child") + 1]
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import marginfit  # noqa: E402
 from marginfit import networks  # noqa: E402
@@ -173,6 +182,8 @@ def check_costs(repeats, steps):
     in-step label checks (assertions, dropped under XLA) over the same step
     traced without them; ``nonfinite_guard_cost_ratio``, with SGD and with
     Adam, the step with ``on_nonfinite="skip"`` over ``"apply"``."""
+    import tensorflow as tf
+
     x, y = batch()
     unchecked = build("cnn", DEFAULT_MARGIN)
     no_assert = lambda *args, **kwargs: None  # noqa: E731
@@ -227,6 +238,8 @@ def train_command_ratios(repeats, steps):
 def naive_step(model, taps, x, y, layers, gamma=10000.0, alpha=4.0):
     """One step of the margin as people hand-write it: Python loops over the
     examples and the competing classes, one tape per example and class."""
+    import tensorflow as tf
+
     with tf.GradientTape() as outer:
         total = CE(y, model(x, training=True))
         for k in range(len(x)):
@@ -260,7 +273,7 @@ def naive_ratio(steps=2):
     taps = keras.Model(
         model.inputs, [model.outputs[0], *(model.get_layer(n).output for n in names)]
     )
-    xt = tf.constant(x)
+    xt = keras.ops.convert_to_tensor(x)
     naive_seconds = seconds_per_step(
         lambda: naive_step(model, taps, xt, y, ["input", *names]), steps
     )
@@ -303,6 +316,76 @@ def peak_memory(architecture, options):
     return json.loads(result.stdout.strip().splitlines()[-1])["growth_mib"]
 
 
+# ----------------------------------------------------------------- backends
+
+BACKEND_VARIANTS = {
+    "default": DEFAULT_MARGIN,
+    "exact": dict(DEFAULT_MARGIN, approximate=False),
+    "top_k=9": dict(DEFAULT_MARGIN, competitors="top", top_k=9),
+}
+"""The steps timed on every backend (the CNN, SGD, batch 64)."""
+
+
+def backend_child(backend, repeats, steps):
+    """Run in a process whose Keras backend is ``backend``: the variants'
+    median step times and ratios to CE (jit off and on where the backend
+    has both; JAX always compiles its steps). Prints one JSON line."""
+    if backend == "torch":
+        print(json.dumps({"backend": backend, "error": "marginfit runs on TensorFlow and JAX"}))
+        return
+    jits = [False, True] if backend == "tensorflow" else [True]
+    variants = [(options, jit) for options in BACKEND_VARIANTS.values() for jit in jits]
+    median = time_variants("cnn", variants, repeats, steps)
+    rows = {}
+    for (name, options), jit in itertools.product(BACKEND_VARIANTS.items(), jits):
+        key = (variant_name(options, jit), jit)
+        rows[f"{name} jit={'on' if jit else 'off'}"] = {
+            "ratio": round(median[key] / median[("ce", jit)], 3),
+            "margin_ms": round(1e3 * median[key], 2),
+            "ce_ms": round(1e3 * median[("ce", jit)], 2),
+        }
+    print(json.dumps({"backend": backend, "device": _device(backend), "steps": rows}))
+
+
+def _device(backend):
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return f"{device.platform}: {device.device_kind}"
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return f"gpu: {gpus[0].name}" if gpus else "cpu"
+
+
+def backend_ratios(backends, repeats, steps):
+    """`backend_child` for each backend in turn; prints the table."""
+    report = {}
+    for backend in backends:
+        result = subprocess.run(
+            [sys.executable, __file__, "--backend-child", backend, "--repeats", str(repeats)]
+            + ["--steps", str(steps)],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            report[backend] = {"error": result.stderr.strip().splitlines()[-1]}
+        else:
+            report[backend] = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"{'backend':<11} {'device':<28} {'step':<16} {'ratio to CE':>11} {'ms':>8} {'CE ms':>8}")
+    for backend, result in report.items():
+        if "error" in result:
+            print(f"{backend:<11} {result['error']}")
+            continue
+        for name, row in result["steps"].items():
+            print(
+                f"{backend:<11} {result['device']:<28} {name:<16} {row['ratio']:>11.2f} "
+                f"{row['margin_ms']:>8.2f} {row['ce_ms']:>8.2f}"
+            )
+    print(json.dumps({"backends": report}))
+
+
 # --------------------------------------------------------------------- main
 
 
@@ -320,10 +403,21 @@ def main(argv=None):
     parser.add_argument(
         "--evaluation-only", action="store_true", help="only the default evaluation step"
     )
+    parser.add_argument(
+        "--backend",
+        nargs="+",
+        choices=["tensorflow", "jax", "torch"],
+        help="only the default, exact and top_k=9 steps on each backend",
+    )
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--backend-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         return peak_memory_child(*args.memory_child)
+    if args.backend_child:
+        return backend_child(args.backend_child, max(args.repeats, 15), args.steps)
+    if args.backend:
+        return backend_ratios(args.backend, args.repeats, args.steps)
     if args.checks_only:
         print(json.dumps(check_costs(max(args.repeats, 15), args.steps)))
         return None

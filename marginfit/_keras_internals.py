@@ -25,7 +25,10 @@ Keras still has them and names what changed if not (run by the test suite).
   margin inside a nested model calls the nested model's layers in the outer
   graph (`marginfit.taps`); Keras' public graph tools (`clone_model`,
   ``Model(inputs, layer.output)``) keep a nested model's layers in its own
-  graph, which the outer inputs do not reach.
+  graph, which the outer inputs do not reach. On JAX the margin layers'
+  gradients come from running the graph with a perturbation added at each
+  margin layer (`run_graph`, with Functional's ``_standardize_inputs`` and
+  ``operation_fn``, which passes ``training`` on as `Functional.call` does).
 - ``data_adapters.get_data_adapter``: how `fit()` turns every input form it
   takes (arrays, lists and dicts of arrays, datasets, `PyDataset`,
   generators) into batches; `MarginModel.margin_distances` takes the same.
@@ -37,6 +40,7 @@ _SUPPORTED = "keras>=3.15.1,<3.16"
 
 try:
     from keras.src.models.functional import Functional
+    from keras.src.models.functional import operation_fn as _operation_fn
     from keras.src.models.model import functional_init_arguments
     from keras.src.trainers.compile_utils import MetricsList
     from keras.src.trainers.data_adapters import get_data_adapter
@@ -119,9 +123,13 @@ def flatten_layers(model):
 
 
 def batches(x, y=None, batch_size=None):
-    """The batches `fit()` would make of ``(x, y)``, unshuffled, as a
-    `tf.data.Dataset` of ``(x, y)`` or ``(x, y, sample_weight)`` tuples."""
-    return get_data_adapter(x, y, batch_size=batch_size, shuffle=False).get_tf_dataset()
+    """The batches `fit()` would make of ``(x, y)``, unshuffled: a
+    `tf.data.Dataset` (on TensorFlow) or an iterator of numpy arrays, of
+    ``(x, y)`` or ``(x, y, sample_weight)`` tuples."""
+    adapter = get_data_adapter(x, y, batch_size=batch_size, shuffle=False)
+    if keras.backend.backend() == "tensorflow":
+        return adapter.get_tf_dataset()
+    return adapter.get_numpy_iterator()
 
 
 def graph_of(model):
@@ -136,6 +144,18 @@ def graph_of(model):
             )
         return model._functional
     return model
+
+
+def run_graph(graph, inputs, call_fn, training):
+    """Runs a Functional graph on ``inputs`` as `Functional.call` does,
+    calling ``call_fn(operation, call, *args, **kwargs)`` at each node, where
+    ``call`` calls ``operation`` with ``training`` passed on; returns the
+    flattened outputs."""
+    return graph._run_through_graph(
+        graph._standardize_inputs(inputs),
+        operation_fn=lambda operation: (operation, _operation_fn(operation, training=training)),
+        call_fn=lambda pair, *args, **kwargs: call_fn(*pair, *args, **kwargs),
+    )
 
 
 def inbound_nodes(operation):
@@ -183,18 +203,12 @@ def verify():
         "keras.Sequential._functional",
     )
     expect(hasattr(keras.layers.Dense(1), "_inbound_nodes"), "keras.Operation._inbound_nodes")
-    # Used by marginfit/_multi_worker.py (see there).
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
-    for name in ("_maybe_symbolic_build", "_symbolic_build"):
-        expect(
-            callable(getattr(tf_trainer.TensorFlowTrainer, name, None)),
-            f"keras.src.backend.tensorflow.trainer.TensorFlowTrainer.{name}",
-        )
     expect(
-        callable(getattr(tf_trainer, "reduce_per_replica", None)),
-        "keras.src.backend.tensorflow.trainer.reduce_per_replica",
+        callable(getattr(Functional, "_standardize_inputs", None)) and callable(_operation_fn),
+        "keras.src.models.functional (Functional._standardize_inputs, operation_fn)",
     )
+    if keras.backend.backend() == "tensorflow":
+        _verify_tensorflow(expect)
     probe = _DirectionProbe()
     probe.compile(loss="mse")
     expect(
@@ -216,6 +230,21 @@ def verify():
             f"on: {problems}. Install a supported Keras ({_SUPPORTED}) or a "
             "marginfit release that supports this Keras."
         )
+
+
+def _verify_tensorflow(expect):
+    """The TensorFlow trainer's internals (used by `marginfit._multi_worker`)."""
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    for name in ("_maybe_symbolic_build", "_symbolic_build"):
+        expect(
+            callable(getattr(tf_trainer.TensorFlowTrainer, name, None)),
+            f"keras.src.backend.tensorflow.trainer.TensorFlowTrainer.{name}",
+        )
+    expect(
+        callable(getattr(tf_trainer, "reduce_per_replica", None)),
+        "keras.src.backend.tensorflow.trainer.reduce_per_replica",
+    )
 
 
 class _DirectionProbe(keras.Model):

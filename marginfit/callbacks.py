@@ -4,7 +4,6 @@ import os
 import warnings
 
 import keras
-import tensorflow as tf
 
 
 def sub_optimizers(optimizer):
@@ -116,7 +115,7 @@ class DistanceHistograms(keras.callbacks.Callback):
         self.validation_data = (x, y)
         self.every = every
         self.batch_size = batch_size
-        self._writer = None
+        self._writer = self._summary = None
         self._epoch = None
         self._last_written = None
 
@@ -126,6 +125,10 @@ class DistanceHistograms(keras.callbacks.Callback):
                 "DistanceHistograms needs a MarginModel with a margin; this "
                 f"model ({type(self.model).__name__}) has none."
             )
+        # TensorBoard's summaries are TensorFlow's (as for keras.callbacks.TensorBoard).
+        import tensorflow as tf
+
+        self._summary = tf.summary
         self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "validation"))
 
     def on_epoch_end(self, epoch, logs=None):
@@ -144,7 +147,7 @@ class DistanceHistograms(keras.callbacks.Callback):
         distances = self.model.margin_distances(*self.validation_data, batch_size=self.batch_size)
         with self._writer.as_default():
             for layer, values in distances.items():
-                tf.summary.histogram(f"distance/{layer}", values, step=epoch)
+                self._summary.histogram(f"distance/{layer}", values, step=epoch)
         self._writer.flush()
         self._last_written = epoch
 

@@ -9,10 +9,10 @@ non-finite loss or gradient skips the update (`marginfit.updates`).
 
 import contextlib
 import re
+import sys
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from marginfit.margin import INPUT, LABEL_ERROR_PREFIX
 
@@ -21,9 +21,10 @@ def check_data(model, x, y=None, sample_weight=None, name="fit()"):
     """`check_arrays` on arrays, or on the first batch of a `tf.data.Dataset`
     given as ``x`` (which must be batched); other inputs (generators,
     `PyDataset`) are left to the step."""
-    if isinstance(x, tf.data.Dataset):
+    tf = _tensorflow()
+    if tf is not None and isinstance(x, tf.data.Dataset):
         for batch in x.take(1):
-            as_numpy = lambda t: None if t is None else tf.nest.map_structure(np.asarray, t)  # noqa: E731
+            as_numpy = lambda t: None if t is None else keras.tree.map_structure(np.asarray, t)  # noqa: E731
             x, y, sample_weight = map(as_numpy, keras.utils.unpack_x_y_sample_weight(batch))
             _check_batched(model, x, y, name)
             check_arrays(model, x, y, sample_weight, f"{name} (first batch of the dataset)")
@@ -31,10 +32,16 @@ def check_data(model, x, y=None, sample_weight=None, name="fit()"):
     check_arrays(model, x, y, sample_weight, name)
 
 
+def _tensorflow():
+    """TensorFlow where it is imported (a `tf.data` input needs it), else
+    None: nothing given can be a TensorFlow object then."""
+    return sys.modules.get("tensorflow")
+
+
 def _check_batched(model, x, y, name):
     """Raises `ValueError` where a dataset's first element is one example:
     a scalar label, or inputs of one rank less than the model's."""
-    shapes = [np.shape(leaf) for leaf in tf.nest.flatten(x)]
+    shapes = [np.shape(leaf) for leaf in keras.tree.flatten(x)]
     try:
         expected = [len(tensor.shape) for tensor in model.inputs]
     except (AttributeError, ValueError, TypeError):
@@ -72,6 +79,10 @@ def clear_step_errors():
     """Re-raises a failed label check of the step (a
     `tf.errors.InvalidArgumentError` whose first line is "Graph execution
     error") as a `ValueError` whose first line is the check's message."""
+    tf = _tensorflow()
+    if tf is None:
+        yield
+        return
     try:
         yield
     except tf.errors.InvalidArgumentError as error:
@@ -93,7 +104,7 @@ def check_arrays(model, x, y=None, sample_weight=None, name="fit()"):
         sample_weight: Optional ``[n]`` non-negative weights.
         name: The call being checked, for the messages.
     """
-    leaves = tf.nest.flatten(x) if isinstance(x, (list, tuple, dict)) else [x]
+    leaves = keras.tree.flatten(x) if isinstance(x, (list, tuple, dict)) else [x]
     if not leaves or not all(_is_array(leaf) for leaf in leaves):
         return
     leaves = [np.asarray(leaf) for leaf in leaves]

@@ -20,8 +20,6 @@ import shutil
 import socket
 import tempfile
 
-import tensorflow as tf
-
 from marginfit import files
 
 
@@ -43,6 +41,8 @@ def strategy():
     """`tf.distribute.MultiWorkerMirroredStrategy` where ``TF_CONFIG`` names
     a cluster, else the default strategy. Create it before anything else
     uses TensorFlow's runtime."""
+    import tensorflow as tf  # the TensorFlow backend's multi-worker training
+
     if config() is None:
         return tf.distribute.get_strategy()
     return tf.distribute.MultiWorkerMirroredStrategy()

@@ -7,25 +7,19 @@ import warnings
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from marginfit import (
-    _keras_internals,
-    _multi_worker,
-    attacks,
-    backend,
-    checks,
-    replicas,
-    resume,
-    taps,
-    updates,
-)
+from marginfit import _keras_internals, backend, checks, taps
+from marginfit import distances as distances_lib
 from marginfit import margin as margin_lib
 from marginfit.callbacks import DeadExamplesWarning, NonFiniteStepError
 from marginfit.margin import INPUT, LargeMargin
 from marginfit.metrics import MarginMetrics, StepCount
 
 _OUTPUT_KINDS = ("logits", "probabilities")
+NONFINITE_POLICIES = ("skip", "raise", "apply")
+"""What `MarginModel` does with a non-finite step: skip its update and count
+it (``"skip"``), skip it and stop `fit()` with an error (``"raise"``), or
+apply it like a plain Keras model (``"apply"``)."""
 # First half of the stateless seed of sampled competitors; the second is the
 # training step (0 in evaluation).
 _DRAW_SEED = 0x5EED
@@ -34,23 +28,39 @@ _ATTACK_SEED = 0xA77AC
 
 
 @dataclasses.dataclass
+class Forward:
+    """What the recorded forward pass of the margin computes
+    (`MarginModel._margin_pass`, recorded by `backend.record`)."""
+
+    outputs: object
+    """``[batch, classes]`` model outputs."""
+    targets: list
+    """The margin layers' ``[batch, ...]`` activations (the input's included)."""
+    differences: dict
+    """``{"loss": [batch, top_k], "logits": [batch, k]}`` score differences
+    (each only where asked for), differentiated w.r.t. ``targets``."""
+    batch: object
+    """This replica's `backend.global_batch`."""
+
+
+@dataclasses.dataclass
 class MarginPass:
     """What one forward pass gives the margin (`MarginModel._margin_pass`)."""
 
-    outputs: tf.Tensor
+    outputs: object
     """``[batch, classes]`` model outputs."""
     distances: list = None
     """The loss's ``[batch, competitors]`` distances per margin layer."""
-    dead: tf.Tensor = None
+    dead: object = None
     """``[batch]`` bool: the examples no gradient of the loss can move."""
     boundaries: list = None
-    """``[batch]`` `backend.boundary_distances` per margin layer."""
-    balance: tf.Tensor = None
+    """``[batch]`` `distances.boundary_distances` per margin layer."""
+    balance: object = None
     """The class-balance term (a scalar)."""
 
 
 @keras.saving.register_keras_serializable(package="marginfit")
-class MarginModel(keras.Model):
+class MarginModel(backend.MarginTrainer, keras.Model):
     """A Keras model trained with the large-margin penalty of Elsayed et al.
 
     Build it like any Keras model, `compile()` it and call `fit()`:
@@ -140,16 +150,12 @@ class MarginModel(keras.Model):
                 f"`output={output!r}` is not supported: say what the model "
                 "emits with output='logits' or output='probabilities'."
             )
-        if on_nonfinite not in updates.NONFINITE_POLICIES:
+        if on_nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
                 f"`on_nonfinite={on_nonfinite!r}` is not supported; use 'skip', 'raise' or 'apply'."
             )
-        if isinstance(adversary, dict):
-            adversary = keras.saving.deserialize_keras_object(adversary)
-        if adversary is not None and not isinstance(adversary, attacks.PGD):
-            raise TypeError(
-                f"`adversary` must be a `marginfit.attacks.PGD` or None; received {adversary!r}."
-            )
+        if adversary is not None:
+            adversary = _checked_adversary(adversary)
         self.margin = margin
         self.adversary = adversary
         self.output_kind = output
@@ -232,7 +238,7 @@ class MarginModel(keras.Model):
 
     # ----------------------------------------------------------- activations
 
-    def call_with_activations(self, inputs, training=None):
+    def call_with_activations(self, inputs, training=None, hook=None):
         """Forward pass that also returns the margin layers' activations.
 
         Functional and wrapped models get this for free. A subclassed model
@@ -258,16 +264,29 @@ class MarginModel(keras.Model):
         Args:
             inputs: The model inputs.
             training: Whether the forward pass runs in training mode.
+            hook: None, or ``hook(name, activation) -> activation``, which
+                replaces each margin layer's output for the layers after it
+                (`taps.run_with_hooks`; a Functional model's graph only).
 
         Returns:
             ``(outputs, activations)``: the ``[batch, classes]`` outputs and a
             dict from margin layer name to its ``[batch, ...]`` activation.
             The model input (``"input"``) need not be in the dict.
         """
+        hidden = [name for name in self.margin.layers if name != INPUT]
+        if hook is not None and hidden:
+            if not self._is_functional:
+                raise NotImplementedError(
+                    f"On the {keras.backend.backend()} backend a margin on hidden "
+                    f"layers ({hidden}) needs a Functional model. Build the model "
+                    "from `keras.Input(...)`, or wrap it with `MarginModel.wrap`, "
+                    "or use the TensorFlow backend."
+                )
+            return taps.run_with_hooks(self, inputs, hidden, hook, training)
         if self._taps.model is not None:
             outputs, *activations = self._taps.model(inputs, training=training)
             return outputs, dict(zip(self._taps.layers, activations))
-        if any(name != INPUT for name in self.margin.layers):
+        if hidden:
             return self(inputs, training=training, return_activations=True)
         return self(inputs, training=training), {}
 
@@ -360,9 +379,9 @@ class MarginModel(keras.Model):
         Returns ``(y_pred, penalty)``: the ``[batch, classes]`` outputs and
         ``(margin_loss, dead, distances)``: `margin.margin_loss` (plus the
         class-balance term of the global batch), the dead examples of
-        `backend.layer_distances` and, in evaluation, the
-        `backend.boundary_distances` (None in training); None without a
-        margin.
+        `distances.layer_distances` and, in evaluation, the
+        `distances.boundary_distances` (None in training); None without a
+        margin. ``tape`` is the TensorFlow tape of the weights' gradients.
         """
         if self.margin is None:
             return self(x, training=training), None
@@ -396,13 +415,13 @@ class MarginModel(keras.Model):
 
     def _balance(self, y_pred, sample_weight, batch=None):
         """The class-balance term of the global batch (None with
-        ``margin.balance=0``); ``batch``, a `replicas.GlobalBatch` that
+        ``margin.balance=0``); ``batch``, the `backend.global_batch` that
         already holds its sums, saves the all-reduce."""
         if not self.margin.balance:
             return None
         if batch is None:
             sums = margin_lib.balance_sums(y_pred, self.output_kind, sample_weight)
-            batch = replicas.GlobalBatch(tf.shape(y_pred)[0], sums)
+            batch = backend.global_batch(keras.ops.shape(y_pred)[0], sums)
         return margin_lib.balance_from_sums(batch.sums)
 
     def _margin_pass(
@@ -418,38 +437,36 @@ class MarginModel(keras.Model):
         with_loss=True,
     ):
         """One forward pass and what the margin needs of it: a `MarginPass`
-        whose loss terms (`backend.layer_distances`) come ``with_loss``, whose
-        class-balance term comes ``with_balance`` and whose
-        `backend.boundary_distances` come from the ``boundaries``
+        whose loss terms (`distances.layer_distances`) come ``with_loss``,
+        whose class-balance term comes ``with_balance`` and whose
+        `distances.boundary_distances` come from the ``boundaries``
         highest-scoring competitors (none, and None, for 0).
 
         ``draws`` chooses sampled competitors: ``"fresh"`` (a training step)
-        or ``"fixed"`` (a fixed seed, for evaluation).
+        or ``"fixed"`` (a fixed seed, for evaluation). The backend records
+        the forward pass and gives the gradients (`backend.record`).
         """
         margin = self.margin
-        on_input = INPUT in margin.layers
-        if on_input and not isinstance(x, tf.Tensor):
-            if tf.nest.is_nested(x):
+        if INPUT in margin.layers:
+            if keras.tree.is_nested(x):
                 raise ValueError(
                     "The margin on 'input' needs a single input tensor; the "
                     "model received a nested structure."
                 )
-            x = tf.convert_to_tensor(x)
+            x = backend.as_input(x)
         sampled = margin.competitors == "sampled" and with_loss
-        persistent = (with_loss and margin.top_k > 1) or bool(boundaries)
-        with tf.GradientTape(persistent=persistent) as tape:
-            # Every float input, so that the tape records the path to a margin
-            # layer that no trainable weight precedes (a frozen base, a
-            # concatenation of inputs).
-            tape.watch([t for t in tf.nest.flatten(x) if tf.is_tensor(t) and t.dtype.is_floating])
-            y_pred, activations = self.call_with_activations(x, training=training)
+
+        def forward(x, hook):
+            if hook is not None and INPUT in margin.layers:
+                x = hook(INPUT, x)
+            y_pred, activations = self.call_with_activations(x, training=training, hook=hook)
             if self._taps.model is None:
                 self._check_output_shape(y_pred.shape)
             labels = backend.class_indices(y, y_pred.shape[-1])
             # One all-reduce (with several replicas) for the balance term's
             # sums and the competitors' positions in the global batch.
-            batch = replicas.GlobalBatch(
-                tf.shape(y_pred)[0],
+            batch = backend.global_batch(
+                keras.ops.shape(y_pred)[0],
                 sums=(
                     margin_lib.balance_sums(y_pred, self.output_kind, sample_weight)
                     if with_balance and margin.balance
@@ -457,8 +474,9 @@ class MarginModel(keras.Model):
                 ),
                 positions=sampled,
             )
+            differences = {}
             if with_loss:
-                differences = margin_lib.score_differences(
+                differences["loss"] = margin_lib.score_differences(
                     y_pred,
                     labels,
                     margin.top_k,
@@ -467,33 +485,39 @@ class MarginModel(keras.Model):
                     self._competitor_draws(y_pred, batch.offset, draws) if sampled else None,
                 )
             if boundaries:
-                logit_differences = margin_lib.score_differences(
+                differences["logits"] = margin_lib.score_differences(
                     y_pred,
                     labels,
                     min(boundaries, y_pred.shape[-1] - 1),
                     "logits",
                     self.output_kind,
                 )
-        missing = [n for n in margin.layers if n != INPUT and n not in activations]
-        if missing:
-            raise ValueError(
-                f"Margin layer(s) {missing} are not among the activations "
-                f"returned by `call(..., return_activations=True)`: "
-                f"{sorted(activations)}. Return each margin layer's output "
-                "under its name."
-            )
-        targets = [x if name == INPUT else activations[name] for name in margin.layers]
-        for name, target in zip(margin.layers, targets):
-            _check_floating(name, target.dtype)
-        result = MarginPass(y_pred)
+            missing = [n for n in margin.layers if n != INPUT and n not in activations]
+            if missing:
+                raise ValueError(
+                    f"Margin layer(s) {missing} are not among the activations "
+                    f"returned by `call(..., return_activations=True)`: "
+                    f"{sorted(activations)}. Return each margin layer's output "
+                    "under its name."
+                )
+            targets = [x if name == INPUT else activations[name] for name in margin.layers]
+            for name, target in zip(margin.layers, targets):
+                _check_floating(name, target.dtype)
+            return Forward(y_pred, targets, differences, batch)
+
+        persistent = (with_loss and margin.top_k > 1) or bool(boundaries)
+        recorded, gradients = backend.record(self, forward, x, outer_tape, persistent)
+        result = MarginPass(recorded.outputs)
         if with_loss:
-            result.distances, result.dead = backend.layer_distances(
-                tape, differences, targets, margin, outer_tape
+            result.distances, result.dead = distances_lib.layer_distances(
+                gradients, recorded.differences["loss"], margin
             )
         if boundaries:
-            result.boundaries = backend.boundary_distances(tape, logit_differences, targets, margin)
+            result.boundaries = distances_lib.boundary_distances(
+                gradients, recorded.differences["logits"], margin
+            )
         if with_balance:
-            result.balance = self._balance(y_pred, sample_weight, batch)
+            result.balance = self._balance(recorded.outputs, sample_weight, recorded.batch)
         return result
 
     def _competitor_draws(self, y_pred, offset, draws):
@@ -502,17 +526,21 @@ class MarginModel(keras.Model):
         ``offset + i`` in the global batch and on the step, whatever the
         number of replicas."""
         seed = self._step_seed(_DRAW_SEED, draws)
-        return replicas.uniform_rows(tf.shape(y_pred)[0], y_pred.shape[-1], seed, offset)
+        return backend.uniform_keys(keras.ops.shape(y_pred)[0], y_pred.shape[-1], seed, offset)
+
+    def _attack_seed(self):
+        """The stateless seed of the training adversary's random start."""
+        return self._step_seed(_ATTACK_SEED, "fresh")
 
     def _step_seed(self, first, draws):
-        """``[2]`` int64 stateless seed: ``first``, then the training step for
-        ``"fresh"`` draws (0 for ``"fixed"`` ones). A function of the step
-        count, which checkpoints hold: a restored model draws what the
-        uninterrupted one would have."""
+        """``(first, step)``: a stateless seed whose second half is the
+        training step for ``"fresh"`` draws (0 for ``"fixed"`` ones). A
+        function of the step count, which checkpoints hold: a restored model
+        draws what the uninterrupted one would have."""
         step = 0
         if draws == "fresh" and self.optimizer is not None:
             step = self.optimizer.iterations + 1
-        return tf.stack([tf.constant(first, tf.int64), tf.cast(step, tf.int64)])
+        return first, step
 
     def margin_distances(
         self, x, y=None, batch_size=256, competitors=margin_lib.NEAREST_COMPETITORS
@@ -522,7 +550,7 @@ class MarginModel(keras.Model):
         input) and the margin's norm, in inference mode: the first-order
         distance of the logits, ``(z_y - z_j) / ||grad (z_y - z_j)||``, to
         the nearest of the ``competitors`` highest-scoring other classes
-        ``j`` (`backend.boundary_distances`), whatever space the loss is
+        ``j`` (`distances.boundary_distances`), whatever space the loss is
         taken in. With every other class (the default, for up to 10
         classes) it is exact for a linear model;
         `marginfit.attacks.minimal_perturbation` measures the real distance
@@ -555,14 +583,13 @@ class MarginModel(keras.Model):
         checks.check_data(self, x, y, name="margin_distances()")
         if competitors not in self._functions.nearest:
 
-            @tf.function(reduce_retracing=True)
             def nearest(xb, yb):
                 margin_pass = self._margin_pass(
                     xb, yb, False, None, "fixed", boundaries=competitors, with_loss=False
                 )
                 return margin_pass.boundaries
 
-            self._functions.nearest[competitors] = nearest
+            self._functions.nearest[competitors] = backend.traced(self, nearest)
         parts = []
         for batch in _keras_internals.batches(x, y, batch_size):
             xb, yb, _ = keras.utils.unpack_x_y_sample_weight(batch)
@@ -573,7 +600,7 @@ class MarginModel(keras.Model):
                 )
             parts.append(self._functions.nearest[competitors](xb, yb))
         return {
-            name: np.concatenate([part[k].numpy() for part in parts])
+            name: np.concatenate([np.asarray(part[k]) for part in parts])
             for k, name in enumerate(self.margin.layers)
         }
 
@@ -628,14 +655,14 @@ class MarginModel(keras.Model):
         """`compute_loss` (the compiled and regularization losses, or a
         user's override) plus the margin term; updates the loss logs.
 
-        Keras scales `compute_loss` per replica (the replicas' gradients are
-        summed); the margin term is scaled the same way, and the logs get
-        unscaled values.
+        On TensorFlow, Keras scales `compute_loss` per replica (the replicas'
+        gradients are summed); the margin term is scaled the same way, and
+        the logs get unscaled values.
         """
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        replicas = backend.replicas_in_sync()
         keras_loss = self._keras_loss(x, y, y_pred, sample_weight, training)
         loss = keras_loss
-        batch_size = tf.shape(y_pred)[0]
+        batch_size = keras.ops.shape(y_pred)[0]
         if penalty is not None:
             margin_loss, dead, boundaries = penalty
             loss = keras_loss + self.margin.weight * margin_loss / replicas
@@ -651,56 +678,9 @@ class MarginModel(keras.Model):
         to compute (``compile(loss=None)``, no regularization)."""
         overridden = type(self).compute_loss is not keras.Model.compute_loss
         if self.margin is not None and self.loss is None and not self.losses and not overridden:
-            return tf.zeros((), tf.float32)
+            return keras.ops.zeros((), "float32")
         loss = self.compute_loss(x, y, y_pred, sample_weight, training=training)
-        return tf.cast(loss, tf.float32)
-
-    def train_step(self, data):
-        """One training step (`keras.Model.train_step`): the forward pass
-        with the margin, the loss, the update (skipped where not finite, as
-        ``on_nonfinite`` says), and the logs."""
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        if self.adversary is not None:
-            x = self.adversary.perturb(self, x, y, seed=self._step_seed(_ATTACK_SEED, "fresh"))
-        with tf.GradientTape() as tape:
-            y_pred, penalty = self._forward(x, y, sample_weight, training=True, tape=tape)
-            loss = self._loss(x, y, y_pred, sample_weight, penalty, training=True)
-            if self.optimizer is not None:
-                loss = self.optimizer.scale_loss(loss)
-        if self.trainable_weights:
-            gradients = tape.gradient(loss, self.trainable_weights)
-            self._apply_gradients(loss, gradients)
-        else:
-            warnings.warn("The model does not have any trainable weights.", stacklevel=2)
-        counted = self.on_nonfinite != "apply"
-        return self._logs(x, y, y_pred, sample_weight, training=True, count=counted)
-
-    def _apply_gradients(self, loss, gradients):
-        """Applies the step's gradients unless ``on_nonfinite`` and a
-        non-finite loss or gradient (on any replica) forbid it; counts such
-        steps in ``nonfinite_steps``."""
-        if self.on_nonfinite == "apply":
-            self._apply(gradients)
-            return
-        finite = updates.all_finite([loss, *gradients])
-        self.nonfinite_steps.update_state(tf.logical_not(finite))
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            self._apply(gradients)
-        else:
-            updates.apply_if(finite, self._apply, (gradients,))
-
-    def _apply(self, gradients):
-        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
-
-    def test_step(self, data):
-        """One evaluation step (`keras.Model.test_step`): the loss with the
-        margin, the compiled metrics and the distances to the boundary, in
-        inference mode."""
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y_pred, penalty = self._forward(x, y, sample_weight, training=False)
-        self._loss(x, y, y_pred, sample_weight, penalty, training=False)
-        # Evaluation updates nothing; its logs leave the count out.
-        return self._logs(x, y, y_pred, sample_weight, training=False, count=False)
+        return keras.ops.cast(loss, "float32")
 
     def _logs(self, x, y, y_pred, sample_weight, training, count):
         """`compute_metrics`, with ``nonfinite_steps`` only if ``count`` and
@@ -711,30 +691,27 @@ class MarginModel(keras.Model):
         if training and self.margin_metrics is not None:
             for name in self.margin_metrics.evaluation_names:
                 logs.pop(name, None)
-        return _multi_worker.step_logs(logs, self._vector_logs)
+        return logs
 
-    # ---------------------------------- multi-worker training and resuming
 
-    def make_train_function(self, force=False):
-        """`keras.Model.make_train_function`, passing over the batches a
-        resumed epoch already trained on (`marginfit.BackupAndRestore`)."""
-        self._vector_logs = _multi_worker.needs_vector_logs(self.distribute_strategy)
-        super().make_train_function(force)
-        if not isinstance(self.train_function, resume.SkippingTrainFunction):
-            self.train_function = resume.SkippingTrainFunction(self, self.train_function)
-        return self.train_function
+def _checked_adversary(adversary):
+    """A `marginfit.attacks.PGD` from itself or its config (TensorFlow only:
+    the attacks differentiate with `tf.GradientTape`)."""
+    if keras.backend.backend() != "tensorflow":
+        raise NotImplementedError(
+            f"`adversary=` needs the TensorFlow backend; KERAS_BACKEND is "
+            f"{keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow to train "
+            "against an adversary."
+        )
+    from marginfit import attacks
 
-    def make_test_function(self, force=False):
-        """`keras.Model.make_test_function`, with the logs' shape that
-        multi-worker evaluation needs."""
-        self._vector_logs = _multi_worker.needs_vector_logs(self.distribute_strategy)
-        return super().make_test_function(force)
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        try:
-            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-        except ValueError as error:
-            _multi_worker.symbolic_build(self, iterator, error)
+    if isinstance(adversary, dict):
+        adversary = keras.saving.deserialize_keras_object(adversary)
+    if not isinstance(adversary, attacks.PGD):
+        raise TypeError(
+            f"`adversary` must be a `marginfit.attacks.PGD` or None; received {adversary!r}."
+        )
+    return adversary
 
 
 def _check_activation(name, tensor):

@@ -145,6 +145,74 @@ def _taps(model, paths):
     return tree.flatten(outputs), [found[SEPARATOR.join(path)] for path in paths]
 
 
+def run_with_hooks(model, inputs, names, hook, training=None):
+    """Runs ``model`` on ``inputs``, replacing the output of each margin
+    layer by ``hook(name, output)`` for the layers downstream.
+
+    The same computation as calling the model (its layers, in graph order,
+    nested models included), with the margin layers' outputs open to
+    change: the JAX backend adds a zero perturbation there and
+    differentiates with respect to it.
+
+    Args:
+        model: A Functional model (or a built Sequential one).
+        inputs: Its inputs, as its `call` takes them.
+        names: Margin layer names (``"input"`` excluded).
+        hook: ``hook(name, output) -> output``.
+        training: Passed on to the layers.
+
+    Returns:
+        ``(outputs, {name: hooked output})``.
+    """
+    paths = resolve(model, names)
+    hooked = {tuple(paths[name].split(SEPARATOR)): name for name in names}
+    found = {}
+    outputs = _run_hooked(model, inputs, hooked, hook, found, training)
+    unreached = [name for name in names if name not in found]
+    if unreached:
+        raise ValueError(
+            f"Margin layer(s) {unreached} of model {model.name!r} are not computed "
+            "from its inputs. Put the margin on a layer between the inputs and the output."
+        )
+    return outputs, found
+
+
+def _run_hooked(model, inputs, hooked, hook, found, training):
+    graph = _keras_internals.graph_of(model)
+    layers = {layer.name: layer for layer in model.layers}
+    nested = {path[0] for path in hooked if len(path) > 1}
+
+    def call(operation, call_operation, *args, **kwargs):
+        if operation.name in nested and operation is layers.get(operation.name):
+            inner = {
+                path[1:]: name
+                for path, name in hooked.items()
+                if len(path) > 1 and path[0] == operation.name
+            }
+            if any(name in found for name in inner.values()):
+                raise ValueError(
+                    f"Nested model {operation.name!r} is called more than once, so a "
+                    "margin layer inside it has several activations. Put the margin on "
+                    "a layer that is called once."
+                )
+            inputs = args[0] if len(args) == 1 else list(args)
+            return _run_hooked(operation, inputs, inner, hook, found, training)
+        outputs = call_operation(*args, **kwargs)
+        name = hooked.get((operation.name,))
+        if name is None:
+            return outputs
+        if name in found:
+            raise ValueError(
+                f"Margin layer {name!r} is called more than once, so it has several "
+                "activations. Put the margin on a layer that is called once."
+            )
+        found[name] = outputs = hook(name, outputs)
+        return outputs
+
+    outputs = _keras_internals.run_graph(graph, inputs, call, training)
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
 def _inlinable(layer):
     return isinstance(layer, (_keras_internals.Functional, keras.Sequential))
 

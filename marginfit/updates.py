@@ -7,11 +7,6 @@ state exactly as they were: the update is skipped on every replica at once.
 
 import tensorflow as tf
 
-NONFINITE_POLICIES = ("skip", "raise", "apply")
-"""What `MarginModel` does with a non-finite step: skip its update and count
-it (``"skip"``), skip it and stop `fit()` with an error (``"raise"``), or
-apply it like a plain Keras model (``"apply"``)."""
-
 
 def all_finite(tensors):
     """Scalar bool: every element of every tensor is finite, on every replica.

@@ -11,68 +11,18 @@ import keras
 import numpy as np
 import reference
 import tensorflow as tf
-from sklearn.datasets import load_digits
-
-import marginfit
+from nets import (  # noqa: F401 (shared with the tests)
+    DISTRIBUTION_MARGINS,
+    LAYERS,
+    conv_net,
+    digits,
+    margin_for,
+)
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def digits(count=24, offset=0):
-    """``count`` digits as ``[count, 8, 8, 1]`` float32 in [0, 1], int labels."""
-    data = load_digits()
-    x = (data.images[offset : offset + count] / 16.0).astype("float32")
-    return x[..., None], data.target[offset : offset + count].astype("int64")
-
-
-def conv_net(margin=None, seed=0, output="logits", batchnorm=False, regularizer=None, **kwargs):
-    """A small conv net on 8x8x1 digits as a `MarginModel`, and a plain
-    Keras model on the same layers returning ``[outputs, conv, dense]``."""
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((8, 8, 1), name="pixels")
-    conv = keras.layers.Conv2D(4, 3, activation="tanh", name="conv")(inputs)
-    hidden = keras.layers.Flatten(name="flatten")(conv)
-    if batchnorm:
-        hidden = keras.layers.BatchNormalization(name="batchnorm")(hidden)
-    dense = keras.layers.Dense(16, activation="tanh", kernel_regularizer=regularizer, name="dense")(
-        hidden
-    )
-    outputs = keras.layers.Dense(
-        10, activation="softmax" if output == "probabilities" else None, name="logits"
-    )(dense)
-    model = marginfit.MarginModel(inputs, outputs, margin=margin, output=output, **kwargs)
-    taps = keras.Model(inputs, [outputs, conv, dense])
-    return model, taps
-
-
 # ------------------------------------------------- the margin of conv_net
-
-LAYERS = ["input", "conv", "dense"]
-# Margins of the size of this untrained net's distances, so that for every
-# norm some examples are clipped, some penalised and some beyond the margin.
-GAMMA = {1: [0.8, 0.6, 0.4], 2: [0.2, 0.15, 0.15], np.inf: [0.04, 0.02, 0.04]}
-ALPHA = 2.0
-
-
-def margin_for(norm, **options):
-    """A margin on conv_net's input, conv and dense layers, sized to its
-    untrained distances for ``norm``; the top-scoring competitors and no
-    class-balance term (what the reference computes) unless ``options`` say
-    otherwise."""
-    options.setdefault("competitors", "top")
-    options.setdefault("balance", 0.0)
-    return marginfit.LargeMargin(LAYERS, gamma=GAMMA[norm], norm=norm, alpha=ALPHA, **options)
-
-
-DISTRIBUTION_MARGINS = {
-    "defaults": marginfit.LargeMargin(LAYERS),
-    "defaults, exact": marginfit.LargeMargin(LAYERS, approximate=False),
-    "authors": marginfit.LargeMargin(LAYERS, competitors="top", balance=0.0),
-}
-"""The margins of the distribution and resume tests: the library's defaults
-(sampled competitors and the class-balance term, which depend on the
-global batch), the same with exact second-order gradients, and the
-authors' loss (top-scoring competitors, no balance term)."""
 
 
 def reference_loss(taps, x, y, margin, training=False, sample_weight=None):
@@ -94,6 +44,28 @@ def reference_loss(taps, x, y, margin, training=False, sample_weight=None):
         approximate=config["approximate"],
         training=training,
     )
+
+
+def assert_logs_match_reference(logs, expected_loss, margin, taps, x, y, sample_weight=None):
+    """The loss is the reference's; the distances are the logit-space
+    first-order distances to the top competitor's boundary, whatever the
+    loss's space; the violation rate (logit space only) compares them with
+    gamma over the layer weight."""
+    np.testing.assert_allclose(logs["margin_loss"], float(expected_loss), rtol=1e-5)
+    nearest = reference.boundary_distances(
+        taps, x, y, layers=LAYERS, norm=margin.norm, competitors=1
+    )
+    for name, distances in zip(LAYERS, nearest):
+        np.testing.assert_allclose(logs[f"distance_{name}"], distances.mean(), rtol=1e-5, atol=1e-7)
+    if margin.space != "logits":
+        assert "violation_rate" not in logs
+        return
+    # An example violates the margin when any layer's distance is below gamma.
+    layer_weights = margin.layer_weights or [1.0] * len(LAYERS)
+    violated = np.any([d < g / w for d, g, w in zip(nearest, margin.gamma, layer_weights)], axis=0)
+    weights = np.ones(len(violated)) if sample_weight is None else sample_weight
+    expected_rate = np.sum(weights * violated) / np.sum(weights)
+    np.testing.assert_allclose(logs["violation_rate"], expected_rate, rtol=1e-6)
 
 
 def reference_gradients(model, taps, x, y, margin, ce_weight=1.0):

@@ -311,9 +311,11 @@ def test_balance_term_is_zero_when_even_and_pushes_a_dominant_class_down():
 
 
 def test_another_keras_backend_is_refused_with_the_fix(monkeypatch):
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    with pytest.raises(ImportError, match=r"^marginfit runs on Keras' TensorFlow backend, but "):
+    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
+    with pytest.raises(
+        ImportError, match=r"^marginfit runs on Keras' TensorFlow and JAX backends, but "
+    ):
         importlib.reload(backend)
     monkeypatch.undo()
     importlib.reload(backend)
-    assert backend.layer_distances.__module__ == "marginfit.backend.tensorflow"
+    assert backend.record.__module__ == "marginfit.backend.tensorflow"

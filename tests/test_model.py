@@ -9,7 +9,7 @@ import pytest
 import reference
 from helpers import (
     CE,
-    LAYERS,
+    assert_logs_match_reference,
     conv_net,
     digits,
     margin_for,
@@ -20,28 +20,6 @@ from hypothesis import strategies as st
 from reference import balance_reference
 
 from marginfit import LargeMargin, MarginModel
-
-
-def assert_logs_match_reference(logs, expected_loss, margin, taps, x, y, sample_weight=None):
-    """The loss is the reference's; the distances are the logit-space
-    first-order distances to the top competitor's boundary, whatever the
-    loss's space; the violation rate (logit space only) compares them with
-    gamma over the layer weight."""
-    np.testing.assert_allclose(logs["margin_loss"], float(expected_loss), rtol=1e-5)
-    nearest = reference.boundary_distances(
-        taps, x, y, layers=LAYERS, norm=margin.norm, competitors=1
-    )
-    for name, distances in zip(LAYERS, nearest):
-        np.testing.assert_allclose(logs[f"distance_{name}"], distances.mean(), rtol=1e-5, atol=1e-7)
-    if margin.space != "logits":
-        assert "violation_rate" not in logs
-        return
-    # An example violates the margin when any layer's distance is below gamma.
-    layer_weights = margin.layer_weights or [1.0] * len(LAYERS)
-    violated = np.any([d < g / w for d, g, w in zip(nearest, margin.gamma, layer_weights)], axis=0)
-    weights = np.ones(len(violated)) if sample_weight is None else sample_weight
-    expected_rate = np.sum(weights * violated) / np.sum(weights)
-    np.testing.assert_allclose(logs["violation_rate"], expected_rate, rtol=1e-6)
 
 
 # `approximate` changes forward values only on the exact, "max", top_k > 1

@@ -1,17 +1,20 @@
-"""The TensorFlow backend of the margin: the gradients of the score
-differences with respect to the margin layers, from the `tf.GradientTape`
-that recorded the forward pass, and the label checks inside the step.
+"""The TensorFlow backend of `MarginModel`: the gradient primitive (from
+the `tf.GradientTape` that recorded the forward pass), the label checks
+inside the step, the global batch of `tf.distribute` replicas, and the
+training and evaluation steps around them.
 
-Every function here is the TensorFlow form of a primitive that each backend
-provides (`marginfit.backend`); the math around them, in `keras.ops`, is in
-`marginfit.margin`.
+The math around the primitive, in `keras.ops`, is in `marginfit.margin` and
+`marginfit.distances`.
 """
 
 import contextlib
+import warnings
 
-import numpy as np
+import keras
 import tensorflow as tf
 
+from marginfit import _multi_worker, replicas, resume, updates
+from marginfit import distances as distances_lib
 from marginfit import margin as margin_lib
 
 
@@ -46,149 +49,175 @@ def class_indices(labels, num_classes):
     return indices
 
 
-def layer_distances(tape, differences, activations, margin, outer_tape=None):
-    """Distances to the boundary at every margin layer.
-
-    All margin layers share one backward pass per competitor: the gradient of
-    the batch sum of ``differences[:, j]`` with respect to a ``[batch, ...]``
-    activation holds each example's own gradient in its row, for models
-    whose examples do not interact.
-
-    Args:
-        tape: The `tf.GradientTape` that recorded the forward pass; it must be
-            persistent when ``top_k > 1``.
-        differences: ``[batch, top_k]`` from `score_differences`.
-        activations: One ``[batch, ...]`` tensor per margin layer, in the
-            order of ``margin.layers``.
-        margin: The `LargeMargin` config.
-        outer_tape: The tape computing the weights' gradients, if any. It
-            records only the backward passes it must differentiate through.
-
-    Returns:
-        ``(distances, dead)``: one float32 tensor of signed distances per
-        layer, ``[batch, top_k]``, or ``[batch, 1]`` (the nearest
-        competitor's) for an exact, ``"max"`` aggregated margin with
-        ``top_k > 1``; and a ``[batch]`` bool tensor, True for the examples
-        that no gradient can move: on the wrong side of (or on) a boundary
-        whose difference has a zero gradient at some margin layer (dead
-        ReLUs, saturated outputs). Their distances are ``difference /
-        epsilon``, not geometry.
-    """
-    if margin.approximate or margin.top_k == 1 or margin.aggregation == "sum":
-        # Every competitor's distance enters the loss (or the gradient norm
-        # is a constant): one backward pass per competitor.
-        record = not margin.approximate
-        norms = _gradient_norms(tape, differences, activations, margin, outer_tape, record)
-        weights = margin.per_layer_weights
-        distances = [_distance(differences, n, w, margin) for n, w in zip(norms, weights)]
-        return distances, _dead(differences, norms)
-    # Exact, "max": only the nearest competitor's distance reaches the loss.
-    # Find it with unrecorded passes, then record (and later differentiate
-    # through) one backward pass per layer, seeded with each example's
-    # nearest competitor and reaching only that layer.
-    norms = _gradient_norms(tape, differences, activations, margin, outer_tape, False)
-    distances = []
-    for activation, layer_norms, weight, name in zip(
-        activations, norms, margin.per_layer_weights, margin.layers
-    ):
-        estimate = _distance(differences, tf.stop_gradient(layer_norms), weight, margin)
-        nearest = tf.one_hot(tf.argmin(estimate, axis=-1), margin.top_k)
-        (gradient,) = _gradients(tape, differences, [activation], nearest, [name])
-        norm = margin_lib.dual_norm(gradient, margin.dual_norm)
-        difference = tf.reduce_sum(differences * nearest, axis=-1, keepdims=True)
-        distances.append(_distance(difference, norm[:, None], weight, margin))
-    return distances, _dead(differences, norms)
+def replicas_in_sync():
+    """The number of replicas whose gradients Keras sums in a step."""
+    return tf.distribute.get_strategy().num_replicas_in_sync
 
 
-def _dead(differences, norms):
-    """``[batch]``: a competitor not beaten whose gradient is exactly zero
-    at some layer."""
-    stuck = [(layer_norms == 0) & (differences <= 0) for layer_norms in norms]
-    return tf.reduce_any(tf.stack(stuck, axis=-1), axis=[1, 2])
+def global_batch(batch_size, sums=None, positions=False):
+    """The `replicas.GlobalBatch` of this replica."""
+    return replicas.GlobalBatch(batch_size, sums, positions)
 
 
-def _distance(differences, norms, weight, margin):
-    if margin.approximate:
-        norms = tf.stop_gradient(norms)
-    return margin_lib.distance(differences, norms, weight, margin.epsilon)
+def stateless_seed(seed):
+    """``[2]`` int64 seed from ``(first, step)``."""
+    first, step = seed
+    return tf.stack([tf.constant(first, tf.int64), tf.cast(step, tf.int64)])
 
 
-def _gradients(tape, differences, activations, selector, names):
-    """Gradients of ``sum(differences * selector)`` w.r.t. ``activations``.
-
-    Seeding the backward pass with ``selector`` picks competitors without
-    slicing (a slice taken outside the tape would not be recorded)."""
-    gradients = tape.gradient(differences, activations, output_gradients=selector)
-    for name, gradient in zip(names, gradients):
-        if gradient is None:
-            raise ValueError(
-                f"The model output does not depend on margin layer {name!r} in "
-                "the recorded forward pass. Put the margin on a layer between "
-                "the inputs and the output (with integer inputs, after a "
-                "trainable layer: the tape records nothing before it)."
-            )
-    return gradients
+def uniform_keys(batch_size, classes, seed, offset):
+    """``[batch, classes]`` uniform keys of the examples at global
+    positions ``offset ..`` (`replicas.uniform_rows`), from ``(first,
+    step)``."""
+    return replicas.uniform_rows(batch_size, classes, stateless_seed(seed), offset)
 
 
-def _gradient_norms(tape, differences, activations, margin, outer_tape, record):
-    """``[batch, top_k]`` dual norms of each competitor's gradient, per layer.
-
-    The outer tape records these passes only if ``record``."""
-    skip_recording = outer_tape is not None and not record
-    with outer_tape.stop_recording() if skip_recording else contextlib.nullcontext():
-        norms = [[] for _ in activations]
-        batch = tf.shape(differences)[:1]
-        for competitor in range(margin.top_k):
-            selector = tf.one_hot(tf.fill(batch, competitor), margin.top_k)
-            gradients = _gradients(tape, differences, activations, selector, margin.layers)
-            for layer_norms, gradient in zip(norms, gradients):
-                layer_norms.append(margin_lib.dual_norm(gradient, margin.dual_norm))
-        return [tf.stack(layer_norms, axis=-1) for layer_norms in norms]
+def as_input(x):
+    """The model input as one tensor (what a margin on it differentiates)."""
+    return x if isinstance(x, tf.Tensor) else tf.convert_to_tensor(x)
 
 
-def boundary_distances(tape, differences, activations, margin):
-    """Each example's first-order distance to the nearest decision boundary
-    at every margin layer, in the units of the layer's activations (pixels
-    at the input), whatever space the loss is taken in.
-
-    The distance to the boundary between the label ``y`` and a competitor
-    ``j`` is that of the logits' linearisation, ``(z_y - z_j) / ||grad_h
-    (z_y - z_j)||_q`` in the dual norm ``q``; the nearest of the given
-    competitors gives the result (with every other class: DeepFool's first
-    step, exact for a linear model). No layer weights apply: the loss
-    compares ``layer_weights[l]`` times this with ``gamma``.
+class TapeGradients(distances_lib.Gradients):
+    """`Gradients` from a persistent tape that recorded the forward pass.
 
     Args:
-        tape: The persistent `tf.GradientTape` that recorded the forward pass.
-        differences: ``[batch, k]`` logit differences ``z_y - z_j`` of the
-            competitors to search (`score_differences` in logit space).
-        activations: One ``[batch, ...]`` tensor per margin layer.
-        margin: The `LargeMargin` config (its layers, norm and epsilon).
-
-    Returns:
-        One ``[batch]`` float32 tensor of signed distances per layer
-        (negative where the example is misclassified).
+        tape: The tape.
+        differences: ``{name: [batch, k]}`` score differences it recorded.
+        targets: The margin layers' ``[batch, ...]`` activations.
+        names: The margin layers' names.
+        outer_tape: The tape computing the weights' gradients, if any; it
+            records the backward passes it must differentiate through.
     """
-    competitors = differences.shape[-1]
-    batch = tf.shape(differences)[:1]
 
-    def nearer(competitor, nearest):
-        selector = tf.one_hot(tf.fill(batch, competitor), competitors)
-        gradients = _gradients(tape, differences, activations, selector, margin.layers)
-        difference = tf.reduce_sum(differences * selector, axis=-1)
-        return competitor + 1, [
-            tf.minimum(
-                layer_nearest,
-                margin_lib.distance(
-                    difference,
-                    margin_lib.dual_norm(gradient, margin.dual_norm),
-                    1.0,
-                    margin.epsilon,
-                ),
-            )
-            for layer_nearest, gradient in zip(nearest, gradients)
-        ]
+    def __init__(self, tape, differences, targets, names, outer_tape=None):
+        self.tape = tape
+        self.differences = differences
+        self.targets = targets
+        self.names = names
+        self.outer_tape = outer_tape
 
-    start = [tf.fill(batch, np.inf) for _ in activations]
-    _, nearest = tf.while_loop(lambda k, _: k < competitors, nearer, [0, start])
-    return nearest
+    def __call__(self, name, selector, targets=None):
+        # Seeding the backward pass with `selector` picks competitors without
+        # slicing (a slice taken outside the tape would not be recorded).
+        indices = range(len(self.targets)) if targets is None else targets
+        gradients = self.tape.gradient(
+            self.differences[name],
+            [self.targets[i] for i in indices],
+            output_gradients=selector,
+        )
+        for index, gradient in zip(indices, gradients):
+            if gradient is None:
+                raise ValueError(
+                    f"The model output does not depend on margin layer "
+                    f"{self.names[index]!r} in the recorded forward pass. Put the "
+                    "margin on a layer between the inputs and the output (with "
+                    "integer inputs, after a trainable layer: the tape records "
+                    "nothing before it)."
+                )
+        return gradients
+
+    def unrecorded(self):
+        if self.outer_tape is None:
+            return contextlib.nullcontext()
+        return self.outer_tape.stop_recording()
+
+
+def record(model, forward, x, outer_tape, persistent):
+    """Runs ``forward(x, hook=None)`` (a `margin.Forward`) under a tape.
+
+    Returns ``(forward_result, gradients)``: what ``forward`` returned and
+    the `TapeGradients` of its differences w.r.t. its targets.
+    """
+    with tf.GradientTape(persistent=persistent) as tape:
+        # Every float input, so that the tape records the path to a margin
+        # layer that no trainable weight precedes (a frozen base, a
+        # concatenation of inputs).
+        tape.watch([t for t in tf.nest.flatten(x) if tf.is_tensor(t) and t.dtype.is_floating])
+        result = forward(x, None)
+    gradients = TapeGradients(
+        tape, result.differences, result.targets, model.margin.layers, outer_tape
+    )
+    return result, gradients
+
+
+def traced(model, function):
+    """``function`` of batches, traced once per input signature; returns
+    numpy arrays."""
+    traced_function = tf.function(function, reduce_retracing=True)
+    return lambda *args: [t.numpy() for t in traced_function(*args)]
+
+
+class MarginTrainer:
+    """The steps of `MarginModel` on TensorFlow: `train_step` under a
+    `tf.GradientTape`, `test_step`, and the functions around them
+    (multi-worker logs, resuming mid-epoch)."""
+
+    def train_step(self, data):
+        """One training step (`keras.Model.train_step`): the forward pass
+        with the margin, the loss, the update (skipped where not finite, as
+        ``on_nonfinite`` says), and the logs."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if self.adversary is not None:
+            x = self.adversary.perturb(self, x, y, seed=stateless_seed(self._attack_seed()))
+        with tf.GradientTape() as tape:
+            y_pred, penalty = self._forward(x, y, sample_weight, training=True, tape=tape)
+            loss = self._loss(x, y, y_pred, sample_weight, penalty, training=True)
+            if self.optimizer is not None:
+                loss = self.optimizer.scale_loss(loss)
+        if self.trainable_weights:
+            gradients = tape.gradient(loss, self.trainable_weights)
+            self._apply_gradients(loss, gradients)
+        else:
+            warnings.warn("The model does not have any trainable weights.", stacklevel=2)
+        counted = self.on_nonfinite != "apply"
+        logs = self._logs(x, y, y_pred, sample_weight, training=True, count=counted)
+        return _multi_worker.step_logs(logs, self._vector_logs)
+
+    def _apply_gradients(self, loss, gradients):
+        """Applies the step's gradients unless ``on_nonfinite`` and a
+        non-finite loss or gradient (on any replica) forbid it; counts such
+        steps in ``nonfinite_steps``."""
+        if self.on_nonfinite == "apply":
+            self._apply(gradients)
+            return
+        finite = updates.all_finite([loss, *gradients])
+        self.nonfinite_steps.update_state(tf.logical_not(finite))
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            self._apply(gradients)
+        else:
+            updates.apply_if(finite, self._apply, (gradients,))
+
+    def _apply(self, gradients):
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_weights))
+
+    def test_step(self, data):
+        """One evaluation step (`keras.Model.test_step`): the loss with the
+        margin, the compiled metrics and the distances to the boundary, in
+        inference mode."""
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred, penalty = self._forward(x, y, sample_weight, training=False)
+        self._loss(x, y, y_pred, sample_weight, penalty, training=False)
+        # Evaluation updates nothing; its logs leave the count out.
+        logs = self._logs(x, y, y_pred, sample_weight, training=False, count=False)
+        return _multi_worker.step_logs(logs, self._vector_logs)
+
+    def make_train_function(self, force=False):
+        """`keras.Model.make_train_function`, passing over the batches a
+        resumed epoch already trained on (`marginfit.BackupAndRestore`)."""
+        self._vector_logs = _multi_worker.needs_vector_logs(self.distribute_strategy)
+        super().make_train_function(force)
+        if not isinstance(self.train_function, resume.SkippingTrainFunction):
+            self.train_function = resume.SkippingTrainFunction(self, self.train_function)
+        return self.train_function
+
+    def make_test_function(self, force=False):
+        """`keras.Model.make_test_function`, with the logs' shape that
+        multi-worker evaluation needs."""
+        self._vector_logs = _multi_worker.needs_vector_logs(self.distribute_strategy)
+        return super().make_test_function(force)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        try:
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        except ValueError as error:
+            _multi_worker.symbolic_build(self, iterator, error)

@@ -1,0 +1,105 @@
+"""The backend-equality cases: the reference grid of `test_model.py`,
+run by the same code on every Keras backend.
+
+``python backend_worker.py WEIGHTS OUT`` (with ``KERAS_BACKEND`` set) runs
+every case of `CASES` on `nets.conv_net` with the initial weights in the
+``.npz`` file WEIGHTS and writes what each case gives to the ``.npz`` file
+OUT; `tests/test_backends.py` runs the same cases on TensorFlow and the
+reference and compares.
+"""
+
+import itertools
+import sys
+
+import keras
+import numpy as np
+from nets import conv_net, digits, margin_for
+
+EVALUATE = [
+    *(
+        (f"evaluate norm={n} top_k={k} {a}", dict(norm=n, top_k=k, aggregation=a), {})
+        for n, k, a in itertools.product([1, 2, np.inf], [1, 3], ["max", "sum"])
+    ),
+    *(
+        (f"evaluate exact norm={n}", dict(norm=n, top_k=3, approximate=False), {})
+        for n in [1, 2, np.inf]
+    ),
+    *(
+        (
+            f"evaluate weighted one-hot {space}",
+            dict(norm=2, top_k=2, layer_weights=[0.5, 2.0, 1.5], space=space),
+            dict(weighted=True, one_hot=True),
+        )
+        for space in ["probabilities", "logits"]
+    ),
+    # One batch: the balance term is a function of the batch's mean prediction.
+    ("evaluate balance", dict(norm=2, balance=0.7), dict(weighted=True, batch_size=20)),
+    ("evaluate probability outputs", dict(norm=2, top_k=2), dict(output="probabilities")),
+]
+"""``(name, margin options, data options)`` of the evaluation cases."""
+
+STEP = [
+    (f"step approximate={p} norm={n} {a}", dict(norm=n, top_k=2, aggregation=a, approximate=p), {})
+    for p, n, a in [
+        (True, 2, "sum"),
+        (True, np.inf, "sum"),
+        (False, 2, "sum"),
+        (False, np.inf, "sum"),
+        (True, 2, "max"),
+        (False, 2, "max"),
+        (False, np.inf, "max"),
+    ]
+]
+"""The one-SGD-step cases."""
+
+CASES = EVALUATE + STEP
+LEARNING_RATE = 0.5
+
+
+def case_data(name, data_options):
+    """``(x, y, sample_weight)`` of a case: 20 digits to evaluate in
+    batches of 8, 8 and 4, or one batch of 8 for a step."""
+    x, y = digits(20 if name.startswith("evaluate") else 8)
+    weights = np.linspace(0.1, 2.0, len(x)).astype("float32")
+    labels = np.eye(10, dtype="float32")[y] if data_options.get("one_hot") else y
+    return x, labels, weights if data_options.get("weighted") else None
+
+
+def run_case(case, weights):
+    """What one case gives on the current backend: the evaluation logs, or
+    the trainable weights after one SGD step of `fit()`, as arrays."""
+    name, margin_options, data_options = case
+    output = data_options.get("output", "logits")
+    model, _ = conv_net(margin_for(**margin_options), output=output)
+    model.set_weights(weights)
+    x, y, sample_weight = case_data(name, data_options)
+    one_hot = data_options.get("one_hot")
+    loss = (
+        keras.losses.CategoricalCrossentropy
+        if one_hot
+        else keras.losses.SparseCategoricalCrossentropy
+    )
+    if name.startswith("evaluate"):
+        model.compile(loss=loss(from_logits=output == "logits"))
+        batch_size = data_options.get("batch_size", 8)
+        logs = model.evaluate(
+            x, y, sample_weight=sample_weight, batch_size=batch_size, return_dict=True, verbose=0
+        )
+        return {key: np.asarray(value) for key, value in logs.items()}
+    model.compile(keras.optimizers.SGD(LEARNING_RATE), loss=loss(from_logits=True))
+    model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
+    return {f"weight{i}": np.asarray(w) for i, w in enumerate(model.trainable_weights)}
+
+
+def main(weights_path, out_path):
+    with np.load(weights_path) as stored:
+        weights = [stored[f"w{i}"] for i in range(len(stored.files))]
+    results = {}
+    for case in CASES:
+        for key, value in run_case(case, weights).items():
+            results[f"{case[0]}|{key}"] = value
+    np.savez(out_path, **results)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

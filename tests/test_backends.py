@@ -1,0 +1,198 @@
+"""The JAX backend against TensorFlow and the naive reference: the same
+cases (`backend_worker.CASES`), run by the same code on both backends."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from backend_worker import EVALUATE, LEARNING_RATE, STEP, case_data, run_case
+from helpers import (
+    DISTRIBUTION_MARGINS,
+    assert_logs_match_reference,
+    conv_net,
+    digits,
+    margin_for,
+    reference_gradients,
+    reference_loss,
+)
+from reference import balance_reference
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def initial_weights():
+    model, _ = conv_net(margin_for(2))
+    return model.get_weights()
+
+
+@pytest.fixture(scope="module")
+def jax_results(tmp_path_factory):
+    """``{case name: {key: array}}`` of every case, run on JAX in a fresh
+    process from TensorFlow's initial weights."""
+    folder = tmp_path_factory.mktemp("jax")
+    weights, out = folder / "weights.npz", folder / "out.npz"
+    np.savez(weights, **{f"w{i}": w for i, w in enumerate(initial_weights())})
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    finished = subprocess.run(
+        [sys.executable, os.path.join(HERE, "backend_worker.py"), str(weights), str(out)],
+        cwd=HERE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    results = {}
+    with np.load(out) as stored:
+        for key in stored.files:
+            name, field = key.split("|")
+            results.setdefault(name, {})[field] = stored[key]
+    return results
+
+
+def _fresh(case):
+    """A TensorFlow conv_net (and its taps) with the cases' initial weights."""
+    name, margin_options, data_options = case
+    model, taps = conv_net(
+        margin_for(**margin_options), output=data_options.get("output", "logits")
+    )
+    model.set_weights(initial_weights())
+    return model, taps
+
+
+@pytest.mark.parametrize("case", EVALUATE, ids=[case[0] for case in EVALUATE])
+def test_jax_evaluation_equals_tensorflow_and_the_reference(jax_results, case):
+    name, margin_options, data_options = case
+    on_jax = jax_results[name]
+    on_tensorflow = run_case(case, initial_weights())
+    assert sorted(on_jax) == sorted(on_tensorflow)
+    for key, value in on_tensorflow.items():
+        np.testing.assert_allclose(on_jax[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+    if data_options.get("output", "logits") != "logits":
+        return  # the reference takes logits; TensorFlow's own tests cover the rest
+    margin = margin_for(**margin_options)
+    _, taps = _fresh(case)
+    x, y, weights = case_data(name, data_options)
+    labels = y.argmax(-1) if y.ndim == 2 else y
+    hinge, _ = reference_loss(taps, x, labels, margin, sample_weight=weights)
+    logs = {key: float(value) for key, value in on_jax.items()}
+    if margin.balance:
+        logits = np.asarray(taps(x)[0], dtype="float64")
+        term, _ = balance_reference(logits, weights)
+        np.testing.assert_allclose(
+            logs["margin_loss"], float(hinge) + margin.balance * term, rtol=1e-5
+        )
+        return
+    assert_logs_match_reference(logs, hinge, margin, taps, x, labels, weights)
+
+
+@pytest.mark.parametrize("case", STEP, ids=[case[0] for case in STEP])
+def test_one_jax_sgd_step_equals_tensorflow_and_the_reference(jax_results, case):
+    name, margin_options, data_options = case
+    before = initial_weights()
+    model, taps = _fresh(case)
+    trainable = [w.numpy() for w in model.trainable_weights]
+    on_jax = [jax_results[name][f"weight{i}"] for i in range(len(trainable))]
+    on_tensorflow = list(run_case(case, before).values())
+    x, y, _ = case_data(name, data_options)
+    expected = reference_gradients(model, taps, x, y, margin_for(**margin_options))
+    for w0, w_jax, w_tf, g in zip(trainable, on_jax, on_tensorflow, expected):
+        step = np.abs(w_tf - w0).max()
+        # The same update as TensorFlow's, to 1e-5 of the step's size.
+        assert np.abs(w_jax - w_tf).max() <= 1e-5 * step
+        np.testing.assert_allclose(w_jax - w0, -LEARNING_RATE * g, rtol=2e-4, atol=2e-7)
+
+
+@pytest.fixture(scope="module")
+def data_parallel_report():
+    """Two CPU devices need a fresh process: JAX fixes them at start-up."""
+    finished = subprocess.run(
+        [sys.executable, os.path.join(HERE, "jax_distribution_fit.py")],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("margin", list(DISTRIBUTION_MARGINS))
+def test_data_parallel_on_two_devices_matches_one_device(data_parallel_report, margin):
+    """`keras.distribution.DataParallel` trains the weights and logs of one
+    device, up to float32 rounding, with the library's defaults (sampled
+    competitors and the balance term: functions of the global batch)."""
+    assert data_parallel_report["devices"] == 2
+    report = data_parallel_report["margins"][margin]
+    assert report["max_weight_change"] > 1e-2
+    # How far float32 rounding alone moves this training: one ulp of every
+    # sample weight, on one device (as `test_training.py` does on TensorFlow).
+    assert report["max_weight_difference"] <= 2 * report["max_rounding_difference"]
+    keys = ("loss", "margin_loss", "ce_loss")
+    single, parallel, nudged = (report[run] for run in ("single", "parallel", "nudged"))
+    rounding = max(abs(nudged[k] - single[k]) / abs(single[k]) for k in keys)
+    float32_eps = float(np.finfo(np.float32).eps)
+    for key in keys:
+        np.testing.assert_allclose(
+            parallel[key], single[key], rtol=2 * rounding + 4 * float32_eps, err_msg=key
+        )
+
+
+def test_a_nonfinite_batch_skips_the_update_under_data_parallel(data_parallel_report):
+    """A NaN in one example skips that step's update on both devices: the
+    weights are those of the epoch without the batch, exactly."""
+    assert data_parallel_report["poisoned_nonfinite_steps"] == 1
+    assert data_parallel_report["poisoned_max_difference"] == 0.0
+
+
+def test_a_model_saved_on_tensorflow_trains_on_jax_and_comes_back(tmp_path):
+    """`.keras` from TensorFlow loads on JAX (weights, optimizer state) and
+    predicts the same; an epoch on JAX trains the weights an epoch on
+    TensorFlow does from the same file; JAX's `.keras` and its exported
+    SavedModel (`marginfit.save_model`) give JAX's predictions back on
+    TensorFlow."""
+    import tensorflow as tf
+
+    import marginfit
+
+    model, _ = conv_net(DISTRIBUTION_MARGINS["authors"])
+    model.compile(
+        keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = digits(48)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    model.save(tmp_path / "tensorflow.keras")
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    before = model.predict(x, verbose=0)
+    finished = subprocess.run(
+        [sys.executable, os.path.join(HERE, "jax_saving_worker.py"), str(tmp_path)],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    on_jax = dict(np.load(tmp_path / "jax.npz"))
+    np.testing.assert_allclose(on_jax["loaded"], before, rtol=1e-5, atol=1e-6)
+    # The same epoch on TensorFlow, from the same file.
+    again = marginfit.load_model(tmp_path / "tensorflow.keras")
+    again.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    moved = max(np.abs(a - b).max() for a, b in zip(again.get_weights(), model.get_weights()))
+    assert moved > 1e-3
+    for i, weight in enumerate(again.get_weights()):
+        np.testing.assert_allclose(on_jax[f"w{i}"], weight, rtol=1e-4, atol=1e-5 * moved)
+    back = marginfit.load_model(tmp_path / "jax.keras")
+    assert isinstance(back, marginfit.MarginModel) and back.margin == model.margin
+    np.testing.assert_allclose(back.predict(x, verbose=0), on_jax["trained"], rtol=1e-5, atol=1e-6)
+    exported = tf.saved_model.load(str(tmp_path / "saved"))  # held: it owns the variables
+    served = exported.serve(tf.constant(x))
+    np.testing.assert_allclose(served.numpy(), on_jax["trained"], rtol=1e-5, atol=1e-6)
+    restored = marginfit.load_model(tmp_path / "saved")
+    np.testing.assert_allclose(
+        restored.predict(x, verbose=0), on_jax["trained"], rtol=1e-5, atol=1e-6
+    )
