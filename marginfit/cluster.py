@@ -40,12 +40,32 @@ def config():
 def strategy():
     """`tf.distribute.MultiWorkerMirroredStrategy` where ``TF_CONFIG`` names
     a cluster, else the default strategy. Create it before anything else
-    uses TensorFlow's runtime."""
+    uses TensorFlow's runtime. On another Keras backend, a scope that does
+    nothing (that backend distributes with `keras.distribution`)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        if config() is not None:
+            raise ValueError(
+                f"TF_CONFIG names a cluster, but TensorFlow's multi-worker training "
+                f"needs the TensorFlow backend (KERAS_BACKEND is "
+                f"{keras.backend.backend()!r}). Unset TF_CONFIG, or set "
+                "KERAS_BACKEND=tensorflow."
+            )
+        return _NoStrategy()
     import tensorflow as tf  # the TensorFlow backend's multi-worker training
 
     if config() is None:
         return tf.distribute.get_strategy()
     return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+class _NoStrategy:
+    """The strategy of a backend without `tf.distribute`: its scope does
+    nothing."""
+
+    def scope(self):
+        return contextlib.nullcontext()
 
 
 def is_chief():

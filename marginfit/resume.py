@@ -120,15 +120,18 @@ def skip_steps(model, steps):
 class SkippingTrainFunction:
     """Wraps a model's ``train_function``: while ``model.steps_to_skip`` is
     positive, a call takes the next batch from the iterator and drops it,
-    training nothing, and returns the current logs."""
+    training nothing, and returns the current logs (TensorFlow's
+    ``function(iterator)``), or no logs and the state unchanged (JAX's
+    ``function(state, iterator)``)."""
 
     def __init__(self, model, function):
         self.model = model
         self.function = function
 
-    def __call__(self, iterator):
+    def __call__(self, *args):
         if self.model.steps_to_skip <= 0:
-            return self.function(iterator)
+            return self.function(*args)
+        *state, iterator = args
         if self.model.steps_per_execution != 1:
             raise ValueError(
                 "Resuming mid-epoch needs steps_per_execution=1; back up once per "
@@ -136,4 +139,6 @@ class SkippingTrainFunction:
             )
         next(iterator)
         self.model.steps_to_skip -= 1
+        if state:
+            return {}, state[0]
         return self.model.get_metrics_result()

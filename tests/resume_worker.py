@@ -7,7 +7,8 @@ of 8 steps on fixed batches, backing up every 3 steps into DIR/backup, and
 prints "step EPOCH BATCH" after each step. It starts training (and reads any
 backup) once a line arrives on stdin, so that a test can start it early.
 With INDEX it is worker INDEX of a localhost cluster (TF_CONFIG) under
-MultiWorkerMirroredStrategy. At the end it writes the final weights to
+MultiWorkerMirroredStrategy. It runs on the Keras backend that
+KERAS_BACKEND names. At the end it writes the final weights to
 DIR/final<INDEX>.npz.
 """
 
@@ -22,14 +23,16 @@ INDEX = sys.argv[2] if len(sys.argv) > 2 else ""
 if INDEX:
     os.environ["TF_CONFIG"] = cluster.local_tf_config(sys.argv[3].split(","), INDEX)
 
-import tensorflow as tf  # noqa: E402
+import keras  # noqa: E402
 
 STRATEGY = cluster.strategy()
-tf.config.experimental.enable_op_determinism()
+if keras.backend.backend() == "tensorflow":
+    import tensorflow as tf
 
-import keras  # noqa: E402
+    tf.config.experimental.enable_op_determinism()
+
 import numpy as np  # noqa: E402
-from helpers import CE, conv_net, digits  # noqa: E402
+from nets import conv_net, digits  # noqa: E402
 
 import marginfit  # noqa: E402
 
@@ -57,7 +60,7 @@ def main(directory):
                 (keras.optimizers.SGD(0.1, momentum=0.5, name="head"), ["dense", "logits"]),
             ],
         )
-        model.compile(optimizer, loss=CE)
+        model.compile(optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x, y = digits(128)
     backup = marginfit.BackupAndRestore(os.path.join(directory, "backup"), save_freq=3)
     sys.stdin.readline()

@@ -35,12 +35,13 @@ def commands(directory, cluster_ports):
 
 
 @contextlib.contextmanager
-def started(directory, cluster_ports=None):
-    """Starts a run's processes, which import and build their model but train
-    only once told to (`go`): a test starts the next run while the last one
-    trains. Kills and reaps them on the way out."""
+def started(directory, cluster_ports=None, backend="tensorflow"):
+    """Starts a run's processes on a Keras backend, which import and build
+    their model but train only once told to (`go`): a test starts the next
+    run while the last one trains. Kills and reaps them on the way out."""
     with processes(
         commands(directory, cluster_ports),
+        env={**os.environ, "KERAS_BACKEND": backend, "JAX_PLATFORMS": "cpu"},
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -89,13 +90,16 @@ def assert_nothing_left(directory):
     assert "backup" not in names  # deleted once fit() ends
 
 
-@pytest.fixture(scope="module")
-def one_process_weights(tmp_path_factory):
+def uninterrupted_weights(directory, backend="tensorflow"):
     """The final weights of an uninterrupted run in one process."""
-    directory = str(tmp_path_factory.mktemp("reference"))
-    with started(directory) as run:
+    with started(directory, backend=backend) as run:
         finish(run)
     return final_weights(directory)
+
+
+@pytest.fixture(scope="module")
+def one_process_weights(tmp_path_factory):
+    return uninterrupted_weights(str(tmp_path_factory.mktemp("reference")))
 
 
 def test_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, one_process_weights):
@@ -141,4 +145,17 @@ def test_killed_worker_resumes_the_cluster_to_the_same_weights(tmp_path, one_pro
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
     for index in (0, 1):
         assert_same_weights(final_weights(directory, index), expected)
+    assert_nothing_left(directory)
+
+
+def test_killed_mid_epoch_on_jax_resumes_to_the_same_weights(tmp_path):
+    """The same on Keras' JAX backend: one kill mid-epoch, after a backup."""
+    expected = uninterrupted_weights(str(tmp_path / "reference"), "jax")
+    directory = str(tmp_path / "killed")
+    os.makedirs(directory)
+    with started(directory, backend="jax") as run:
+        kill_at(run, 1, 4)
+    with started(directory, backend="jax") as run:
+        finish(run)
+    assert_same_weights(final_weights(directory), expected)
     assert_nothing_left(directory)

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from marginfit import distances as distances_lib
+from marginfit import resume
 
 
 def class_indices(labels, num_classes):
@@ -169,6 +170,21 @@ class MarginTrainer:
     margin inside `compute_loss_and_updates` and the non-finite guard
     around the update."""
 
+    def fit(self, *args, **kwargs):
+        """`keras.Model.fit`, after which no weight shares its buffer with
+        another variable.
+
+        With ``use_ema``, Keras 3.15's JAX trainer ends `fit()` by assigning
+        the optimizer's averages to the weights as the same arrays; the next
+        compiled step donates the weights' buffers, which deletes the
+        averages too (`evaluate()` then `save()` fails with "Array has been
+        deleted"). Each weight gets its own copy here.
+        """
+        history = super().fit(*args, **kwargs)
+        for variable in self.trainable_variables:
+            variable.assign(jnp.copy(variable.value))
+        return history
+
     def compute_loss_and_updates(
         self,
         trainable_variables,
@@ -200,6 +216,14 @@ class MarginTrainer:
         non_trainable_variables = [scope.get_current_value(v) for v in self.non_trainable_variables]
         metrics_variables = [scope.get_current_value(v) for v in self.metrics_variables]
         return loss, (unscaled_loss, y_pred, non_trainable_variables, metrics_variables)
+
+    def make_train_function(self, force=False):
+        """`keras.Model.make_train_function`, passing over the batches a
+        resumed epoch already trained on (`marginfit.BackupAndRestore`)."""
+        super().make_train_function(force)
+        if not isinstance(self.train_function, resume.SkippingTrainFunction):
+            self.train_function = resume.SkippingTrainFunction(self, self.train_function)
+        return self.train_function
 
     def train_step(self, state, data):
         """One training step: the loss with the margin and its gradient, the
