@@ -21,7 +21,7 @@ summed over competitors (``aggregation="sum"``) or taken at the nearest one
 ``d_lj`` is a distance (in the layer's units, times ``w_l``) only where
 ``f`` are logits; softmax differences saturate, so their ``d_lj`` measure
 confidence as much as geometry. What is reported as a distance is always
-the logits' (`marginfit.backend.boundary_distances`).
+the logits' (`marginfit.distances.boundary_distances`).
 """
 
 import functools
@@ -127,7 +127,7 @@ class LargeMargin:
             and the default) or ``"logits"`` (see ``gamma`` for the units of
             each). The distances the logs and `MarginModel.margin_distances`
             report are those of the logits in either case
-            (`marginfit.backend.boundary_distances`).
+            (`marginfit.distances.boundary_distances`).
         weight: Multiplier of the penalty in the total loss.
         balance: Weight of the class-balance term added to the penalty:
             ``KL(uniform || p_mean) = -mean_c log(p_mean_c) - log(classes)``,
@@ -381,7 +381,7 @@ def margin_loss(distances, margin, sample_weight=None):
     Args:
         distances: One ``[batch, competitors]`` float32 tensor of signed
             distances per margin layer, in the order of ``margin.layers``
-            (from the backend's ``layer_distances``).
+            (from `marginfit.distances.layer_distances`).
         margin: The `LargeMargin` config.
         sample_weight: Optional ``[batch]`` (or ``[batch, 1]``) weights.
 
@@ -443,7 +443,7 @@ def balance_from_sums(sums):
 
 
 LOGGED_COMPETITORS = 1
-"""Competitors of the ``distance_<layer>`` logs (`marginfit.backend.boundary_distances`): the
+"""Competitors of the ``distance_<layer>`` logs (`marginfit.distances.boundary_distances`): the
 highest-scoring one, one backward pass per evaluation batch."""
 
 NEAREST_COMPETITORS = 9

@@ -36,7 +36,7 @@ class ViolationRate(keras.metrics.Metric):
 
     An example violates the margin when its distance to the nearest
     boundary is below ``gamma`` at any margin layer (`MarginModel` passes the
-    distances of `backend.boundary_distances` and each layer's ``gamma /
+    distances of `distances.boundary_distances` and each layer's ``gamma /
     layer_weight``, so that both are in the layer's units). The metric
     accumulates the (sample-weighted) counts of violating and of all
     examples across batches; the result is their ratio, in [0, 1]. Lower is
@@ -120,7 +120,7 @@ class MarginMetrics(_keras_internals.MetricsList):
     Training and evaluation: ``ce_loss``, ``margin_loss`` and ``dead_rate``.
     Evaluation only (inference mode, where the function a distance is
     measured on is the deployed one): one ``distance_<layer>`` per margin
-    layer, the mean of `backend.boundary_distances` in the layer's units,
+    layer, the mean of `distances.boundary_distances` in the layer's units,
     and, where the loss's gamma is a distance (``space="logits"``),
     ``violation_rate``: the share of examples closer than ``gamma /
     layer_weight`` to a boundary at some layer.
@@ -158,7 +158,7 @@ class MarginMetrics(_keras_internals.MetricsList):
             batch_size: Number of examples, the weight of the scalar means.
             distances: In evaluation, one ``[batch]`` tensor per margin
                 layer: each example's distance to the nearest boundary
-                (`backend.boundary_distances`); None in training.
+                (`distances.boundary_distances`); None in training.
             sample_weight: Optional ``[batch]`` weights of the examples.
         """
         self.by_name["ce_loss"].update_state(ce_loss, sample_weight=batch_size)

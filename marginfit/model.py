@@ -84,7 +84,7 @@ class MarginModel(backend.MarginTrainer, keras.Model):
     ``margin_loss`` and ``dead_rate`` to ``loss`` and the compiled metrics;
     evaluation (and so ``val_`` logs) adds ``distance_<layer>``: the mean
     signed distance to the nearest decision boundary, in the layer's units
-    (`backend.boundary_distances`, measured in inference mode), and, with
+    (`distances.boundary_distances`, measured in inference mode), and, with
     ``space="logits"``, ``violation_rate`` (see `marginfit.metrics`).
     `predict()` is the plain forward pass.
 
