@@ -9,6 +9,8 @@ training (`global_batch`, `replicas_in_sync`, `uniform_keys`), `as_input`,
 with the training and evaluation steps.
 """
 
+import importlib
+
 import keras
 
 BACKENDS = ("tensorflow", "jax")
@@ -16,34 +18,22 @@ BACKENDS = ("tensorflow", "jax")
 
 _BACKEND = keras.backend.backend()
 
-if _BACKEND == "tensorflow":
-    from marginfit.backend.tensorflow import (
-        MarginTrainer,
-        as_input,
-        class_indices,
-        global_batch,
-        record,
-        replicas_in_sync,
-        traced,
-        uniform_keys,
-    )
-elif _BACKEND == "jax":
-    from marginfit.backend.jax import (
-        MarginTrainer,
-        as_input,
-        class_indices,
-        global_batch,
-        record,
-        replicas_in_sync,
-        traced,
-        uniform_keys,
-    )
-else:
+if _BACKEND not in BACKENDS:
     raise ImportError(
         f"marginfit runs on Keras' TensorFlow and JAX backends, but KERAS_BACKEND "
         f"is {_BACKEND!r}. Set KERAS_BACKEND=tensorflow (the default) or "
         "KERAS_BACKEND=jax before importing marginfit."
     )
+
+_module = importlib.import_module(f"marginfit.backend.{_BACKEND}")
+MarginTrainer = _module.MarginTrainer
+as_input = _module.as_input
+class_indices = _module.class_indices
+global_batch = _module.global_batch
+record = _module.record
+replicas_in_sync = _module.replicas_in_sync
+traced = _module.traced
+uniform_keys = _module.uniform_keys
 
 __all__ = [
     "BACKENDS",
