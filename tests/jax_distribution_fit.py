@@ -1,13 +1,27 @@
 """Trains the same models on one device and under
-`keras.distribution.DataParallel` over two CPU devices (JAX), on the same
-global batches; prints a JSON report (`test_backends.py`)."""
+`keras.distribution.DataParallel` (JAX), on the same global batches, for
+`test_backends.py`.
+
+``python jax_distribution_fit.py FOLDER``: on one device, and on two CPU
+devices of one process; prints a JSON report and saves the one-device
+weights and logs in ``FOLDER/single.json``.
+
+``python jax_distribution_fit.py FOLDER PORT PROCESS``: one of two processes
+joined by `keras.distribution.initialize` on ``localhost:PORT``, one CPU
+device each; each process feeds its half of every global batch and saves
+the weights and logs it ends with in ``FOLDER/process<PROCESS>.json``.
+"""
 
 import json
 import os
+import sys
 
+PROCESSES = 2
+MULTI_PROCESS = len(sys.argv) == 4
 os.environ["KERAS_BACKEND"] = "jax"
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+if not MULTI_PROCESS:
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 
 import jax  # noqa: E402
 import keras  # noqa: E402
@@ -18,10 +32,24 @@ BATCH = 16
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def train(margin, initial, nudge_weights=False):
+def shard(arrays, process, count=PROCESSES):
+    """Of each global batch of ``arrays``, the rows of ``process`` (as
+    `keras.distribution` places them: process 0's devices first)."""
+    local = BATCH // count
+    rows = np.concatenate(
+        [
+            np.arange(start + process * local, start + (process + 1) * local)
+            for start in range(0, len(arrays[0]), BATCH)
+        ]
+    )
+    return [array[rows] for array in arrays]
+
+
+def train(margin, initial, nudge_weights=False, process=None):
     """Weights and last logs after 2 epochs of 4 batches (as
     `distributed_fit.py` does on TensorFlow); ``nudge_weights`` moves every
-    sample weight by one float32 ulp, to measure float32 rounding alone."""
+    sample weight by one float32 ulp, to measure float32 rounding alone;
+    ``process`` feeds that process's half of every batch."""
     model, _ = conv_net(DISTRIBUTION_MARGINS[margin], regularizer=keras.regularizers.L2(1e-3))
     model.set_weights(initial)
     model.compile(keras.optimizers.SGD(0.05), loss=CE)
@@ -29,16 +57,20 @@ def train(margin, initial, nudge_weights=False):
     weights = np.linspace(0.5, 1.5, len(x)).astype("float32")
     if nudge_weights:
         weights = np.nextafter(weights, np.float32(np.inf))
+    batch = BATCH
+    if process is not None:
+        (x, y, weights), batch = shard((x, y, weights), process), BATCH // PROCESSES
     history = model.fit(
-        x, y, sample_weight=weights, batch_size=BATCH, epochs=2, shuffle=False, verbose=0
+        x, y, sample_weight=weights, batch_size=batch, epochs=2, shuffle=False, verbose=0
     )
     logs = {key: float(values[-1]) for key, values in history.history.items()}
     return model.get_weights(), logs
 
 
-def poisoned(initial, poison):
+def poisoned(initial, poison, process=None):
     """Weights and logs after one epoch over batches 1-4 where batch 2 has a
-    NaN pixel (``poison``), or over batches 1, 3, 4."""
+    NaN pixel (``poison``, in process 0's half), or over batches 1, 3, 4;
+    ``process`` feeds that process's half of every batch."""
     model, _ = conv_net(DISTRIBUTION_MARGINS["defaults"])
     model.set_weights(initial)
     model.compile(keras.optimizers.Adam(0.01), loss=CE)
@@ -49,8 +81,11 @@ def poisoned(initial, poison):
     else:
         keep = np.r_[0:BATCH, 2 * BATCH : 4 * BATCH]
         x, y = x[keep], y[keep]
+    batch = BATCH
+    if process is not None:
+        (x, y), batch = shard((x, y), process), BATCH // PROCESSES
     # Batches from a generator: `fit()` checks arrays whole, NaN included.
-    batches = ((x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, len(x), BATCH))
+    batches = ((x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch))
     history = model.fit(batches, epochs=1, verbose=0)
     return model.get_weights(), {key: float(v[-1]) for key, v in history.history.items()}
 
@@ -59,10 +94,24 @@ def max_difference(ours, theirs):
     return max(float(np.abs(a - b).max()) for a, b in zip(ours, theirs, strict=True))
 
 
-def main():
-    initial = conv_net(None, regularizer=keras.regularizers.L2(1e-3))[0].get_weights()
+def save(path, runs):
+    """``{run: (weights, logs)}`` as JSON (float32 round-trips exactly)."""
+    with open(path, "w") as file:
+        json.dump(
+            {run: [[w.tolist() for w in weights], logs] for run, (weights, logs) in runs.items()},
+            file,
+        )
+
+
+def initial_weights():
+    return conv_net(None, regularizer=keras.regularizers.L2(1e-3))[0].get_weights()
+
+
+def one_process(folder):
+    initial = initial_weights()
     single = {margin: train(margin, initial) for margin in DISTRIBUTION_MARGINS}
     nudged = {margin: train(margin, initial, nudge_weights=True) for margin in DISTRIBUTION_MARGINS}
+    save(os.path.join(folder, "single.json"), single)
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
     parallel = {margin: train(margin, initial) for margin in DISTRIBUTION_MARGINS}
     clean, bad = poisoned(initial, False), poisoned(initial, True)
@@ -81,5 +130,22 @@ def main():
     print(json.dumps(report))
 
 
+def one_of_processes(folder, port, process):
+    # Collectives between CPU processes (the default has none).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    keras.distribution.initialize(f"localhost:{port}", PROCESSES, process)
+    initial = initial_weights()
+    distribution = keras.distribution.DataParallel(devices=jax.devices())
+    distribution.auto_shard_dataset = False  # each process feeds its own half
+    keras.distribution.set_distribution(distribution)
+    runs = {margin: train(margin, initial, process=process) for margin in DISTRIBUTION_MARGINS}
+    runs["clean"] = poisoned(initial, False, process)
+    runs["poisoned"] = poisoned(initial, True, process)
+    save(os.path.join(folder, f"process{process}.json"), runs)
+
+
 if __name__ == "__main__":
-    main()
+    if MULTI_PROCESS:
+        one_of_processes(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        one_process(sys.argv[1])

@@ -16,10 +16,14 @@ from helpers import (
     conv_net,
     digits,
     margin_for,
+    processes,
     reference_gradients,
     reference_loss,
+    wait_all,
 )
 from reference import balance_reference
+
+from marginfit.cluster import free_ports
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -107,11 +111,19 @@ def test_one_jax_sgd_step_equals_tensorflow_and_the_reference(jax_results, case)
         np.testing.assert_allclose(w_jax - w0, -LEARNING_RATE * g, rtol=2e-4, atol=2e-7)
 
 
+DISTRIBUTION_FIT = os.path.join(HERE, "jax_distribution_fit.py")
+
+
 @pytest.fixture(scope="module")
-def data_parallel_report():
+def distribution_folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("distribution")
+
+
+@pytest.fixture(scope="module")
+def data_parallel_report(distribution_folder):
     """Two CPU devices need a fresh process: JAX fixes them at start-up."""
     finished = subprocess.run(
-        [sys.executable, os.path.join(HERE, "jax_distribution_fit.py")],
+        [sys.executable, DISTRIBUTION_FIT, str(distribution_folder)],
         cwd=HERE,
         capture_output=True,
         text=True,
@@ -119,6 +131,22 @@ def data_parallel_report():
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
     return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def assert_within_rounding(report, weight_difference, logs):
+    """``weight_difference`` (the largest from the one-device weights) and
+    ``logs`` are those of one device up to float32 rounding: how far one
+    ulp of every sample weight moves this training on one device (as
+    `test_training.py` measures on TensorFlow)."""
+    assert weight_difference <= 2 * report["max_rounding_difference"]
+    keys = ("loss", "margin_loss", "ce_loss")
+    single, nudged = report["single"], report["nudged"]
+    rounding = max(abs(nudged[k] - single[k]) / abs(single[k]) for k in keys)
+    float32_eps = float(np.finfo(np.float32).eps)
+    for key in keys:
+        np.testing.assert_allclose(
+            logs[key], single[key], rtol=2 * rounding + 4 * float32_eps, err_msg=key
+        )
 
 
 @pytest.mark.parametrize("margin", list(DISTRIBUTION_MARGINS))
@@ -129,17 +157,7 @@ def test_data_parallel_on_two_devices_matches_one_device(data_parallel_report, m
     assert data_parallel_report["devices"] == 2
     report = data_parallel_report["margins"][margin]
     assert report["max_weight_change"] > 1e-2
-    # How far float32 rounding alone moves this training: one ulp of every
-    # sample weight, on one device (as `test_training.py` does on TensorFlow).
-    assert report["max_weight_difference"] <= 2 * report["max_rounding_difference"]
-    keys = ("loss", "margin_loss", "ce_loss")
-    single, parallel, nudged = (report[run] for run in ("single", "parallel", "nudged"))
-    rounding = max(abs(nudged[k] - single[k]) / abs(single[k]) for k in keys)
-    float32_eps = float(np.finfo(np.float32).eps)
-    for key in keys:
-        np.testing.assert_allclose(
-            parallel[key], single[key], rtol=2 * rounding + 4 * float32_eps, err_msg=key
-        )
+    assert_within_rounding(report, report["max_weight_difference"], report["parallel"])
 
 
 def test_a_nonfinite_batch_skips_the_update_under_data_parallel(data_parallel_report):
@@ -147,6 +165,46 @@ def test_a_nonfinite_batch_skips_the_update_under_data_parallel(data_parallel_re
     weights are those of the epoch without the batch, exactly."""
     assert data_parallel_report["poisoned_nonfinite_steps"] == 1
     assert data_parallel_report["poisoned_max_difference"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def two_processes(distribution_folder, data_parallel_report):
+    """The one-device runs and those of the two processes, each
+    ``{run: [weights, logs]}``."""
+    (port,) = free_ports(1)
+    commands = [[DISTRIBUTION_FIT, str(distribution_folder), str(port), str(i)] for i in (0, 1)]
+    with processes(commands, cwd=HERE, stderr=subprocess.PIPE, text=True) as started:
+        for code, _, stderr in wait_all(started, 600):
+            assert code == 0, stderr[-3000:]
+    loaded = []
+    for name in ("single", "process0", "process1"):
+        with open(distribution_folder / f"{name}.json") as file:
+            loaded.append(json.load(file))
+    return loaded
+
+
+@pytest.mark.parametrize("margin", list(DISTRIBUTION_MARGINS))
+def test_two_processes_end_where_one_process_does(data_parallel_report, two_processes, margin):
+    """Two processes joined by `keras.distribution.initialize`, each feeding
+    its half of every global batch, train the weights and logs of one
+    process up to float32 rounding (measured as above), with the library's
+    defaults; both hold the same weights."""
+    (single, _), *joined = (runs[margin] for runs in two_processes)
+    for weights, logs in joined:
+        difference = max(
+            np.abs(np.subtract(ours, theirs)).max()
+            for ours, theirs in zip(weights, single, strict=True)
+        )
+        assert_within_rounding(data_parallel_report["margins"][margin], difference, logs)
+    assert joined[0][0] == joined[1][0]
+
+
+def test_a_nonfinite_batch_in_one_process_skips_the_update_in_both(two_processes):
+    """A NaN in process 0's half of a batch skips that step in both
+    processes: their weights are those of the epoch without the batch."""
+    for runs in two_processes[1:]:
+        assert runs["poisoned"][1]["nonfinite_steps"] == 1
+        assert runs["poisoned"][0] == runs["clean"][0]
 
 
 def test_a_model_saved_on_tensorflow_trains_on_jax_and_comes_back(tmp_path):
