@@ -4,13 +4,18 @@ FGSM and PGD (L-inf), and the minimal perturbation that flips a prediction
 
 FGSM and PGD maximise the cross-entropy (or the Carlini-Wagner margin) of
 the model's output for the true labels within an L-inf ball of radius
-``eps`` around each input, clipped to the valid input range. Gradients come
-from `tf.GradientTape`; every example is attacked independently, in batches.
+``eps`` around each input, clipped to the valid input range. The math is
+`keras.ops`; the input gradients are the backend's (`marginfit.backend`:
+`tf.GradientTape` or `jax.grad`). Every example is attacked independently,
+in batches.
 """
 
 import keras
 import numpy as np
-import tensorflow as tf
+
+from marginfit import backend
+
+ops = keras.ops
 
 
 def _check(eps, clip):
@@ -35,7 +40,7 @@ to a zero gradient (so an attack on it is not fooled by large logits)."""
 def _as_logits(model, outputs):
     """``[batch, classes]`` logits of ``model``'s float32 ``outputs`` (the
     log of probabilities, which differ from the logits by a constant)."""
-    return outputs if _from_logits(model) else tf.math.log(tf.maximum(outputs, 1e-30))
+    return outputs if _from_logits(model) else ops.log(ops.maximum(outputs, 1e-30))
 
 
 def _check_loss(loss):
@@ -43,32 +48,36 @@ def _check_loss(loss):
         raise ValueError(f"Unknown `loss={loss!r}`; use 'ce' (cross-entropy) or 'cw'.")
 
 
+def _one_hot(y, classes):
+    """``[batch, classes]`` float32 rows of class indices or one-hot ``y``."""
+    if len(y.shape) == 2 and y.shape[-1] == classes and classes > 1:
+        return ops.cast(y, "float32")
+    return ops.one_hot(ops.cast(ops.reshape(y, [-1]), "int32"), classes)
+
+
 def _loss_gradient(model, x, y, loss="ce"):
     """``[batch, ...]`` gradient of each example's ``loss`` (see `LOSSES`)
     w.r.t. ``x``; ``y`` holds class indices or one-hot rows."""
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        outputs = tf.cast(model(x, training=False), tf.float32)
-        classes = outputs.shape[-1]
-        if len(y.shape) == 2 and y.shape[-1] == classes and classes > 1:
-            one_hot = tf.cast(y, tf.float32)
-        else:
-            one_hot = tf.one_hot(tf.cast(tf.reshape(y, [-1]), tf.int32), classes)
+
+    def losses(points):
+        outputs = ops.cast(model(points, training=False), "float32")
+        one_hot = _one_hot(y, outputs.shape[-1])
         if loss == "ce":
-            value = keras.losses.categorical_crossentropy(
+            return keras.losses.categorical_crossentropy(
                 one_hot, outputs, from_logits=_from_logits(model)
             )
-        else:
-            logits = _as_logits(model, outputs)
-            label = tf.reduce_sum(one_hot * logits, axis=-1)
-            other = tf.reduce_max(tf.where(one_hot > 0, tf.float32.min, logits), axis=-1)
-            value = other - label
-    return tape.gradient(value, x)
+        logits = _as_logits(model, outputs)
+        label = ops.sum(one_hot * logits, axis=-1)
+        lowest = float(np.finfo(np.float32).min)
+        other = ops.max(ops.where(one_hot > 0, lowest, logits), axis=-1)
+        return other - label
+
+    return backend.input_gradient(losses, x)
 
 
 def _project(x_adv, x, eps, clip):
-    x_adv = tf.clip_by_value(x_adv, x - eps, x + eps)
-    return x_adv if clip is None else tf.clip_by_value(x_adv, *clip)
+    x_adv = ops.clip(x_adv, x - eps, x + eps)
+    return x_adv if clip is None else ops.clip(x_adv, *clip)
 
 
 def fgsm(model, x, y, eps, clip=(0.0, 1.0), loss="ce"):
@@ -88,10 +97,10 @@ def fgsm(model, x, y, eps, clip=(0.0, 1.0), loss="ce"):
     """
     _check(eps, clip)
     _check_loss(loss)
-    x = tf.convert_to_tensor(x, tf.float32)
-    y = tf.convert_to_tensor(y)
+    x = ops.convert_to_tensor(x, "float32")
+    y = ops.convert_to_tensor(y)
     gradient = _loss_gradient(model, x, y, loss)
-    return _project(x + eps * tf.sign(gradient), x, eps, clip)
+    return _project(x + eps * ops.sign(gradient), x, eps, clip)
 
 
 @keras.saving.register_keras_serializable(package="marginfit")
@@ -144,22 +153,22 @@ class PGD:
                 `MarginModel` with ``output="probabilities"``).
             x: ``[batch, ...]`` float inputs.
             y: ``[batch]`` class indices, or ``[batch, classes]`` one-hot.
-            seed: ``[2]`` ints: the random start's stateless seed.
+            seed: ``(first, step)`` ints (or int tensors): the random
+                start's stateless seed.
         """
-        x = tf.convert_to_tensor(x, tf.float32)
-        y = tf.convert_to_tensor(y)
+        x = ops.convert_to_tensor(x, "float32")
+        y = ops.convert_to_tensor(y)
         start = x
         if self.random_start:
-            noise = tf.random.stateless_uniform(tf.shape(x), seed, -self.eps, self.eps)
+            noise = backend.uniform_like(x, seed, -self.eps, self.eps)
             start = _project(x + noise, x, self.eps, self.clip)
 
         def step(index, x_adv):
             gradient = _loss_gradient(model, x_adv, y, self.loss)
-            moved = x_adv + self.step_size * tf.sign(gradient)
-            return index + 1, _project(moved, x, self.eps, self.clip)
+            moved = x_adv + self.step_size * ops.sign(gradient)
+            return _project(moved, x, self.eps, self.clip)
 
-        _, x_adv = tf.while_loop(lambda index, _: index < self.steps, step, [0, start])
-        return tf.stop_gradient(x_adv)
+        return ops.stop_gradient(ops.fori_loop(0, self.steps, step, start))
 
     def get_config(self):
         return {
@@ -208,10 +217,10 @@ def pgd(
     if steps < 1:
         raise ValueError(f"`steps` must be >= 1; received {steps!r}.")
     if eps == 0:
-        x = tf.convert_to_tensor(x, tf.float32)
-        return x if clip is None else tf.clip_by_value(x, *clip)
+        x = ops.convert_to_tensor(x, "float32")
+        return x if clip is None else ops.clip(x, *clip)
     attack = PGD(eps, steps, step_size, random_start, clip, loss)
-    return attack.perturb(model, x, y, seed=[seed, 0])
+    return attack.perturb(model, x, y, seed=(seed, 0))
 
 
 def adversarial_accuracy(
@@ -247,8 +256,8 @@ def adversarial_accuracy(
 
 def _compiled(model, attack, eps, options):
     """``perturb(x, y, loss, seed)``: ``attack`` (`fgsm` or `pgd`) on
-    ``model`` at ``eps`` as one `tf.function` per loss, traced once for every
-    batch size, so that its steps do not run one by one in eager mode."""
+    ``model`` at ``eps`` as one compiled function per loss (`backend.traced`),
+    so that its steps do not run one by one in eager mode."""
     functions = {}
 
     def perturb(x, y, loss, seed):
@@ -256,11 +265,11 @@ def _compiled(model, attack, eps, options):
 
             def run(x, y, seed):
                 seeded = {"seed": seed} if attack is pgd else {}
-                return attack(model, x, y, eps, loss=loss, **options, **seeded)
+                return [attack(model, x, y, eps, loss=loss, **options, **seeded)]
 
-            functions[loss] = tf.function(run, reduce_retracing=True)
-        x = tf.convert_to_tensor(x, tf.float32)
-        return functions[loss](x, tf.convert_to_tensor(y), tf.constant(seed, tf.int32))
+            functions[loss] = backend.traced(model, run)
+        x = np.asarray(x, np.float32)
+        return functions[loss](x, np.asarray(y), np.asarray(seed, np.int32))[0]
 
     return perturb
 
@@ -270,36 +279,52 @@ NORMS = (2, "inf")
 
 
 def _logits(model, x):
-    return _as_logits(model, tf.cast(model(x, training=False), tf.float32))
+    return _as_logits(model, ops.cast(model(x, training=False), "float32"))
+
+
+def _take(values, indices):
+    """``values[i, indices[i]]`` for ``[batch, classes, ...]`` values and
+    ``[batch]`` int indices."""
+    index = ops.reshape(indices, (-1,) + (1,) * (len(values.shape) - 1))
+    return ops.squeeze(ops.take_along_axis(values, index, axis=1), axis=1)
+
+
+def _norm(values, norm):
+    """``[batch]`` L1, L2 or L-inf norms (``norm`` 1, 2 or "inf") of
+    ``[batch, features]`` rows."""
+    if norm == "inf":
+        return ops.max(ops.abs(values), axis=-1)
+    if norm == 1:
+        return ops.sum(ops.abs(values), axis=-1)
+    return ops.sqrt(ops.sum(ops.square(values), axis=-1))
 
 
 def _deepfool_step(model, x_adv, labels, norm):
     """One DeepFool step at ``x_adv``: ``(step, predicted)``, the smallest
     perturbation that crosses the linearised nearest boundary between the
     label and another class (``[batch, ...]``) and the current predictions."""
-    with tf.GradientTape() as tape:
-        tape.watch(x_adv)
-        logits = _logits(model, x_adv)
-    jacobian = tape.batch_jacobian(logits, x_adv)  # [batch, classes, ...]
+    logits, jacobian = backend.outputs_and_jacobian(lambda x: _logits(model, x), x_adv)
     classes = logits.shape[-1]
-    flat = tf.reshape(jacobian, [tf.shape(x_adv)[0], classes, -1])
-    label_gradient = tf.gather(flat, labels, axis=1, batch_dims=1)  # [batch, features]
+    flat = ops.reshape(jacobian, (-1, classes, int(np.prod(x_adv.shape[1:]))))
+    label_gradient = _take(flat, labels)  # [batch, features]
     directions = flat - label_gradient[:, None, :]  # grad (z_k - z_y)
-    gaps = tf.gather(logits, labels, axis=1, batch_dims=1)[:, None] - logits  # z_y - z_k >= 0
-    dual = 1.0 if norm == "inf" else 2.0
-    sizes = tf.norm(directions, ord=dual, axis=-1)
-    ratio = gaps / tf.maximum(sizes, 1e-12)
-    ratio = tf.where(tf.one_hot(labels, classes) > 0, np.inf, ratio)
-    nearest = tf.argmin(ratio, axis=-1, output_type=tf.int32)
-    direction = tf.gather(directions, nearest, axis=1, batch_dims=1)
-    distance = tf.gather(ratio, nearest, axis=1, batch_dims=1)[:, None]
+    gaps = _take(logits, labels)[:, None] - logits  # z_y - z_k >= 0
+    sizes = ops.reshape(
+        _norm(ops.reshape(directions, (-1, flat.shape[-1])), 1 if norm == "inf" else 2),
+        (-1, classes),
+    )
+    ratio = gaps / ops.maximum(sizes, 1e-12)
+    ratio = ops.where(ops.one_hot(labels, classes) > 0, np.inf, ratio)
+    nearest = ops.cast(ops.argmin(ratio, axis=-1), "int32")
+    direction = _take(directions, nearest)
+    distance = _take(ratio, nearest)[:, None]
     if norm == "inf":
-        step = distance * tf.sign(direction)
+        step = distance * ops.sign(direction)
     else:  # the dual norm is the L2 norm itself
-        size = tf.gather(sizes, nearest, axis=1, batch_dims=1)[:, None]
-        step = distance * direction / tf.maximum(size, 1e-12)
-    predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    return tf.reshape(step, tf.shape(x_adv)), predicted
+        size = _take(sizes, nearest)[:, None]
+        step = distance * direction / ops.maximum(size, 1e-12)
+    predicted = ops.cast(ops.argmax(logits, axis=-1), "int32")
+    return ops.reshape(step, (-1, *x_adv.shape[1:])), predicted
 
 
 def minimal_perturbation(
@@ -346,52 +371,53 @@ def minimal_perturbation(
     y = np.asarray(y).reshape(-1).astype(np.int32)
     if len(x) != len(y):
         raise ValueError(f"`x` has {len(x)} examples and `y` {len(y)}; give one label each.")
-    search = tf.function(
-        lambda xb, yb: _deepfool(model, xb, yb, norm, steps, overshoot, bisection),
-        reduce_retracing=True,
+    search = backend.traced(
+        model, lambda xb, yb: _deepfool(model, xb, yb, norm, steps, overshoot, bisection)
     )
     sizes, perturbed = [], []
     for start in range(0, len(x), batch_size):
         size, x_adv = search(x[start : start + batch_size], y[start : start + batch_size])
-        sizes.append(size.numpy())
-        perturbed.append(x_adv.numpy())
+        sizes.append(size)
+        perturbed.append(x_adv)
     return np.concatenate(sizes), np.concatenate(perturbed)
 
 
 def _deepfool(model, x, labels, norm, steps, overshoot, bisection):
     """`minimal_perturbation` of one batch, traced."""
-    x = tf.convert_to_tensor(x, tf.float32)
-    per_example = [-1] + [1] * (len(x.shape) - 1)  # broadcasts [batch] over x
+    x = ops.convert_to_tensor(x, "float32")
+    labels = ops.convert_to_tensor(labels, "int32")
+
+    def per_example(values):  # [batch] to broadcast over x
+        return ops.reshape(values, (-1,) + (1,) * (len(x.shape) - 1))
 
     def flipped(points):
-        predicted = tf.argmax(_logits(model, points), axis=-1, output_type=tf.int32)
-        return tf.not_equal(predicted, labels)
+        predicted = ops.cast(ops.argmax(_logits(model, points), axis=-1), "int32")
+        return ops.not_equal(predicted, labels)
 
-    def step(index, total, done):
+    def step(index, state):
+        total, done = state
         move, predicted = _deepfool_step(model, x + (1.0 + overshoot) * total, labels, norm)
-        done = tf.logical_or(done, tf.not_equal(predicted, labels))
-        keep = tf.reshape(tf.cast(done, tf.float32), per_example)
-        return index + 1, total + (1.0 - keep) * move, done
+        done = ops.logical_or(done, ops.not_equal(predicted, labels))
+        keep = per_example(ops.cast(done, "float32"))
+        return total + (1.0 - keep) * move, done
 
-    total = tf.zeros_like(x)
-    done = tf.zeros(tf.shape(x)[:1], tf.bool)
-    _, total, _ = tf.while_loop(lambda i, *_: i < steps, step, [0, total, done])
+    done = ops.zeros_like(labels, "bool")
+    total, _ = ops.fori_loop(0, steps, step, (ops.zeros_like(x), done))
     perturbation = (1.0 + overshoot) * total
     success = flipped(x + perturbation)
     # Bisection on t in [0, 1]: x + t * perturbation flips at `high`.
-    low = tf.zeros(tf.shape(x)[:1])
-    high = tf.ones(tf.shape(x)[:1])
 
-    def halve(index, low, high):
+    def halve(index, bounds):
+        low, high = bounds
         middle = (low + high) / 2
-        flips = flipped(x + tf.reshape(middle, per_example) * perturbation)
-        return index + 1, tf.where(flips, low, middle), tf.where(flips, middle, high)
+        flips = flipped(x + per_example(middle) * perturbation)
+        return ops.where(flips, low, middle), ops.where(flips, middle, high)
 
-    _, _, high = tf.while_loop(lambda i, *_: i < bisection, halve, [0, low, high])
+    bounds = (ops.zeros_like(labels, "float32"), ops.ones_like(labels, "float32"))
+    _, high = ops.fori_loop(0, bisection, halve, bounds)
     already = flipped(x)
-    high = tf.where(already, 0.0, high)
-    x_adv = x + tf.reshape(high, per_example) * perturbation
-    flat = tf.reshape(x_adv - x, [tf.shape(x)[0], -1])
-    sizes = tf.norm(flat, ord=np.inf if norm == "inf" else 2, axis=-1)
-    sizes = tf.where(tf.logical_or(success, already), sizes, np.inf)
+    high = ops.where(already, 0.0, high)
+    x_adv = x + per_example(high) * perturbation
+    sizes = _norm(ops.reshape(x_adv - x, (-1, int(np.prod(x.shape[1:])))), norm)
+    sizes = ops.where(ops.logical_or(success, already), sizes, np.inf)
     return sizes, x_adv

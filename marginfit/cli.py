@@ -517,12 +517,6 @@ def _train(args, argv, output, strategy):
 def compare(args, argv):
     """Writes report.md, results.json, the figures and history.csv into the
     output directory, each atomically, holding it against other writers."""
-    if keras.backend.backend() != "tensorflow":
-        raise ValueError(
-            f"marginfit compare measures robustness with marginfit.attacks, which "
-            f"run on TensorFlow only; KERAS_BACKEND is {keras.backend.backend()!r}. "
-            "Run it with KERAS_BACKEND=tensorflow (marginfit train runs on JAX)."
-        )
     output = args.output or os.path.join("runs", "compare")
     with files.exclusive(output, "marginfit compare"):
         return _compare(args, argv, output)

@@ -695,14 +695,7 @@ class MarginModel(backend.MarginTrainer, keras.Model):
 
 
 def _checked_adversary(adversary):
-    """A `marginfit.attacks.PGD` from itself or its config (TensorFlow only:
-    the attacks differentiate with `tf.GradientTape`)."""
-    if keras.backend.backend() != "tensorflow":
-        raise NotImplementedError(
-            f"`adversary=` needs the TensorFlow backend; KERAS_BACKEND is "
-            f"{keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow to train "
-            "against an adversary."
-        )
+    """A `marginfit.attacks.PGD` from itself or its config."""
     from marginfit import attacks
 
     if isinstance(adversary, dict):

@@ -15,6 +15,8 @@ import keras
 import numpy as np
 from nets import conv_net, digits, margin_for
 
+from marginfit import attacks
+
 EVALUATE = [
     *(
         (f"evaluate norm={n} top_k={k} {a}", dict(norm=n, top_k=k, aggregation=a), {})
@@ -52,14 +54,32 @@ STEP = [
 ]
 """The one-SGD-step cases."""
 
-CASES = EVALUATE + STEP
+ATTACKS = [
+    *(
+        (f"attack {name} {loss}", dict(norm=2), dict(attack=name, loss=loss))
+        for name, loss in itertools.product(["fgsm", "pgd"], attacks.LOSSES)
+    ),
+    *(
+        (f"attack minimal norm={norm}", dict(norm=2), dict(attack="minimal", norm=norm))
+        for norm in attacks.NORMS
+    ),
+    ("step adversary", dict(norm=2), dict(adversary=True)),
+]
+"""The attack cases on the predicted labels (PGD without its random
+start, whose draws are each backend's own; DeepFool without the
+bisection), and one SGD step of PGD adversarial training with the
+margin."""
+
+CASES = EVALUATE + STEP + ATTACKS
 LEARNING_RATE = 0.5
+EPS = 0.1
+ADVERSARY = attacks.PGD(EPS, steps=3, random_start=False)
 
 
 def case_data(name, data_options):
     """``(x, y, sample_weight)`` of a case: 20 digits to evaluate in
-    batches of 8, 8 and 4, or one batch of 8 for a step."""
-    x, y = digits(20 if name.startswith("evaluate") else 8)
+    batches of 8, 8 and 4 or to attack, or one batch of 8 for a step."""
+    x, y = digits(20 if name.startswith(("evaluate", "attack")) else 8)
     weights = np.linspace(0.1, 2.0, len(x)).astype("float32")
     labels = np.eye(10, dtype="float32")[y] if data_options.get("one_hot") else y
     return x, labels, weights if data_options.get("weighted") else None
@@ -70,9 +90,12 @@ def run_case(case, weights):
     the trainable weights after one SGD step of `fit()`, as arrays."""
     name, margin_options, data_options = case
     output = data_options.get("output", "logits")
-    model, _ = conv_net(margin_for(**margin_options), output=output)
+    adversary = ADVERSARY if data_options.get("adversary") else None
+    model, _ = conv_net(margin_for(**margin_options), output=output, adversary=adversary)
     model.set_weights(weights)
     x, y, sample_weight = case_data(name, data_options)
+    if name.startswith("attack"):
+        return run_attack(model, x, data_options)
     one_hot = data_options.get("one_hot")
     loss = (
         keras.losses.CategoricalCrossentropy
@@ -89,6 +112,25 @@ def run_case(case, weights):
     model.compile(keras.optimizers.SGD(LEARNING_RATE), loss=loss(from_logits=True))
     model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
     return {f"weight{i}": np.asarray(w) for i, w in enumerate(model.trainable_weights)}
+
+
+def run_attack(model, x, options):
+    """``{"x_adv": ...}`` (and ``"sizes"`` of minimal perturbations) of an
+    attack on the model's own predictions."""
+    predicted = np.argmax(model.predict(x, verbose=0), axis=-1)
+    if options["attack"] == "minimal":
+        # Without the bisection, whose halvings snap nearby lengths apart.
+        sizes, x_adv = attacks.minimal_perturbation(
+            model, x, predicted, norm=options["norm"], bisection=0
+        )
+        return {"sizes": sizes, "x_adv": x_adv}
+    if options["attack"] == "fgsm":
+        x_adv = attacks.fgsm(model, x, predicted, EPS, loss=options["loss"])
+    else:
+        x_adv = attacks.pgd(
+            model, x, predicted, EPS, steps=3, random_start=False, loss=options["loss"]
+        )
+    return {"x_adv": np.asarray(x_adv)}
 
 
 def main(weights_path, out_path):

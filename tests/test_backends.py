@@ -9,7 +9,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from backend_worker import EVALUATE, LEARNING_RATE, STEP, case_data, run_case
+from backend_worker import ATTACKS, EVALUATE, LEARNING_RATE, STEP, case_data, run_case
 from helpers import (
     DISTRIBUTION_MARGINS,
     assert_logs_match_reference,
@@ -112,6 +112,40 @@ def test_one_jax_sgd_step_equals_tensorflow_and_the_reference(jax_results, case)
 
 
 DISTRIBUTION_FIT = os.path.join(HERE, "jax_distribution_fit.py")
+
+
+@pytest.mark.parametrize("case", ATTACKS[:-1], ids=[case[0] for case in ATTACKS[:-1]])
+def test_attacks_on_jax_equal_tensorflow(jax_results, case):
+    """FGSM, PGD (without the random start, whose draws are each backend's)
+    and the minimal perturbations perturb the same pixels by the same
+    amounts on JAX as on TensorFlow (`test_attacks.py` checks TensorFlow's
+    against closed forms)."""
+    on_jax = jax_results[case[0]]
+    on_tensorflow = run_case(case, initial_weights())
+    assert sorted(on_jax) == sorted(on_tensorflow)
+    x, _, _ = case_data(case[0], case[2])
+    moved = np.abs(on_tensorflow["x_adv"] - x).max()
+    assert moved > 1e-2
+    np.testing.assert_allclose(on_jax["x_adv"], on_tensorflow["x_adv"], rtol=0, atol=1e-5 * moved)
+    if "sizes" in on_tensorflow:
+        assert np.isfinite(on_tensorflow["sizes"]).all() and (on_tensorflow["sizes"] > 0).all()
+        # A size is a logit gap over a gradient norm: the gap's rounding is
+        # the logits' (absolute), so small sizes agree to the largest's 1e-5.
+        sizes = on_tensorflow["sizes"]
+        np.testing.assert_allclose(on_jax["sizes"], sizes, rtol=1e-5, atol=1e-5 * sizes.max())
+
+
+def test_one_step_of_adversarial_training_on_jax_equals_tensorflow(jax_results):
+    """`adversary=PGD(...)` with the margin: one SGD step on JAX trains
+    TensorFlow's weights (to 1e-5 of the step), which are SGD on the
+    perturbed batch (`test_attacks.py`)."""
+    case = ATTACKS[-1]
+    before = [w.numpy() for w in _fresh(case)[0].trainable_weights]
+    on_tensorflow = list(run_case(case, initial_weights()).values())
+    for i, (w0, w_tf) in enumerate(zip(before, on_tensorflow, strict=True)):
+        step = np.abs(w_tf - w0).max()
+        assert step > 1e-4
+        assert np.abs(jax_results[case[0]][f"weight{i}"] - w_tf).max() <= 1e-5 * step
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +288,50 @@ def test_a_model_saved_on_tensorflow_trains_on_jax_and_comes_back(tmp_path):
     np.testing.assert_allclose(
         restored.predict(x, verbose=0), on_jax["trained"], rtol=1e-5, atol=1e-6
     )
+
+
+WITHOUT_TENSORFLOW = """
+import sys
+
+class NoTensorFlow:  # a host with JAX alone
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "tensorflow":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoTensorFlow())
+"""
+"""Python that makes ``import tensorflow`` fail, as where it is not installed."""
+
+
+def test_the_commands_run_on_jax_without_tensorflow(tmp_path):
+    """`marginfit train` and `marginfit compare` (attacks, PGD adversarial
+    training, measured distances) under ``KERAS_BACKEND=jax`` on a host
+    without TensorFlow: the model
+    that train saves predicts on TensorFlow the test accuracy it reported;
+    compare's attacked accuracies stay below the clean one."""
+    import marginfit
+
+    x, y = digits(250)
+    data = str(tmp_path / "digits.npz")
+    np.savez(data, x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
+    train = ["train", "--data", data, "--epochs", "1", "--output", str(tmp_path / "train")]
+    compare = ["compare", "--data", data, "--epochs", "1", "--methods", "pgd-at"]
+    compare += ["--noise-levels", "", "--eps", "0.1", "--pgd-steps", "2"]
+    compare += ["--output", str(tmp_path / "compare")]
+    code = f"{WITHOUT_TENSORFLOW}\nfrom marginfit import cli, tuning\n"
+    code += f"cli.run({train!r})\ncli.run({compare!r})"
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    finished = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    summary = json.loads((tmp_path / "train" / "summary.json").read_text())
+    model = marginfit.load_model(tmp_path / "train" / "model.keras")
+    predicted = model.predict(x[200:], verbose=0).argmax(-1)
+    assert summary["test"]["accuracy"] == pytest.approx(np.mean(predicted == y[200:]))
+    results = json.loads((tmp_path / "compare" / "results.json").read_text())
+    clean = results["noise"]["0"]["pgd-at"]
+    for attack in ("fgsm", "pgd"):
+        (attacked,) = results["attacks"]["pgd-at"][attack]
+        assert 0 <= attacked <= clean
+    assert 0 < results["median_distances"]["pgd-at"]["measured"] < np.inf

@@ -70,6 +70,34 @@ def uniform_keys(batch_size, classes, seed, offset):
     return jax.random.uniform(key, (batch_size, classes), "float32")
 
 
+def uniform_like(x, seed, minval, maxval):
+    """Uniform float32 noise in ``[minval, maxval)`` of the shape of ``x``,
+    from the stateless seed ``(first, step)``."""
+    first, step = seed
+    key = jax.random.fold_in(jax.random.key(first), jnp.asarray(step, "uint32"))
+    return jax.random.uniform(key, jnp.shape(x), "float32", minval, maxval)
+
+
+def input_gradient(function, x):
+    """``[batch, ...]`` gradient of ``sum(function(x))`` with respect to
+    the float array ``x``."""
+    return jax.grad(lambda points: jnp.sum(function(points)))(x)
+
+
+def outputs_and_jacobian(function, x):
+    """``(outputs, jacobian)``: ``function(x)``, ``[batch, classes]``, and
+    each example's ``[batch, classes, ...]`` Jacobian with respect to its
+    own row of ``x`` (examples are independent): one backward pass per
+    class, vectorised."""
+    outputs, pullback = jax.vjp(function, x)
+    classes = outputs.shape[-1]
+    one_hots = jnp.broadcast_to(
+        jnp.eye(classes, dtype=outputs.dtype)[:, None, :], (classes, *outputs.shape)
+    )
+    (rows,) = jax.vmap(pullback)(one_hots)  # [classes, batch, ...]
+    return outputs, jnp.moveaxis(rows, 0, 1)
+
+
 def as_input(x):
     """The model input as one array (what a margin on it differentiates)."""
     return keras.ops.convert_to_tensor(x)
@@ -104,8 +132,9 @@ def _state_variables(model):
     """The variables a forward pass reads or writes (the optimizer's for
     its step count)."""
     variables = list(model.variables)
-    if model.optimizer is not None:
-        variables += list(model.optimizer.variables)
+    optimizer = getattr(model, "optimizer", None)  # absent before compile()
+    if optimizer is not None:
+        variables += list(optimizer.variables)
     return variables
 
 
@@ -231,6 +260,8 @@ class MarginTrainer:
         logs."""
         trainable, non_trainable, optimizer_variables, metrics = state
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        if self.adversary is not None:
+            x = self._perturbed(state, x, y)
         gradient_function = jax.value_and_grad(self.compute_loss_and_updates, has_aux=True)
         (loss, aux), gradients = gradient_function(
             trainable,
@@ -261,6 +292,17 @@ class MarginTrainer:
             metrics, x, y, y_pred, sample_weight, True, counted, event
         )
         return logs, (new_trainable, non_trainable, new_optimizer_variables, metrics)
+
+    def _perturbed(self, state, x, y):
+        """The training adversary's perturbation of ``x``, as a function of
+        the step's state (the weights it attacks, the step count seeding
+        its random start); no gradient flows through it."""
+        trainable, non_trainable, optimizer_variables, _ = state
+        mapping = list(zip(self.trainable_variables, trainable))
+        mapping += zip(self.non_trainable_variables, non_trainable)
+        mapping += zip(self.optimizer.variables, optimizer_variables)
+        with keras.StatelessScope(state_mapping=mapping):
+            return self.adversary.perturb(self, x, y, seed=self._attack_seed())
 
     def test_step(self, state, data):
         """One evaluation step: the loss with the margin, the compiled

@@ -60,9 +60,9 @@ def global_batch(batch_size, sums=None, positions=False):
 
 
 def stateless_seed(seed):
-    """``[2]`` int64 seed from ``(first, step)``."""
+    """``[2]`` int64 seed from ``(first, step)`` (ints or int tensors)."""
     first, step = seed
-    return tf.stack([tf.constant(first, tf.int64), tf.cast(step, tf.int64)])
+    return tf.stack([tf.cast(first, tf.int64), tf.cast(step, tf.int64)])
 
 
 def uniform_keys(batch_size, classes, seed, offset):
@@ -70,6 +70,31 @@ def uniform_keys(batch_size, classes, seed, offset):
     positions ``offset ..`` (`replicas.uniform_rows`), from ``(first,
     step)``."""
     return replicas.uniform_rows(batch_size, classes, stateless_seed(seed), offset)
+
+
+def uniform_like(x, seed, minval, maxval):
+    """Uniform float32 noise in ``[minval, maxval)`` of the shape of ``x``,
+    from the stateless seed ``(first, step)``."""
+    return tf.random.stateless_uniform(tf.shape(x), stateless_seed(seed), minval, maxval)
+
+
+def input_gradient(function, x):
+    """``[batch, ...]`` gradient of ``sum(function(x))`` with respect to
+    the float tensor ``x``."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = function(x)
+    return tape.gradient(value, x)
+
+
+def outputs_and_jacobian(function, x):
+    """``(outputs, jacobian)``: ``function(x)``, ``[batch, classes]``, and
+    each example's ``[batch, classes, ...]`` Jacobian with respect to its
+    own row of ``x`` (examples are independent)."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        outputs = function(x)
+    return outputs, tape.batch_jacobian(outputs, x)
 
 
 def as_input(x):
@@ -158,7 +183,7 @@ class MarginTrainer:
         ``on_nonfinite`` says), and the logs."""
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if self.adversary is not None:
-            x = self.adversary.perturb(self, x, y, seed=stateless_seed(self._attack_seed()))
+            x = self.adversary.perturb(self, x, y, seed=self._attack_seed())
         with tf.GradientTape() as tape:
             y_pred, penalty = self._forward(x, y, sample_weight, training=True, tape=tape)
             loss = self._loss(x, y, y_pred, sample_weight, penalty, training=True)
