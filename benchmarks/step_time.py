@@ -22,8 +22,7 @@ Absolute times alone mean little; quote the ratios.
 exact one, and top_k=9) over the CE step on each named Keras backend, each
 in its own process (a backend is fixed at import), and prints the ratios
 side by side with the device and the absolute step times; it runs on a host
-with JAX and Keras but no TensorFlow. (PyTorch: marginfit does not run on
-it; the row says so.)
+with JAX (or PyTorch) and Keras but no TensorFlow.
 
     python benchmarks/step_time.py [--repeats 5] [--steps 3] [--quick] [--checks-only]
         [--train-command-only] [--evaluation-only] [--backend NAME ...]
@@ -329,11 +328,9 @@ BACKEND_VARIANTS = {
 def backend_child(backend, repeats, steps):
     """Run in a process whose Keras backend is ``backend``: the variants'
     median step times and ratios to CE (jit off and on where the backend
-    has both; JAX always compiles its steps). Prints one JSON line."""
-    if backend == "torch":
-        print(json.dumps({"backend": backend, "error": "marginfit runs on TensorFlow and JAX"}))
-        return
-    jits = [False, True] if backend == "tensorflow" else [True]
+    has both). Prints one JSON line."""
+    # JAX always compiles its steps; PyTorch's torch.compile fails on the margin.
+    jits = {"tensorflow": [False, True], "jax": [True], "torch": [False]}[backend]
     variants = [(options, jit) for options in BACKEND_VARIANTS.values() for jit in jits]
     median = time_variants("cnn", variants, repeats, steps)
     rows = {}
@@ -353,6 +350,10 @@ def _device(backend):
 
         device = jax.devices()[0]
         return f"{device.platform}: {device.device_kind}"
+    if backend == "torch":
+        import torch
+
+        return f"gpu: {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "cpu"
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")

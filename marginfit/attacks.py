@@ -6,8 +6,8 @@ FGSM and PGD maximise the cross-entropy (or the Carlini-Wagner margin) of
 the model's output for the true labels within an L-inf ball of radius
 ``eps`` around each input, clipped to the valid input range. The math is
 `keras.ops`; the input gradients are the backend's (`marginfit.backend`:
-`tf.GradientTape` or `jax.grad`). Every example is attacked independently,
-in batches.
+`tf.GradientTape`, `jax.grad` or `torch.autograd.grad`). Every example is
+attacked independently, in batches.
 """
 
 import keras

@@ -45,6 +45,16 @@ class Gradients:
         return contextlib.nullcontext()
 
 
+def unconnected_message(name):
+    """The error where the output does not depend on margin layer ``name``
+    in the recorded forward pass."""
+    return (
+        f"The model output does not depend on margin layer {name!r} in the recorded "
+        "forward pass. Put the margin on a layer between the inputs and the output "
+        "(with integer inputs, after a trainable layer: nothing before it is recorded)."
+    )
+
+
 def layer_distances(gradients, differences, margin):
     """The loss's distances to the boundary at every margin layer.
 

@@ -121,8 +121,8 @@ class SkippingTrainFunction:
     """Wraps a model's ``train_function``: while ``model.steps_to_skip`` is
     positive, a call takes the next batch from the iterator and drops it,
     training nothing, and returns the current logs (TensorFlow's
-    ``function(iterator)``), or no logs and the state unchanged (JAX's
-    ``function(state, iterator)``)."""
+    ``function(iterator)``, PyTorch's ``function(batch)``), or no logs and
+    the state unchanged (JAX's ``function(state, iterator)``)."""
 
     def __init__(self, model, function):
         self.model = model
@@ -137,7 +137,8 @@ class SkippingTrainFunction:
                 "Resuming mid-epoch needs steps_per_execution=1; back up once per "
                 "epoch (save_freq='epoch') with a larger steps_per_execution."
             )
-        next(iterator)
+        if hasattr(iterator, "__next__"):
+            next(iterator)  # PyTorch's step is given its batch instead
         self.model.steps_to_skip -= 1
         if state:
             return {}, state[0]

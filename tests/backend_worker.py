@@ -140,6 +140,11 @@ def main(weights_path, out_path):
     for case in CASES:
         for key, value in run_case(case, weights).items():
             results[f"{case[0]}|{key}"] = value
+    if keras.backend.backend() == "torch":
+        try:
+            conv_net(margin_for(2))[0].compile(loss="mse", jit_compile=True)
+        except ValueError as error:
+            results["refusals|jit_compile"] = np.array(str(error))
     np.savez(out_path, **results)
 
 

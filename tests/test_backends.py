@@ -1,6 +1,10 @@
-"""The JAX backend against TensorFlow and the naive reference: the same
-cases (`backend_worker.CASES`), run by the same code on both backends."""
+"""The JAX and PyTorch backends against TensorFlow and the naive
+reference: the same cases (`backend_worker.CASES`), run by the same code on
+every backend; JAX's `keras.distribution`, saving across backends, and the
+commands on JAX."""
 
+import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,7 +13,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from backend_worker import ATTACKS, EVALUATE, LEARNING_RATE, STEP, case_data, run_case
+from backend_worker import ATTACKS, CASES, EVALUATE, LEARNING_RATE, STEP, case_data, run_case
 from helpers import (
     DISTRIBUTION_MARGINS,
     assert_logs_match_reference,
@@ -26,6 +30,7 @@ from reference import balance_reference
 from marginfit.cluster import free_ports
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+OTHER_BACKENDS = ("jax", "torch")
 
 
 def initial_weights():
@@ -33,14 +38,23 @@ def initial_weights():
     return model.get_weights()
 
 
-@pytest.fixture(scope="module")
-def jax_results(tmp_path_factory):
-    """``{case name: {key: array}}`` of every case, run on JAX in a fresh
-    process from TensorFlow's initial weights."""
-    folder = tmp_path_factory.mktemp("jax")
+@functools.cache
+def tensorflow_case(name):
+    """What case ``name`` gives on TensorFlow (once for both other backends)."""
+    (case,) = [case for case in CASES if case[0] == name]
+    return run_case(case, initial_weights())
+
+
+@pytest.fixture(scope="module", params=OTHER_BACKENDS)
+def other_results(request, tmp_path_factory):
+    """``{case name: {key: array}}`` of every case, run on JAX and on
+    PyTorch, each in a fresh process from TensorFlow's initial weights."""
+    if importlib.util.find_spec(request.param) is None:
+        pytest.skip(f"{request.param} is not installed (pip install -e .[{request.param}])")
+    folder = tmp_path_factory.mktemp(request.param)
     weights, out = folder / "weights.npz", folder / "out.npz"
     np.savez(weights, **{f"w{i}": w for i, w in enumerate(initial_weights())})
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "KERAS_BACKEND": request.param, "JAX_PLATFORMS": "cpu"}
     finished = subprocess.run(
         [sys.executable, os.path.join(HERE, "backend_worker.py"), str(weights), str(out)],
         cwd=HERE,
@@ -69,13 +83,13 @@ def _fresh(case):
 
 
 @pytest.mark.parametrize("case", EVALUATE, ids=[case[0] for case in EVALUATE])
-def test_jax_evaluation_equals_tensorflow_and_the_reference(jax_results, case):
+def test_evaluation_equals_tensorflow_and_the_reference(other_results, case):
     name, margin_options, data_options = case
-    on_jax = jax_results[name]
-    on_tensorflow = run_case(case, initial_weights())
-    assert sorted(on_jax) == sorted(on_tensorflow)
+    on_other = other_results[name]
+    on_tensorflow = tensorflow_case(case[0])
+    assert sorted(on_other) == sorted(on_tensorflow)
     for key, value in on_tensorflow.items():
-        np.testing.assert_allclose(on_jax[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+        np.testing.assert_allclose(on_other[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
     if data_options.get("output", "logits") != "logits":
         return  # the reference takes logits; TensorFlow's own tests cover the rest
     margin = margin_for(**margin_options)
@@ -83,7 +97,7 @@ def test_jax_evaluation_equals_tensorflow_and_the_reference(jax_results, case):
     x, y, weights = case_data(name, data_options)
     labels = y.argmax(-1) if y.ndim == 2 else y
     hinge, _ = reference_loss(taps, x, labels, margin, sample_weight=weights)
-    logs = {key: float(value) for key, value in on_jax.items()}
+    logs = {key: float(value) for key, value in on_other.items()}
     if margin.balance:
         logits = np.asarray(taps(x)[0], dtype="float64")
         term, _ = balance_reference(logits, weights)
@@ -95,57 +109,64 @@ def test_jax_evaluation_equals_tensorflow_and_the_reference(jax_results, case):
 
 
 @pytest.mark.parametrize("case", STEP, ids=[case[0] for case in STEP])
-def test_one_jax_sgd_step_equals_tensorflow_and_the_reference(jax_results, case):
+def test_one_sgd_step_equals_tensorflow_and_the_reference(other_results, case):
     name, margin_options, data_options = case
-    before = initial_weights()
     model, taps = _fresh(case)
     trainable = [w.numpy() for w in model.trainable_weights]
-    on_jax = [jax_results[name][f"weight{i}"] for i in range(len(trainable))]
-    on_tensorflow = list(run_case(case, before).values())
+    on_other = [other_results[name][f"weight{i}"] for i in range(len(trainable))]
+    on_tensorflow = list(tensorflow_case(name).values())
     x, y, _ = case_data(name, data_options)
     expected = reference_gradients(model, taps, x, y, margin_for(**margin_options))
-    for w0, w_jax, w_tf, g in zip(trainable, on_jax, on_tensorflow, expected):
+    for w0, w_other, w_tf, g in zip(trainable, on_other, on_tensorflow, expected):
         step = np.abs(w_tf - w0).max()
         # The same update as TensorFlow's, to 1e-5 of the step's size.
-        assert np.abs(w_jax - w_tf).max() <= 1e-5 * step
-        np.testing.assert_allclose(w_jax - w0, -LEARNING_RATE * g, rtol=2e-4, atol=2e-7)
+        assert np.abs(w_other - w_tf).max() <= 1e-5 * step
+        np.testing.assert_allclose(w_other - w0, -LEARNING_RATE * g, rtol=2e-4, atol=2e-7)
 
 
 DISTRIBUTION_FIT = os.path.join(HERE, "jax_distribution_fit.py")
 
 
+def test_torch_compile_is_refused_with_the_fix(other_results):
+    if "refusals" not in other_results:
+        pytest.skip("PyTorch only")
+    message = str(other_results["refusals"]["jit_compile"])
+    assert message.startswith("jit_compile=True (torch.compile) cannot trace the margin")
+    assert "jit_compile=False" in message
+
+
 @pytest.mark.parametrize("case", ATTACKS[:-1], ids=[case[0] for case in ATTACKS[:-1]])
-def test_attacks_on_jax_equal_tensorflow(jax_results, case):
+def test_attacks_equal_tensorflow(other_results, case):
     """FGSM, PGD (without the random start, whose draws are each backend's)
     and the minimal perturbations perturb the same pixels by the same
-    amounts on JAX as on TensorFlow (`test_attacks.py` checks TensorFlow's
-    against closed forms)."""
-    on_jax = jax_results[case[0]]
-    on_tensorflow = run_case(case, initial_weights())
-    assert sorted(on_jax) == sorted(on_tensorflow)
+    amounts on JAX and PyTorch as on TensorFlow (`test_attacks.py` checks
+    TensorFlow's against closed forms)."""
+    on_other = other_results[case[0]]
+    on_tensorflow = tensorflow_case(case[0])
+    assert sorted(on_other) == sorted(on_tensorflow)
     x, _, _ = case_data(case[0], case[2])
     moved = np.abs(on_tensorflow["x_adv"] - x).max()
     assert moved > 1e-2
-    np.testing.assert_allclose(on_jax["x_adv"], on_tensorflow["x_adv"], rtol=0, atol=1e-5 * moved)
+    np.testing.assert_allclose(on_other["x_adv"], on_tensorflow["x_adv"], rtol=0, atol=1e-5 * moved)
     if "sizes" in on_tensorflow:
         assert np.isfinite(on_tensorflow["sizes"]).all() and (on_tensorflow["sizes"] > 0).all()
         # A size is a logit gap over a gradient norm: the gap's rounding is
         # the logits' (absolute), so small sizes agree to the largest's 1e-5.
         sizes = on_tensorflow["sizes"]
-        np.testing.assert_allclose(on_jax["sizes"], sizes, rtol=1e-5, atol=1e-5 * sizes.max())
+        np.testing.assert_allclose(on_other["sizes"], sizes, rtol=1e-5, atol=1e-5 * sizes.max())
 
 
-def test_one_step_of_adversarial_training_on_jax_equals_tensorflow(jax_results):
-    """`adversary=PGD(...)` with the margin: one SGD step on JAX trains
-    TensorFlow's weights (to 1e-5 of the step), which are SGD on the
+def test_one_step_of_adversarial_training_equals_tensorflow(other_results):
+    """`adversary=PGD(...)` with the margin: one SGD step on JAX or PyTorch
+    trains TensorFlow's weights (to 1e-5 of the step), which are SGD on the
     perturbed batch (`test_attacks.py`)."""
     case = ATTACKS[-1]
     before = [w.numpy() for w in _fresh(case)[0].trainable_weights]
-    on_tensorflow = list(run_case(case, initial_weights()).values())
+    on_tensorflow = list(tensorflow_case(case[0]).values())
     for i, (w0, w_tf) in enumerate(zip(before, on_tensorflow, strict=True)):
         step = np.abs(w_tf - w0).max()
         assert step > 1e-4
-        assert np.abs(jax_results[case[0]][f"weight{i}"] - w_tf).max() <= 1e-5 * step
+        assert np.abs(other_results[case[0]][f"weight{i}"] - w_tf).max() <= 1e-5 * step
 
 
 @pytest.fixture(scope="module")

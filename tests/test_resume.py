@@ -3,6 +3,7 @@
 on one process and on a cluster of two workers."""
 
 import contextlib
+import importlib.util
 import os
 import random
 import signal
@@ -148,14 +149,18 @@ def test_killed_worker_resumes_the_cluster_to_the_same_weights(tmp_path, one_pro
     assert_nothing_left(directory)
 
 
-def test_killed_mid_epoch_on_jax_resumes_to_the_same_weights(tmp_path):
-    """The same on Keras' JAX backend: one kill mid-epoch, after a backup."""
-    expected = uninterrupted_weights(str(tmp_path / "reference"), "jax")
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_killed_mid_epoch_on_another_backend_resumes_to_the_same_weights(tmp_path, backend):
+    """The same on Keras' JAX and PyTorch backends: one kill mid-epoch,
+    after a backup."""
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed (pip install -e .[{backend}])")
+    expected = uninterrupted_weights(str(tmp_path / "reference"), backend)
     directory = str(tmp_path / "killed")
     os.makedirs(directory)
-    with started(directory, backend="jax") as run:
+    with started(directory, backend=backend) as run:
         kill_at(run, 1, 4)
-    with started(directory, backend="jax") as run:
+    with started(directory, backend=backend) as run:
         finish(run)
     assert_same_weights(final_weights(directory), expected)
     assert_nothing_left(directory)

@@ -14,16 +14,16 @@ import importlib
 
 import keras
 
-BACKENDS = ("tensorflow", "jax")
+BACKENDS = ("tensorflow", "jax", "torch")
 """The Keras backends marginfit runs on."""
 
 _BACKEND = keras.backend.backend()
 
 if _BACKEND not in BACKENDS:
     raise ImportError(
-        f"marginfit runs on Keras' TensorFlow and JAX backends, but KERAS_BACKEND "
-        f"is {_BACKEND!r}. Set KERAS_BACKEND=tensorflow (the default) or "
-        "KERAS_BACKEND=jax before importing marginfit."
+        f"marginfit runs on Keras' TensorFlow, JAX and PyTorch backends, but "
+        f"KERAS_BACKEND is {_BACKEND!r}. Set KERAS_BACKEND=tensorflow (the default), "
+        "jax or torch before importing marginfit."
     )
 
 _module = importlib.import_module(f"marginfit.backend.{_BACKEND}")

@@ -17,6 +17,7 @@ import numpy as np
 
 from marginfit import distances as distances_lib
 from marginfit import resume
+from marginfit.backend.common import GlobalBatch, global_batch, replicas_in_sync  # noqa: F401
 
 
 def class_indices(labels, num_classes):
@@ -35,31 +36,6 @@ def class_indices(labels, num_classes):
     if labels.ndim == 2 and labels.shape[-1] == num_classes and num_classes > 1:
         return jnp.argmax(labels, axis=-1).astype("int32")
     return jnp.reshape(labels, (-1,)).astype("int32")
-
-
-def replicas_in_sync():
-    """1: a JAX step computes the loss of the global batch."""
-    return 1
-
-
-class GlobalBatch:
-    """The global batch of a JAX step: the step already sees all of it.
-
-    Attributes:
-        sums: The given ``[n]`` sums (None without).
-        offset: 0, the index of the step's first example.
-    """
-
-    def __init__(self, sums=None):
-        self.sums = sums
-        self.offset = 0
-
-
-def global_batch(batch_size, sums=None, positions=False):
-    """The `GlobalBatch` of a step (``batch_size`` and ``positions`` are
-    for the TensorFlow backend's replicas)."""
-    del batch_size, positions
-    return GlobalBatch(sums)
 
 
 def uniform_keys(batch_size, classes, seed, offset):

@@ -132,13 +132,7 @@ class TapeGradients(distances_lib.Gradients):
         )
         for index, gradient in zip(indices, gradients):
             if gradient is None:
-                raise ValueError(
-                    f"The model output does not depend on margin layer "
-                    f"{self.names[index]!r} in the recorded forward pass. Put the "
-                    "margin on a layer between the inputs and the output (with "
-                    "integer inputs, after a trainable layer: the tape records "
-                    "nothing before it)."
-                )
+                raise ValueError(distances_lib.unconnected_message(self.names[index]))
         return gradients
 
     def unrecorded(self):
