@@ -41,7 +41,15 @@ def save_model(model, path, overwrite=True):
 
     Raises:
         FileExistsError: If ``path`` exists and may not be replaced.
+        NotImplementedError: On the PyTorch backend (export it from another).
     """
+    if keras.backend.backend() == "torch":
+        raise NotImplementedError(
+            "save_model cannot export a SavedModel on the PyTorch backend: Keras' "
+            "export from PyTorch fails there (a plain keras.Model too). Save a .keras "
+            "file with model.save(...), load it under KERAS_BACKEND=tensorflow or jax, "
+            "and call save_model there."
+        )
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path):
         replaceable = os.path.isdir(path) and (_is_saved_model(path) or not os.listdir(path))

@@ -9,12 +9,14 @@ reference and compares.
 """
 
 import itertools
+import os
 import sys
 
 import keras
 import numpy as np
 from nets import conv_net, digits, margin_for
 
+import marginfit
 from marginfit import attacks
 
 EVALUATE = [
@@ -145,10 +147,17 @@ def main(weights_path, out_path):
         for key, value in run_case(case, weights).items():
             results[f"{case[0]}|{key}"] = value
     if keras.backend.backend() == "torch":
+        model = conv_net(margin_for(2))[0]
         try:
-            conv_net(margin_for(2))[0].compile(loss="mse", jit_compile=True)
+            model.compile(loss="mse", jit_compile=True)
         except ValueError as error:
             results["refusals|jit_compile"] = np.array(str(error))
+        saved = os.path.join(os.path.dirname(out_path), "saved")
+        try:
+            marginfit.save_model(model, saved)
+        except NotImplementedError as error:
+            results["refusals|save_model"] = np.array(str(error))
+        results["refusals|save_model_wrote"] = np.array(os.path.exists(saved))
     np.savez(out_path, **results)
 
 

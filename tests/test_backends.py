@@ -127,12 +127,18 @@ def test_one_sgd_step_equals_tensorflow_and_the_reference(other_results, case):
 DISTRIBUTION_FIT = os.path.join(HERE, "jax_distribution_fit.py")
 
 
-def test_torch_compile_is_refused_with_the_fix(other_results):
+def test_what_pytorch_cannot_do_is_refused_with_the_fix(other_results):
+    """``jit_compile=True`` and `marginfit.save_model` on PyTorch raise at
+    once, naming the fix; nothing is written."""
     if "refusals" not in other_results:
         pytest.skip("PyTorch only")
     message = str(other_results["refusals"]["jit_compile"])
     assert message.startswith("jit_compile=True (torch.compile) cannot trace the margin")
     assert "jit_compile=False" in message
+    message = str(other_results["refusals"]["save_model"])
+    assert message.startswith("save_model cannot export a SavedModel on the PyTorch backend")
+    assert "KERAS_BACKEND=tensorflow or jax" in message
+    assert not other_results["refusals"]["save_model_wrote"]
 
 
 @pytest.mark.parametrize("case", ATTACKS[:-1], ids=[case[0] for case in ATTACKS[:-1]])
