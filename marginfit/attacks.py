@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from marginfit import backend
+from marginfit import margin as margin_lib
 
 ops = keras.ops
 
@@ -50,7 +51,7 @@ def _check_loss(loss):
 
 def _one_hot(y, classes):
     """``[batch, classes]`` float32 rows of class indices or one-hot ``y``."""
-    if len(y.shape) == 2 and y.shape[-1] == classes and classes > 1:
+    if margin_lib.is_one_hot(y.shape, classes):
         return ops.cast(y, "float32")
     return ops.one_hot(ops.cast(ops.reshape(y, [-1]), "int32"), classes)
 

@@ -7,6 +7,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from marginfit import margin as margin_lib
+
 
 @keras.saving.register_keras_serializable(package="marginfit")
 class HuberLoss(keras.losses.Huber):
@@ -64,7 +66,7 @@ def _label_probabilities(y_true, y_pred, from_logits):
         p = y_pred
         log_p = ops.log(ops.maximum(p, np.finfo("float32").tiny))
     y_true = ops.convert_to_tensor(y_true)
-    if len(y_true.shape) == 2 and y_true.shape[-1] == classes and classes > 1:
+    if margin_lib.is_one_hot(y_true.shape, classes):
         labels = ops.argmax(y_true, axis=-1)
     else:
         labels = ops.reshape(y_true, [-1])

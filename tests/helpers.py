@@ -3,12 +3,14 @@ the tests."""
 
 import contextlib
 import copy
+import importlib.util
 import json
 import subprocess
 import sys
 
 import keras
 import numpy as np
+import pytest
 import reference
 import tensorflow as tf
 from nets import (  # noqa: F401 (shared with the tests)
@@ -123,6 +125,12 @@ def assert_model_file_round_trip(model, path, x):
 
 
 # ------------------------------------------------------------- processes
+
+
+def skip_without(backend):
+    """Skips the test where the Keras ``backend``'s framework is not installed."""
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed (pip install -e .[{backend}])")
 
 
 @contextlib.contextmanager

@@ -4,7 +4,6 @@ every backend; JAX's `keras.distribution`, saving across backends, and the
 commands on JAX."""
 
 import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,6 +22,7 @@ from helpers import (
     processes,
     reference_gradients,
     reference_loss,
+    skip_without,
     wait_all,
 )
 from reference import balance_reference
@@ -33,6 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OTHER_BACKENDS = ("jax", "torch")
 
 
+@functools.cache
 def initial_weights():
     model, _ = conv_net(margin_for(2))
     return model.get_weights()
@@ -49,8 +50,7 @@ def tensorflow_case(name):
 def other_results(request, tmp_path_factory):
     """``{case name: {key: array}}`` of every case, run on JAX and on
     PyTorch, each in a fresh process from TensorFlow's initial weights."""
-    if importlib.util.find_spec(request.param) is None:
-        pytest.skip(f"{request.param} is not installed (pip install -e .[{request.param}])")
+    skip_without(request.param)
     folder = tmp_path_factory.mktemp(request.param)
     weights, out = folder / "weights.npz", folder / "out.npz"
     np.savez(weights, **{f"w{i}": w for i, w in enumerate(initial_weights())})

@@ -3,7 +3,6 @@
 on one process and on a cluster of two workers."""
 
 import contextlib
-import importlib.util
 import os
 import random
 import signal
@@ -11,7 +10,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from helpers import processes, wait_all
+from helpers import processes, skip_without, wait_all
 
 from marginfit.cluster import free_ports
 
@@ -153,8 +152,7 @@ def test_killed_worker_resumes_the_cluster_to_the_same_weights(tmp_path, one_pro
 def test_killed_mid_epoch_on_another_backend_resumes_to_the_same_weights(tmp_path, backend):
     """The same on Keras' JAX and PyTorch backends: one kill mid-epoch,
     after a backup."""
-    if importlib.util.find_spec(backend) is None:
-        pytest.skip(f"{backend} is not installed (pip install -e .[{backend}])")
+    skip_without(backend)
     expected = uninterrupted_weights(str(tmp_path / "reference"), backend)
     directory = str(tmp_path / "killed")
     os.makedirs(directory)

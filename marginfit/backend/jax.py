@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from marginfit import distances as distances_lib
+from marginfit import margin as margin_lib
 from marginfit import resume
 from marginfit.backend.common import GlobalBatch, global_batch, replicas_in_sync  # noqa: F401
 
@@ -33,7 +34,7 @@ def class_indices(labels, num_classes):
         compiled JAX step; `marginfit.checks` refuses them before `fit()`.
     """
     labels = jnp.asarray(labels)
-    if labels.ndim == 2 and labels.shape[-1] == num_classes and num_classes > 1:
+    if margin_lib.is_one_hot(labels.shape, num_classes):
         return jnp.argmax(labels, axis=-1).astype("int32")
     return jnp.reshape(labels, (-1,)).astype("int32")
 
@@ -208,11 +209,9 @@ class MarginTrainer:
             ``(loss, (unscaled_loss, y_pred, non_trainable_variables,
             metrics_variables))``, as Keras' JAX trainer does.
         """
-        mapping = list(zip(self.trainable_variables, trainable_variables))
-        mapping += zip(self.non_trainable_variables, non_trainable_variables)
-        mapping += zip(self.metrics_variables, metrics_variables)
-        if optimizer_variables is not None:
-            mapping += zip(self.optimizer.variables, optimizer_variables)
+        mapping = self._state_mapping(
+            trainable_variables, non_trainable_variables, metrics_variables, optimizer_variables
+        )
         with keras.StatelessScope(state_mapping=mapping) as scope:
             y_pred, penalty = self._forward(x, y, sample_weight, training=training)
             loss = unscaled_loss = self._loss(x, y, y_pred, sample_weight, penalty, training)
@@ -221,6 +220,16 @@ class MarginTrainer:
         non_trainable_variables = [scope.get_current_value(v) for v in self.non_trainable_variables]
         metrics_variables = [scope.get_current_value(v) for v in self.metrics_variables]
         return loss, (unscaled_loss, y_pred, non_trainable_variables, metrics_variables)
+
+    def _state_mapping(self, trainable, non_trainable, metrics, optimizer_variables=None):
+        """``[(variable, value)]`` of the model's (and the optimizer's)
+        variables for a `keras.StatelessScope`."""
+        mapping = list(zip(self.trainable_variables, trainable))
+        mapping += zip(self.non_trainable_variables, non_trainable)
+        mapping += zip(self.metrics_variables, metrics)
+        if optimizer_variables is not None:
+            mapping += zip(self.optimizer.variables, optimizer_variables)
+        return mapping
 
     def make_train_function(self, force=False):
         """`keras.Model.make_train_function`, passing over the batches a
@@ -274,9 +283,7 @@ class MarginTrainer:
         the step's state (the weights it attacks, the step count seeding
         its random start); no gradient flows through it."""
         trainable, non_trainable, optimizer_variables, _ = state
-        mapping = list(zip(self.trainable_variables, trainable))
-        mapping += zip(self.non_trainable_variables, non_trainable)
-        mapping += zip(self.optimizer.variables, optimizer_variables)
+        mapping = self._state_mapping(trainable, non_trainable, (), optimizer_variables)
         with keras.StatelessScope(state_mapping=mapping):
             return self.adversary.perturb(self, x, y, seed=self._attack_seed())
 

@@ -30,21 +30,13 @@ def class_indices(labels, num_classes):
         ``[batch]`` int32 class indices.
     """
     labels = tf.convert_to_tensor(labels)
-    if labels.shape.rank == 2 and labels.shape[-1] == num_classes and (num_classes > 1):
+    if margin_lib.is_one_hot(labels.shape, num_classes):
         return tf.argmax(labels, axis=-1, output_type=tf.int32)
     indices = tf.cast(tf.reshape(labels, [-1]), tf.int32)
     # XLA drops assertions; outside XLA a bad label stops the step here.
-    tf.debugging.assert_non_negative(
-        indices,
-        message=f"{margin_lib.LABEL_ERROR_PREFIX} >= 0, but a batch holds a negative "
-        "label. Check the labels.",
-    )
+    tf.debugging.assert_non_negative(indices, message=margin_lib.negative_label_message())
     tf.debugging.assert_less(
-        indices,
-        num_classes,
-        message=f"{margin_lib.LABEL_ERROR_PREFIX} < {num_classes} (the number of model "
-        "outputs), but a batch holds a larger one. Check the labels or the size "
-        "of the output layer.",
+        indices, num_classes, message=margin_lib.large_label_message(num_classes)
     )
     return indices
 

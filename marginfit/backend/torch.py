@@ -34,20 +34,13 @@ def class_indices(labels, num_classes):
         (eager) step with the message of the other backends' checks.
     """
     labels = keras.ops.convert_to_tensor(labels)
-    if labels.ndim == 2 and labels.shape[-1] == num_classes and num_classes > 1:
+    if margin_lib.is_one_hot(labels.shape, num_classes):
         return torch.argmax(labels, dim=-1)
     indices = torch.reshape(labels, (-1,)).long()
     if indices.numel() and int(indices.min()) < 0:
-        raise ValueError(
-            f"{margin_lib.LABEL_ERROR_PREFIX} >= 0, but a batch holds a negative label. "
-            "Check the labels."
-        )
+        raise ValueError(margin_lib.negative_label_message())
     if indices.numel() and int(indices.max()) >= num_classes:
-        raise ValueError(
-            f"{margin_lib.LABEL_ERROR_PREFIX} < {num_classes} (the number of model "
-            "outputs), but a batch holds a larger one. Check the labels or the size "
-            "of the output layer."
-        )
+        raise ValueError(margin_lib.large_label_message(num_classes))
     return indices
 
 
@@ -61,8 +54,10 @@ def uniform_keys(batch_size, classes, seed, offset):
     """``[batch, classes]`` uniform keys in [0, 1) from ``(first, step)``,
     one row per example of the batch (``offset`` is 0)."""
     del offset
-    keys = torch.rand((int(batch_size), classes), generator=_generator(seed))
-    return keys.to(keras.ops.convert_to_tensor(0.0).device)
+    # Drawn on the CPU (the generator's), moved to Keras' device.
+    return keras.ops.convert_to_tensor(
+        torch.rand((int(batch_size), classes), generator=_generator(seed))
+    )
 
 
 def uniform_like(x, seed, minval, maxval):
