@@ -3,11 +3,13 @@
 from marginfit import losses, networks
 from marginfit.callbacks import DistanceHistograms, GroupLearningRateScheduler
 from marginfit.data import load_digits
+from marginfit.input_gradient import InputGradientPenalty
 from marginfit.losses import HuberLoss
 from marginfit.margin import LargeMargin
 from marginfit.metrics import ViolationRate
 from marginfit.model import MarginModel
 from marginfit.optimizers import BacktrackingSGD, discriminative_optimizer
+from marginfit.penalty import Penalty, PenaltyResult, Step
 from marginfit.resume import BackupAndRestore
 from marginfit.saving import load_model, save_model
 
@@ -17,8 +19,12 @@ __all__ = [
     "DistanceHistograms",
     "GroupLearningRateScheduler",
     "HuberLoss",
+    "InputGradientPenalty",
     "LargeMargin",
     "MarginModel",
+    "Penalty",
+    "PenaltyResult",
+    "Step",
     "ViolationRate",
     "discriminative_optimizer",
     "load_digits",

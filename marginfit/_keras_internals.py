@@ -1,88 +1,163 @@
-"""Every use of Keras' private API in marginfit, in one place.
+"""Every use of Keras' private API in marginfit, one entry per feature.
 
-Each entry says why no public API serves; `verify()` checks that the installed
-Keras still has them and names what changed if not (run by the test suite).
-
-- Functional construction (`Functional`, `Trainer.__init__`,
-  `functional_init_arguments`): `keras.Model.__init__` builds a subclass
-  called with ``(inputs, outputs)`` by rewriting the *class's* bases to
-  include `Functional`, for good, so that every later subclassed use of the
-  class breaks. Here a functional call gets its own class ``(cls,
-  Functional)``, serialized under ``cls``'s registered name.
-- `MetricsList` and a metric's ``_direction``: Keras' monitoring callbacks
-  (`EarlyStopping`, `ReduceLROnPlateau`, `ModelCheckpoint`) in
-  ``mode="auto"`` read ``_direction`` only from metrics grouped in a
-  `MetricsList` (or the compiled metrics).
-- ``Trainer._loss_tracker``: the metric behind the ``loss`` log, which a
-  `train_step` override updates exactly as Keras' own does.
-- ``Layer._flatten_layers``: the only way to reach nested layers of custom
-  layers (``model.layers`` lists the top level only).
-- ``Optimizer._get_variable_index``: how an optimizer finds the slot
-  variables of a model variable in `update_step` (Keras' own optimizers use
-  it; there is no public equivalent).
-- A Functional's graph (``Function._run_through_graph``, a Sequential's
-  ``_functional``, an operation's ``_inbound_nodes``): the taps model of a
-  margin inside a nested model calls the nested model's layers in the outer
-  graph (`marginfit.taps`); Keras' public graph tools (`clone_model`,
-  ``Model(inputs, layer.output)``) keep a nested model's layers in its own
-  graph, which the outer inputs do not reach. On JAX the margin layers'
-  gradients come from running the graph with a perturbation added at each
-  margin layer (`run_graph`, with Functional's ``_standardize_inputs`` and
-  ``operation_fn``, which passes ``training`` on as `Functional.call` does).
-- ``data_adapters.get_data_adapter``: how `fit()` turns every input form it
-  takes (arrays, lists and dicts of arrays, datasets, `PyDataset`,
-  generators) into batches; `MarginModel.margin_distances` takes the same.
+Each internal is imported on its own: one that a Keras release no longer
+has disables the feature that needs it, with an error naming the feature,
+the internal and the supported Keras versions, instead of breaking
+``import marginfit``. `verify()` checks that the installed Keras still has
+each one and still behaves as marginfit needs (the test suite runs it, on
+every Keras version it supports). The design page lists each with the
+reason no public API serves.
 """
+
+import importlib
 
 import keras
 
-_SUPPORTED = "keras>=3.15.1,<3.16"
+SUPPORTED = "keras>=3.15.1,<3.17"
 
-try:
-    from keras.src.models.functional import Functional
-    from keras.src.models.functional import operation_fn as _operation_fn
-    from keras.src.models.model import functional_init_arguments
-    from keras.src.trainers.compile_utils import MetricsList
-    from keras.src.trainers.data_adapters import get_data_adapter
-    from keras.src.trainers.trainer import Trainer
-except ImportError as error:  # pragma: no cover - depends on the Keras version
-    raise ImportError(
-        f"marginfit needs Keras internals that Keras {keras.__version__} does "
-        f"not have ({error}). Install a supported Keras: pip install "
-        f"'{_SUPPORTED}'."
-    ) from error
+FEATURES = {
+    "functional": (
+        "building a MarginModel from inputs and outputs (MarginModel(inputs, outputs) "
+        "and MarginModel.wrap)",
+        "keras.Model.__init__ rewrites the bases of a subclass called with (inputs, "
+        "outputs) for good, which breaks every later subclassed use of the class; a "
+        "functional call gets its own class (cls, Functional) instead.",
+    ),
+    "metric directions": (
+        "the metrics of MarginModel's penalty (margin_loss, dead_rate, distance_<layer>, "
+        "violation_rate, nonfinite_steps)",
+        "Keras' monitoring callbacks (EarlyStopping, ReduceLROnPlateau, ModelCheckpoint) "
+        "in mode='auto' read a metric's _direction only from metrics grouped in a "
+        "MetricsList or the compiled metrics.",
+    ),
+    "loss log": (
+        "the `loss` log of MarginModel's steps",
+        "Model._loss_tracker is the metric behind the `loss` log, which a train_step "
+        "override updates as Keras' own steps do.",
+    ),
+    "nested layers": (
+        "discriminative_optimizer's groups of nested layers",
+        "Layer._flatten_layers is the only way to reach the layers nested in custom "
+        "layers (Model.layers lists the top level only).",
+    ),
+    "optimizer slots": (
+        "BacktrackingSGD's slot variables",
+        "Optimizer._get_variable_index is how an optimizer's update_step finds the slots "
+        "of a variable (Keras' own optimizers use it; under tf.distribute the variable "
+        "given is a replica's component, which only Keras knows how to key).",
+    ),
+    "data adapters": (
+        "MarginModel.margin_distances on every input form fit() takes",
+        "get_data_adapter turns arrays, lists and dicts of arrays, datasets, PyDataset "
+        "and generators into the batches fit() would make.",
+    ),
+    "multi-worker": (
+        "fit()/evaluate() under tf.distribute.MultiWorkerMirroredStrategy",
+        "Keras' TensorFlow trainer fails there for every model (keras-team/keras#20585); "
+        "marginfit.backend.tensorflow.multi_worker retries its symbolic build with the "
+        "worker's own batch and probes reduce_per_replica.",
+    ),
+}
+"""Feature -> (what needs it, why no public API serves)."""
 
-__all__ = [
-    "Functional",
-    "MetricsList",
-    "batches",
-    "declare_direction",
-    "flatten_layers",
-    "functional_class",
-    "graph_of",
-    "inbound_nodes",
-    "functional_init_arguments",
-    "init_functional",
-    "loss_tracker",
-    "variable_index",
-    "verify",
-]
+_NAMES = {
+    "Functional": ("functional", "keras.src.models.functional", "Functional"),
+    "Trainer": ("functional", "keras.src.trainers.trainer", "Trainer"),
+    "MetricsList": ("metric directions", "keras.src.trainers.compile_utils", "MetricsList"),
+    "get_data_adapter": (
+        "data adapters",
+        "keras.src.trainers.data_adapters",
+        "get_data_adapter",
+    ),
+}
+"""Name here -> (feature, module, attribute) of each imported internal."""
+
+ATTRIBUTES = {
+    "Metric._direction": "metric directions",
+    "Model._loss_tracker": "loss log",
+    "Layer._flatten_layers": "nested layers",
+    "Optimizer._get_variable_index": "optimizer slots",
+    "TensorFlowTrainer._maybe_symbolic_build": "multi-worker",
+    "TensorFlowTrainer._symbolic_build": "multi-worker",
+    "keras.src.backend.tensorflow.trainer.reduce_per_replica": "multi-worker",
+}
+"""The private attributes read or overridden, by feature (with the imports
+above: every private name marginfit uses)."""
+
+
+class MissingInternalError(ImportError):
+    """A Keras internal that a feature needs is missing."""
+
+
+def _message(feature, internal, error):
+    what, _ = FEATURES[feature]
+    return (
+        f"{what} needs {internal}, which Keras {keras.__version__} does not have "
+        f"({error}). Install a supported Keras ({SUPPORTED}), or a marginfit release "
+        "that supports this one."
+    )
+
+
+def _missing(name, feature, internal, error):
+    """A stand-in for a missing internal: a class (usable as a base) whose
+    instantiation, or any call, raises `MissingInternalError`."""
+    message = _message(feature, internal, error)
+
+    class Missing:
+        def __new__(cls, *args, **kwargs):
+            raise MissingInternalError(message)
+
+        def __init_subclass__(cls, **kwargs):
+            super().__init_subclass__(**kwargs)
+
+    Missing.__name__ = Missing.__qualname__ = name
+    Missing.missing = message
+    return Missing
+
+
+def _load(name):
+    feature, module, attribute = _NAMES[name]
+    internal = f"{module}.{attribute}"
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as error:
+        return _missing(name, feature, internal, error)
+
+
+Functional = _load("Functional")
+Trainer = _load("Trainer")
+MetricsList = _load("MetricsList")
+get_data_adapter = _load("get_data_adapter")
+
+
+def require(name):
+    """Raises `MissingInternalError` where the internal ``name`` (a key of
+    the imports above) is missing."""
+    value = globals()[name]
+    if getattr(value, "missing", None):
+        raise MissingInternalError(value.missing)
+    return value
+
+
+# ------------------------------------------------------ functional
+
 
 _FUNCTIONAL_CLASSES = {}
 
 
 def functional_class(cls):
     """``cls`` with `Functional` mixed in; one class per ``cls``."""
-    if issubclass(cls, Functional):
+    functional = require("Functional")
+    if issubclass(cls, functional):
         return cls
     if cls not in _FUNCTIONAL_CLASSES:
 
         def from_config(_, config, custom_objects=None):
             return cls.from_config(config, custom_objects=custom_objects)
 
-        functional = type(
+        mixed = type(
             cls.__name__,
-            (cls, Functional),
+            (cls, functional),
             {
                 "__module__": cls.__module__,
                 "__qualname__": cls.__qualname__,
@@ -93,16 +168,29 @@ def functional_class(cls):
         registered_name = keras.saving.get_registered_name(cls)
         if ">" in registered_name:
             package, name = registered_name.split(">", 1)
-            keras.saving.register_keras_serializable(package, name)(functional)
-        _FUNCTIONAL_CLASSES[cls] = functional
+            keras.saving.register_keras_serializable(package, name)(mixed)
+        _FUNCTIONAL_CLASSES[cls] = mixed
     return _FUNCTIONAL_CLASSES[cls]
+
+
+def is_functional_call(args, kwargs):
+    """Whether a model class is called with ``(inputs, outputs)``, as
+    positional or keyword arguments (what makes `keras.Model` Functional)."""
+    return (
+        len(args) == 2
+        or (len(args) == 1 and "outputs" in kwargs)
+        or ("inputs" in kwargs and "outputs" in kwargs)
+    )
 
 
 def init_functional(model, args, kwargs):
     """What `keras.Model.__init__` does for ``(inputs, outputs)``, without
     rewriting the class."""
-    Trainer.__init__(model)
-    Functional.__init__(model, *args, **kwargs)
+    require("Trainer").__init__(model)
+    require("Functional").__init__(model, *args, **kwargs)
+
+
+# ------------------------------------------------- the other features
 
 
 def declare_direction(metric, direction):
@@ -122,98 +210,95 @@ def flatten_layers(model):
     return list(model._flatten_layers(include_self=False, recursive=True))
 
 
-def batches(x, y=None, batch_size=None):
-    """The batches `fit()` would make of ``(x, y)``, unshuffled: a
-    `tf.data.Dataset` (on TensorFlow) or an iterator of numpy arrays, of
-    ``(x, y)`` or ``(x, y, sample_weight)`` tuples."""
-    adapter = get_data_adapter(x, y, batch_size=batch_size, shuffle=False)
-    if keras.backend.backend() == "tensorflow":
-        return adapter.get_tf_dataset()
-    return adapter.get_numpy_iterator()
-
-
-def graph_of(model):
-    """The Functional graph of a Functional or a built Sequential model, whose
-    ``_run_through_graph(inputs, call_fn=...)`` calls ``call_fn(operation,
-    *args, **kwargs)`` at each node."""
-    if isinstance(model, keras.Sequential):
-        if model._functional is None:
-            raise ValueError(
-                f"Sequential model {model.name!r} has no graph yet: start it with "
-                "`keras.Input(...)` so that its layers can carry a margin."
-            )
-        return model._functional
-    return model
-
-
-def run_graph(graph, inputs, call_fn, training):
-    """Runs a Functional graph on ``inputs`` as `Functional.call` does,
-    calling ``call_fn(operation, call, *args, **kwargs)`` at each node, where
-    ``call`` calls ``operation`` with ``training`` passed on; returns the
-    flattened outputs."""
-    return graph._run_through_graph(
-        graph._standardize_inputs(inputs),
-        operation_fn=lambda operation: (operation, _operation_fn(operation, training=training)),
-        call_fn=lambda pair, *args, **kwargs: call_fn(*pair, *args, **kwargs),
-    )
-
-
-def inbound_nodes(operation):
-    """The nodes (calls) of ``operation`` in every graph it is part of."""
-    return operation._inbound_nodes
-
-
 def variable_index(optimizer, variable):
     """Index of ``variable`` in the slot-variable lists of ``optimizer``."""
     return optimizer._get_variable_index(variable)
 
 
+def batches(x, y=None, batch_size=None):
+    """The batches `fit()` would make of ``(x, y)``, unshuffled: a
+    `tf.data.Dataset` (on TensorFlow) or an iterator of numpy arrays, of
+    ``(x, y)`` or ``(x, y, sample_weight)`` tuples."""
+    adapter = require("get_data_adapter")(x, y, batch_size=batch_size, shuffle=False)
+    if keras.backend.backend() == "tensorflow":
+        return adapter.get_tf_dataset()
+    return adapter.get_numpy_iterator()
+
+
+def tensorflow_trainer():
+    """Keras' TensorFlow trainer module (`TensorFlowTrainer`,
+    ``reduce_per_replica``), for the multi-worker workaround."""
+    try:
+        return importlib.import_module("keras.src.backend.tensorflow.trainer")
+    except ImportError as error:
+        raise MissingInternalError(
+            _message("multi-worker", "keras.src.backend.tensorflow.trainer", error)
+        ) from error
+
+
+# ------------------------------------------------------------ checks
+
+
 def verify():
-    """Checks that the installed Keras still has what this module uses.
+    """Checks that the installed Keras still has, and still behaves as
+    marginfit needs, every internal above.
 
     Raises:
-        RuntimeError: Naming each missing or changed internal and the Keras
-            versions marginfit supports.
+        RuntimeError: Naming each missing or changed internal, its feature
+            and the Keras versions marginfit supports.
     """
     problems = []
 
-    def expect(condition, what):
+    def expect(condition, what, feature):
         if not condition:
-            problems.append(what)
+            problems.append(f"{what} ({FEATURES[feature][0]})")
 
-    expect(callable(functional_init_arguments), "keras.src.models.model.functional_init_arguments")
-    expect(issubclass(Functional, keras.Model), "keras.src.models.functional.Functional")
-    expect(
-        hasattr(MetricsList, "get_result"),
-        "keras.src.trainers.compile_utils.MetricsList.get_result",
-    )
-    expect(hasattr(keras.layers.Layer, "_flatten_layers"), "keras.layers.Layer._flatten_layers")
+    for name, (feature, module, attribute) in _NAMES.items():
+        expect(not getattr(globals()[name], "missing", None), f"{module}.{attribute}", feature)
+    if not problems:
+        expect(issubclass(Functional, keras.Model), "Functional is a keras.Model", "functional")
+        expect(hasattr(MetricsList, "get_result"), "MetricsList.get_result", "metric directions")
+    expect(hasattr(keras.layers.Layer, "_flatten_layers"), "Layer._flatten_layers", "nested layers")
     expect(
         hasattr(keras.optimizers.Optimizer, "_get_variable_index"),
-        "keras.optimizers.Optimizer._get_variable_index",
-    )
-    expect(callable(get_data_adapter), "keras.src.trainers.data_adapters.get_data_adapter")
-    expect(
-        callable(getattr(Functional, "_run_through_graph", None)),
-        "keras.src.ops.function.Function._run_through_graph",
-    )
-    sequential = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
-    expect(
-        isinstance(getattr(sequential, "_functional", None), Functional),
-        "keras.Sequential._functional",
-    )
-    expect(hasattr(keras.layers.Dense(1), "_inbound_nodes"), "keras.Operation._inbound_nodes")
-    expect(
-        callable(getattr(Functional, "_standardize_inputs", None)) and callable(_operation_fn),
-        "keras.src.models.functional (Functional._standardize_inputs, operation_fn)",
+        "Optimizer._get_variable_index",
+        "optimizer slots",
     )
     if keras.backend.backend() == "tensorflow":
-        _verify_tensorflow(expect)
+        try:
+            trainer = tensorflow_trainer()
+        except MissingInternalError:
+            trainer = None
+        for name in ("_maybe_symbolic_build", "_symbolic_build"):
+            expect(
+                callable(getattr(getattr(trainer, "TensorFlowTrainer", None), name, None)),
+                f"TensorFlowTrainer.{name}",
+                "multi-worker",
+            )
+        expect(
+            callable(getattr(trainer, "reduce_per_replica", None)),
+            "keras.src.backend.tensorflow.trainer.reduce_per_replica",
+            "multi-worker",
+        )
+    if not getattr(MetricsList, "missing", None):
+        _verify_behaviour(expect)
+    if problems:
+        raise RuntimeError(
+            f"Keras {keras.__version__} changed internals that marginfit relies "
+            f"on: {problems}. Install a supported Keras ({SUPPORTED}) or a "
+            "marginfit release that supports this Keras."
+        )
+
+
+def _verify_behaviour(expect):
+    """The loss tracker is a Mean after compile(), and the monitoring
+    callbacks read a grouped metric's direction."""
     probe = _DirectionProbe()
     probe.compile(loss="mse")
     expect(
         isinstance(getattr(probe, "_loss_tracker", None), keras.metrics.Mean),
-        "keras.Model._loss_tracker (a keras.metrics.Mean after compile())",
+        "Model._loss_tracker (a keras.metrics.Mean after compile())",
+        "loss log",
     )
     callback = keras.callbacks.EarlyStopping(monitor="val_probe")
     callback.set_model(probe)
@@ -223,27 +308,10 @@ def verify():
         reads_direction = callback.monitor_op is keras.ops.greater
     except ValueError:
         reads_direction = False
-    expect(reads_direction, "monitoring callbacks reading `_direction` of grouped metrics")
-    if problems:
-        raise RuntimeError(
-            f"Keras {keras.__version__} changed internals that marginfit relies "
-            f"on: {problems}. Install a supported Keras ({_SUPPORTED}) or a "
-            "marginfit release that supports this Keras."
-        )
-
-
-def _verify_tensorflow(expect):
-    """The TensorFlow trainer's internals (used by `marginfit._multi_worker`)."""
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
-    for name in ("_maybe_symbolic_build", "_symbolic_build"):
-        expect(
-            callable(getattr(tf_trainer.TensorFlowTrainer, name, None)),
-            f"keras.src.backend.tensorflow.trainer.TensorFlowTrainer.{name}",
-        )
     expect(
-        callable(getattr(tf_trainer, "reduce_per_replica", None)),
-        "keras.src.backend.tensorflow.trainer.reduce_per_replica",
+        reads_direction,
+        "monitoring callbacks reading `_direction` of grouped metrics",
+        "metric directions",
     )
 
 

@@ -13,8 +13,8 @@ attacked independently, in batches.
 import keras
 import numpy as np
 
-from marginfit import backend
-from marginfit import margin as margin_lib
+from marginfit import backend, draws
+from marginfit.labels import is_one_hot
 
 ops = keras.ops
 
@@ -51,7 +51,7 @@ def _check_loss(loss):
 
 def _one_hot(y, classes):
     """``[batch, classes]`` float32 rows of class indices or one-hot ``y``."""
-    if margin_lib.is_one_hot(y.shape, classes):
+    if is_one_hot(y.shape, classes):
         return ops.cast(y, "float32")
     return ops.one_hot(ops.cast(ops.reshape(y, [-1]), "int32"), classes)
 
@@ -154,14 +154,15 @@ class PGD:
                 `MarginModel` with ``output="probabilities"``).
             x: ``[batch, ...]`` float inputs.
             y: ``[batch]`` class indices, or ``[batch, classes]`` one-hot.
-            seed: ``(first, step)`` ints (or int tensors): the random
-                start's stateless seed.
+            seed: ``(stream, step)`` ints (or int tensors) that the random
+                start is drawn from (`marginfit.draws`): the same numbers on
+                every backend.
         """
         x = ops.convert_to_tensor(x, "float32")
         y = ops.convert_to_tensor(y)
         start = x
         if self.random_start:
-            noise = backend.uniform_like(x, seed, -self.eps, self.eps)
+            noise = draws.uniform_like(x, *seed, -self.eps, self.eps)
             start = _project(x + noise, x, self.eps, self.clip)
 
         def step(index, x_adv):
@@ -233,7 +234,9 @@ def adversarial_accuracy(
     ``loss`` is what the attack maximises, ``"ce"`` or ``"cw"`` (see
     `LOSSES`), or a tuple of both; with several losses, or ``restarts`` > 1
     (PGD from several random starts, seeds 0, 1, ...), an example counts as
-    correct only if no attack fools the model."""
+    correct only if no attack fools the model. The unperturbed input is in
+    the ball too: an example the model gets wrong counts as fooled, so the
+    result never exceeds the clean accuracy."""
     attacks = {"fgsm": fgsm, "pgd": pgd}
     if attack not in attacks:
         raise ValueError(f"Unknown attack {attack!r}; use one of {sorted(attacks)}.")
@@ -246,7 +249,7 @@ def adversarial_accuracy(
     correct = 0
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], np.asarray(y[start : start + batch_size])
-        robust = np.ones(len(xb), bool)
+        robust = np.argmax(model.predict_on_batch(xb), axis=-1) == yb
         for name in losses:
             for restart in range(restarts if attack == "pgd" else 1):
                 perturbed = perturb(xb, yb, name, restart)
@@ -422,3 +425,14 @@ def _deepfool(model, x, labels, norm, steps, overshoot, bisection):
     sizes = _norm(ops.reshape(x_adv - x, (-1, int(np.prod(x.shape[1:])))), norm)
     sizes = ops.where(ops.logical_or(success, already), sizes, np.inf)
     return sizes, x_adv
+
+
+def as_adversary(adversary):
+    """A `PGD` from itself or its config; a `TypeError` for anything else."""
+    if isinstance(adversary, dict):
+        adversary = keras.saving.deserialize_keras_object(adversary)
+    if not isinstance(adversary, PGD):
+        raise TypeError(
+            f"`adversary` must be a `marginfit.attacks.PGD` or None; received {adversary!r}."
+        )
+    return adversary

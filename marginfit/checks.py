@@ -4,7 +4,7 @@ any step runs: each failure names the problem and the fix in its first line.
 Arrays are checked whole (one vectorised pass); a `tf.data.Dataset` by its
 first batch. Later batches are guarded in the step: labels out of range stop
 it (`clear_step_errors` lifts the message to the first line), and a
-non-finite loss or gradient skips the update (`marginfit.updates`).
+non-finite loss or gradient skips the update (`marginfit.backend`).
 """
 
 import contextlib
@@ -14,7 +14,8 @@ import sys
 import keras
 import numpy as np
 
-from marginfit.margin import INPUT, LABEL_ERROR_PREFIX
+from marginfit.activations import INPUT
+from marginfit.labels import LABEL_ERROR_PREFIX
 
 
 def check_data(model, x, y=None, sample_weight=None, name="fit()"):
@@ -118,7 +119,7 @@ def check_arrays(model, x, y=None, sample_weight=None, name="fit()"):
             f"{name} received inputs with different numbers of examples "
             f"({[len(leaf) for leaf in leaves]}); give every input one row per example."
         )
-    if INPUT in model.margin.layers and len(leaves) == 1:
+    if INPUT in model.penalty.layers and len(leaves) == 1:
         if not np.issubdtype(leaves[0].dtype, np.floating):
             raise TypeError(
                 f"{name} received x of dtype {leaves[0].dtype}, but the margin on 'input' "

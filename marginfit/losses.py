@@ -1,5 +1,6 @@
 """Losses with complete, reloadable configs: a Huber loss, and the losses
-robust to label noise that the margin is measured against."""
+robust to label noise that the margin is measured against (GCE on Keras'
+own `keras.losses.CategoricalGeneralizedCrossEntropy`)."""
 
 import math
 
@@ -7,7 +8,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from marginfit import margin as margin_lib
+from marginfit.labels import is_one_hot
 
 
 @keras.saving.register_keras_serializable(package="marginfit")
@@ -37,7 +38,9 @@ class HuberLoss(keras.losses.Huber):
         self.threshold = float(threshold)
 
     def get_config(self):
-        return {**super().get_config(), "threshold": self.threshold}
+        config = {**super().get_config(), "threshold": self.threshold}
+        config.pop("delta", None)  # Keras 3.16's Huber saves it; the threshold is it
+        return config
 
 
 # ------------------------------------------------- losses robust to label noise
@@ -66,7 +69,7 @@ def _label_probabilities(y_true, y_pred, from_logits):
         p = y_pred
         log_p = ops.log(ops.maximum(p, np.finfo("float32").tiny))
     y_true = ops.convert_to_tensor(y_true)
-    if margin_lib.is_one_hot(y_true.shape, classes):
+    if is_one_hot(y_true.shape, classes):
         labels = ops.argmax(y_true, axis=-1)
     else:
         labels = ops.reshape(y_true, [-1])
@@ -108,14 +111,6 @@ class _RobustLoss(keras.losses.Loss):
         return {**super().get_config(), "from_logits": self.from_logits}
 
 
-def _positive(name, value, upper=None):
-    if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-        raise ValueError(f"`{name}` must be a positive float; received {value!r}.")
-    if upper is not None and value > upper:
-        raise ValueError(f"`{name}` must be at most {upper}; received {value!r}.")
-    return float(value)
-
-
 def _non_negative(name, value):
     if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
         raise ValueError(f"`{name}` must be a float >= 0; received {value!r}.")
@@ -123,15 +118,20 @@ def _non_negative(name, value):
 
 
 @keras.saving.register_keras_serializable(package="marginfit")
-class GeneralizedCrossEntropy(_RobustLoss):
-    """Generalized cross-entropy (Zhang & Sabuncu 2018, arXiv 1805.07836).
+class GeneralizedCrossEntropy(keras.losses.CategoricalGeneralizedCrossEntropy):
+    """Generalized cross-entropy (Zhang & Sabuncu 2018, arXiv 1805.07836):
+    Keras' `CategoricalGeneralizedCrossEntropy`, ``(1 - p_y**q) / q`` per
+    example with ``p_y`` the predicted probability of the label, taking
+    logits (``from_logits``) and one-hot labels as well.
 
-    Per example: ``(1 - p_y**q) / q``, with ``p_y`` the predicted probability
-    of the label (clipped below at 1e-7, as in the reference code). ``q -> 0``
-    gives the cross-entropy, ``q = 1`` the mean absolute error.
+    Keras' loss takes probabilities and class indices only, and raises
+    ``p_y`` to ``q`` as it is; this one floors ``p_y`` at 1e-7 first, as the
+    authors' reference code does, which keeps the gradient finite where a
+    saturated softmax gives ``p_y = 0``. ``q -> 0`` gives the cross-entropy,
+    ``q -> 1`` the mean absolute error.
 
     Args:
-        q: In (0, 1]; 0.7, the authors' setting for MNIST and CIFAR.
+        q: In (0, 1); 0.7, the authors' setting for MNIST and CIFAR.
         from_logits: Whether ``y_pred`` are logits (else probabilities).
         reduction: As for `keras.losses.Loss`.
         name: As for `keras.losses.Loss`.
@@ -149,14 +149,18 @@ class GeneralizedCrossEntropy(_RobustLoss):
         name="generalized_cross_entropy",
         dtype=None,
     ):
-        super().__init__(from_logits, reduction, name, dtype)
-        self.q = _positive("q", q, upper=1.0)
+        if not (isinstance(q, (int, float)) and 0 < q < 1):
+            raise ValueError(f"`q` must be a float in (0, 1); received {q!r}.")
+        super().__init__(q=float(q), reduction=reduction, name=name, dtype=dtype)
+        self.from_logits = bool(from_logits)
 
-    def per_example(self, p_y, p, log_p, one_hot):
-        return (1.0 - ops.power(ops.maximum(p_y, _PROBABILITY_FLOOR), self.q)) / self.q
+    def call(self, y_true, y_pred):
+        p_y, p, _, one_hot = _label_probabilities(y_true, y_pred, self.from_logits)
+        labels = ops.argmax(one_hot, axis=-1)
+        return super().call(labels, ops.maximum(p, _PROBABILITY_FLOOR))
 
     def get_config(self):
-        return {**super().get_config(), "q": self.q}
+        return {**super().get_config(), "from_logits": self.from_logits}
 
 
 @keras.saving.register_keras_serializable(package="marginfit")

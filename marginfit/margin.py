@@ -21,7 +21,11 @@ summed over competitors (``aggregation="sum"``) or taken at the nearest one
 ``d_lj`` is a distance (in the layer's units, times ``w_l``) only where
 ``f`` are logits; softmax differences saturate, so their ``d_lj`` measure
 confidence as much as geometry. What is reported as a distance is always
-the logits' (`marginfit.distances.boundary_distances`).
+the logits' (`marginfit.distances.nearest_boundaries`).
+
+`LargeMargin` is a `marginfit.Penalty`: the step calls it once; it runs
+the forward pass under the backend's gradient primitive and returns the
+loss, the outputs and what its metrics need.
 """
 
 import functools
@@ -29,43 +33,20 @@ import math
 import numbers
 
 import keras
-import numpy as np
 from keras import ops
 
-INPUT = "input"
-"""Name under which `LargeMargin.layers` designates the model input."""
-
-LABEL_ERROR_PREFIX = "Labels must be class indices"
-"""Start of the message of the step's label check (see `class_indices`)."""
-
-
-def is_one_hot(shape, num_classes):
-    """Whether labels of ``shape`` are ``[batch, num_classes]`` one-hot (or
-    soft) rows rather than class indices; False for an unknown rank."""
-    dims = getattr(shape, "dims", shape)  # a TensorShape of unknown rank has None
-    return dims is not None and len(dims) == 2 and dims[-1] == num_classes and num_classes > 1
-
-
-def negative_label_message():
-    """The step's label check where a batch holds a negative label."""
-    return f"{LABEL_ERROR_PREFIX} >= 0, but a batch holds a negative label. Check the labels."
-
-
-def large_label_message(num_classes):
-    """The step's label check where a batch holds a label >= ``num_classes``."""
-    return (
-        f"{LABEL_ERROR_PREFIX} < {num_classes} (the number of model outputs), but a batch "
-        "holds a larger one. Check the labels or the size of the output layer."
-    )
-
+from marginfit import backend, draws
+from marginfit import distances as distances_lib
+from marginfit import metrics as metrics_lib
+from marginfit.activations import INPUT  # noqa: F401 (the name of the input)
+from marginfit.penalty import Penalty, PenaltyResult
 
 _DUAL_ORDER = {1: math.inf, 2: 2, math.inf: 1}
 _AGGREGATIONS = ("max", "sum")
 _SPACES = ("probabilities", "logits")
 _COUPLINGS = ("batch", "inference")
 _COMPETITORS = ("top", "sampled")
-_TINY = float(np.finfo("float32").tiny)
-_LOWEST = float(np.finfo("float32").min)
+_TINY = distances_lib._TINY
 
 
 def _parse_norm(norm):
@@ -101,7 +82,7 @@ def _require(condition, message):
 
 
 @keras.saving.register_keras_serializable(package="marginfit")
-class LargeMargin:
+class LargeMargin(Penalty):
     """Configuration of the large-margin penalty (Elsayed et al. 2018).
 
     Args:
@@ -260,11 +241,7 @@ class LargeMargin:
             f"Unknown `space={space!r}`; use 'probabilities' or 'logits'.",
         )
         self.space = space
-        _require(
-            isinstance(weight, numbers.Real) and weight >= 0,
-            f"`weight` must be a float >= 0; received {weight!r}.",
-        )
-        self.weight = float(weight)
+        super().__init__(weight)
         _require(
             coupling in _COUPLINGS,
             f"Unknown `coupling={coupling!r}`; use 'batch' or 'inference'.",
@@ -308,75 +285,102 @@ class LargeMargin:
             "balance": self.balance,
         }
 
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
+    # ------------------------------------------------------------ the penalty
 
-    def __eq__(self, other):
-        return isinstance(other, LargeMargin) and (self.get_config() == other.get_config())
+    name = "margin"
 
-    def __repr__(self):
-        arguments = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"LargeMargin({arguments})"
+    def __call__(self, step):
+        """The margin loss of ``step`` (a `marginfit.penalty.Step`): the
+        hinge terms (`margin_loss`) plus ``balance`` times the class-balance
+        term of the global batch; in evaluation, also the distances to the
+        nearest boundary (`distances.nearest_boundaries`)."""
+        if step.training and self.coupling == "inference":
+            # The inference pass runs first, so that it sees the moving
+            # statistics as they were before this step's training pass.
+            distances, dead, _, _ = self._recorded_pass(step, training=False, with_balance=False)
+            outputs = step.model(step.x, training=True)
+            balance = None
+            if self.balance:
+                sums = balance_sums(outputs, step.model.output_kind, step.sample_weight)
+                sums = backend.global_batch(ops.shape(outputs)[0], sums).sums
+                balance = balance_from_sums(sums)
+        else:
+            distances, dead, outputs, balance = self._recorded_pass(
+                step, step.training, with_balance=True
+            )
+        value = margin_loss(distances, self, step.sample_weight)
+        if balance is not None:
+            value += self.balance * balance
+        logged = {"dead_rate": (ops.cast(dead, "float32"),)}
+        if not step.training:
+            nearest = distances_lib.nearest_boundaries(
+                step.model, step.x, step.y, self, step.gradients
+            )
+            for layer, layer_distances in zip(self.layers, nearest):
+                logged[metrics_lib.distance_metric_name(layer)] = (layer_distances,)
+            if self.space == "logits":
+                logged["violation_rate"] = (ops.stack(nearest, axis=-1), step.sample_weight)
+        return PenaltyResult(outputs, self.weight * value, value, logged)
 
+    def _recorded_pass(self, step, training, with_balance):
+        """One forward pass in ``training`` mode under the step's gradient
+        primitive: ``(distances, dead, outputs, balance)``, the first two
+        from `distances.layer_distances`, the balance term None unless
+        ``with_balance`` (and ``balance``)."""
+        model, sampled = step.model, self.competitors == "sampled"
+        with_balance = with_balance and bool(self.balance)
 
-def score_differences(outputs, labels, top_k, space, output_kind, draws=None):
-    """Score of the label minus the scores of its ``top_k`` competitors.
+        def forward(x, hook):
+            outputs, _ = model.call_with_activations(x, training=training, hook=hook)
+            self._check_top_k(model, outputs.shape[-1])
+            labels = step.class_indices(outputs.shape[-1])
+            batch_size = ops.shape(outputs)[0]
+            # One all-reduce (with several replicas) for the balance term's
+            # sums and the examples' positions in the global batch.
+            batch = backend.global_batch(
+                batch_size,
+                sums=(
+                    balance_sums(outputs, model.output_kind, step.sample_weight)
+                    if with_balance
+                    else None
+                ),
+                positions=sampled,
+            )
+            keys = None
+            if sampled:
+                keys = draws.competitor_keys(
+                    step.number, batch.offset, batch_size, outputs.shape[-1]
+                )
+            differences = distances_lib.score_differences(
+                outputs, labels, self.top_k, self.space, model.output_kind, keys
+            )
+            return {"loss": differences}, (outputs, differences, batch.sums)
 
-    Args:
-        outputs: ``[batch, classes]`` model outputs: logits or probabilities,
-            as ``output_kind`` says.
-        labels: ``[batch]`` int32 class indices.
-        top_k: Number of competitors per example.
-        space: ``"probabilities"`` or ``"logits"``: where differences are taken.
-        output_kind: ``"logits"`` or ``"probabilities"``: what ``outputs`` are.
-        draws: None for the ``top_k`` highest-scoring competitors; else
-            ``[batch, classes]`` random keys in [0, 1) (e.g. uniform): the
-            ``top_k`` classes other than the label with the largest keys are
-            the competitors (uniform keys: drawn without replacement).
+        (outputs, differences, sums), recording = step.gradients.record(forward, step.x)
+        distances, dead = distances_lib.layer_distances(recording, differences, self)
+        balance = balance_from_sums(sums) if with_balance else None
+        return distances, dead, outputs, balance
 
-    Returns:
-        ``[batch, top_k]`` float32 differences ``f_y - f_j``; highest-scoring
-        competitors first, or in the order of their keys.
-    """
-    outputs = ops.cast(outputs, "float32")
-    if space == output_kind:
-        scores = outputs
-    elif space == "probabilities":
-        scores = ops.softmax(outputs, axis=-1)
-    else:
-        # log p differs from the logits by a per-example constant, which
-        # cancels in every difference.
-        scores = ops.log(ops.maximum(outputs, _TINY))
-    is_label = ops.equal(ops.arange(scores.shape[-1])[None, :], ops.expand_dims(labels, -1))
-    label_scores = ops.sum(ops.where(is_label, scores, 0.0), axis=-1)
-    keys = scores if draws is None else ops.cast(draws, "float32")
-    keys = ops.where(is_label, _LOWEST, keys)
-    _, competitors = ops.top_k(keys, k=top_k, sorted=True)
-    competitor_scores = ops.take_along_axis(scores, competitors, axis=-1)
-    return ops.expand_dims(label_scores, -1) - competitor_scores
+    def _check_top_k(self, model, classes):
+        if self.top_k > classes - 1:
+            raise ValueError(
+                f"`top_k={self.top_k}` exceeds the {classes - 1} competitors of a "
+                f"{classes}-class output. Use top_k <= {classes - 1}."
+            )
 
+    def check_model(self, model):
+        self._check_top_k(model, model.outputs[0].shape[-1])
 
-def dual_norm(gradients, order):
-    """Per-example norm of ``[batch, ...]`` gradients, in float32.
-
-    Returns ``[batch]``. The 2-norm is written so that its own gradient is 0,
-    not NaN, at a zero vector (needed when differentiating through it).
-    """
-    flat = ops.reshape(ops.cast(gradients, "float32"), (ops.shape(gradients)[0], -1))
-    if order == 1:
-        return ops.sum(ops.abs(flat), axis=-1)
-    if math.isinf(order):
-        return ops.max(ops.abs(flat), axis=-1)
-    squared = ops.sum(ops.square(flat), axis=-1)
-    positive = squared > 0
-    return ops.where(positive, ops.sqrt(ops.where(positive, squared, 1.0)), 0.0)
-
-
-def distance(differences, norms, weight, epsilon):
-    """The first-order distance ``differences / (norms / weight + epsilon)``
-    (elementwise; ``norms`` the gradients' dual norms)."""
-    return differences / (norms / weight + epsilon)
+    def make_metrics(self):
+        """``dead_rate`` in training and evaluation; one ``distance_<layer>``
+        per margin layer and, where gamma is a distance (``space="logits"``),
+        ``violation_rate``, in evaluation only (see `marginfit.metrics`)."""
+        names = ["dead_rate", *map(metrics_lib.distance_metric_name, self.layers)]
+        metrics = [keras.metrics.Mean(name=name) for name in names]
+        if self.space == "logits":
+            thresholds = [g / w for g, w in zip(self.gamma, self.per_layer_weights)]
+            metrics.append(metrics_lib.ViolationRate(thresholds))
+        return metrics, tuple(metric.name for metric in metrics[1:])
 
 
 def hinge_terms(distances, gamma, alpha, aggregation):
@@ -461,13 +465,3 @@ def balance_from_sums(sums):
     classes = sums.shape[0] - 1
     mean = ops.divide_no_nan(sums[:classes], sums[classes])
     return -ops.mean(ops.log(ops.maximum(mean, _TINY))) - math.log(classes)
-
-
-LOGGED_COMPETITORS = 1
-"""Competitors of the ``distance_<layer>`` logs (`marginfit.distances.boundary_distances`): the
-highest-scoring one, one backward pass per evaluation batch."""
-
-NEAREST_COMPETITORS = 9
-"""Competitors `MarginModel.margin_distances` searches by default: the 9
-highest-scoring, as DeepFool implementations limit their candidate classes
-to the 10 most likely (the label among them)."""

@@ -18,7 +18,7 @@ def direction(log_name):
     callbacks (``mode="auto"``) and `marginfit.tuning.objective` read it.
     """
     name = log_name.removeprefix("val_")
-    if name in _LOWER_IS_BETTER:
+    if name in _LOWER_IS_BETTER or name.endswith("_loss"):
         return "down"
     if name.startswith(DISTANCE_PREFIX):
         return "up"
@@ -114,64 +114,42 @@ class StepCount(keras.metrics.Metric):
         return keras.ops.cast(self.count, self.dtype)
 
 
-class MarginMetrics(_keras_internals.MetricsList):
-    """The margin's metrics as one group.
-
-    Training and evaluation: ``ce_loss``, ``margin_loss`` and ``dead_rate``.
-    Evaluation only (inference mode, where the function a distance is
-    measured on is the deployed one): one ``distance_<layer>`` per margin
-    layer, the mean of `distances.boundary_distances` in the layer's units,
-    and, where the loss's gamma is a distance (``space="logits"``),
-    ``violation_rate``: the share of examples closer than ``gamma /
-    layer_weight`` to a boundary at some layer.
+class PenaltyMetrics(_keras_internals.MetricsList):
+    """The logs of a model's penalty, as one group: ``ce_loss`` (what
+    `compute_loss` gives: the compiled and regularization losses),
+    ``<name>_loss`` (the penalty's unweighted value) and the penalty's own
+    metrics (`marginfit.Penalty.make_metrics`), some in evaluation only.
 
     Grouped so that Keras' monitoring callbacks find their directions.
 
     Args:
-        margin: The `LargeMargin` config.
+        penalty: The `marginfit.Penalty`.
     """
 
-    def __init__(self, margin, name="margin_metrics"):
-        self.layer_names = margin.layers
-        means = ["ce_loss", "margin_loss", "dead_rate", *map(distance_metric_name, margin.layers)]
-        metrics = [keras.metrics.Mean(name=mean) for mean in means]
-        if margin.space == "logits":
-            thresholds = [g / w for g, w in zip(margin.gamma, margin.per_layer_weights)]
-            metrics.append(ViolationRate(thresholds))
+    def __init__(self, penalty, name="penalty_metrics"):
+        own, self.evaluation_names = penalty.make_metrics()
+        self.loss_name = penalty.loss_name
+        means = [keras.metrics.Mean(name=mean) for mean in ("ce_loss", self.loss_name)]
+        metrics = [*means, *own]
         for metric in metrics:
-            _keras_internals.declare_direction(metric, direction(metric.name))
+            found = direction(metric.name)
+            if found is not None:
+                _keras_internals.declare_direction(metric, found)
         super().__init__(metrics, name=name)
         self.by_name = {metric.name: metric for metric in metrics}
-        self.evaluation_names = tuple(
-            name
-            for name in self.by_name
-            if name == "violation_rate" or name.startswith(DISTANCE_PREFIX)
-        )
 
-    def update(self, ce_loss, margin_loss, dead, batch_size, distances=None, sample_weight=None):
-        """Adds one batch to the metrics of the group.
+    def update(self, keras_loss, result, batch_size):
+        """Adds one step.
 
         Args:
-            ce_loss: Scalar, the loss without the margin, unscaled.
-            margin_loss: Scalar, the batch's margin loss.
-            dead: ``[batch]`` bool, the examples no gradient can move.
+            keras_loss: Scalar, `compute_loss`'s value, unscaled.
+            result: The step's `marginfit.penalty.PenaltyResult`.
             batch_size: Number of examples, the weight of the scalar means.
-            distances: In evaluation, one ``[batch]`` tensor per margin
-                layer: each example's distance to the nearest boundary
-                (`distances.boundary_distances`); None in training.
-            sample_weight: Optional ``[batch]`` weights of the examples.
         """
-        self.by_name["ce_loss"].update_state(ce_loss, sample_weight=batch_size)
-        self.by_name["margin_loss"].update_state(margin_loss, sample_weight=batch_size)
-        self.by_name["dead_rate"].update_state(keras.ops.cast(dead, self.dtype))
-        if distances is None:
-            return
-        for layer_name, layer_distances in zip(self.layer_names, distances):
-            self.by_name[distance_metric_name(layer_name)].update_state(layer_distances)
-        if "violation_rate" in self.by_name:
-            self.by_name["violation_rate"].update_state(
-                keras.ops.stack(distances, axis=-1), sample_weight
-            )
+        self.by_name["ce_loss"].update_state(keras_loss, sample_weight=batch_size)
+        self.by_name[self.loss_name].update_state(result.value, sample_weight=batch_size)
+        for name, arguments in result.metrics.items():
+            self.by_name[name].update_state(*arguments)
 
     def result(self):
         """``{name: value}`` of every metric in the group."""

@@ -1,7 +1,8 @@
 """Resuming an interrupted `fit()` exactly where it stopped, also mid-epoch
 and on a cluster.
 
-`BackupAndRestore` is Keras' callback of that name with three changes:
+`BackupAndRestore` does the job of Keras' callback of that name, on the
+public `keras.callbacks.Callback`, with three changes:
 
 - A backup is one directory, ``<backup_dir>/state`` (weights with optimizer
   state, and the epoch and step reached), swapped into place atomically
@@ -15,6 +16,7 @@ and on a cluster.
   worker restores from it (`marginfit.cluster`).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,13 +32,16 @@ _METADATA = "training_metadata.json"
 
 
 @keras.saving.register_keras_serializable(package="marginfit")
-class BackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`keras.callbacks.BackupAndRestore` that writes atomically, resumes
-    mid-epoch and writes once per cluster (see the module docstring).
+class BackupAndRestore(keras.callbacks.Callback):
+    """Backs up the training state while `fit()` runs and resumes from it:
+    what `keras.callbacks.BackupAndRestore` does, built on the public
+    `keras.callbacks.Callback` with its own state, plus the three changes of
+    the module docstring.
 
-    Resuming mid-epoch needs a `marginfit.MarginModel` (which skips the
-    steps already trained) and the same batches in the same order in every
-    run (``shuffle=False``, or a dataset with a fixed seed).
+    `MarginModel.fit` restores the backup (`restore`) before training and
+    starts at its epoch; resuming mid-epoch needs the same batches in the
+    same order in every run (``shuffle=False``, or a dataset with a fixed
+    seed).
 
     Args:
         backup_dir: Directory of the backup; nothing else may write there.
@@ -45,11 +50,21 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     """
 
     def __init__(self, backup_dir, save_freq="epoch", delete_checkpoint=True):
-        super().__init__(backup_dir, save_freq=save_freq, delete_checkpoint=delete_checkpoint)
-        self.state_dir = os.path.join(backup_dir, _STATE)
-        self._weights_path = os.path.join(self.state_dir, _WEIGHTS)
-        self._training_metadata_path = os.path.join(self.state_dir, _METADATA)
-        self._steps_in_epoch = 0
+        super().__init__()
+        if not backup_dir:
+            raise ValueError("`backup_dir` is empty: give the directory of the backup.")
+        if save_freq != "epoch" and not (
+            isinstance(save_freq, int) and not isinstance(save_freq, bool) and save_freq >= 1
+        ):
+            raise ValueError(
+                f"`save_freq` must be 'epoch' or a number of steps >= 1; received {save_freq!r}."
+            )
+        self.backup_dir = os.fspath(backup_dir)
+        self.save_freq = save_freq
+        self.delete_checkpoint = delete_checkpoint
+        self.state_dir = os.path.join(self.backup_dir, _STATE)
+        self.restored = False
+        self._epoch = self._steps_in_epoch = self._last_batch = self._since_backup = 0
 
     def get_config(self):
         return {
@@ -58,32 +73,62 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
             "delete_checkpoint": self.delete_checkpoint,
         }
 
-    def _load_model(self):
-        super()._load_model()
-        if os.path.exists(self._training_metadata_path):
-            with open(self._training_metadata_path) as file:
-                steps = json.load(file).get("steps_in_epoch", 0)
-            skip_steps(self.model, steps)
-            self._steps_in_epoch = steps
+    def restore(self, model):
+        """Loads the backup, if any, into ``model`` (weights and optimizer
+        state) and makes it pass over the batches of the interrupted epoch
+        that it already trained on.
+
+        Returns:
+            The epoch to start from: 0 without a backup.
+        """
+        self.restored = True
+        metadata_path = os.path.join(self.state_dir, _METADATA)
+        if not os.path.exists(metadata_path):
+            return 0
+        if not model.built:
+            raise ValueError(
+                f"BackupAndRestore needs a built model to restore into; model {model.name!r} "
+                "is not built. Build it first (call it on a batch, or give it a keras.Input)."
+            )
+        # In the scope fit() trains in (TensorFlow's distribution strategy).
+        strategy = getattr(model, "distribute_strategy", None)
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            if model.optimizer is not None and not model.optimizer.built:
+                model.optimizer.build(model.trainable_variables)
+            model.load_weights(os.path.join(self.state_dir, _WEIGHTS))
+        with open(metadata_path) as file:
+            metadata = json.load(file)
+        skip_steps(model, metadata.get("steps_in_epoch", 0))
+        return int(metadata["epoch"])
+
+    def on_train_begin(self, logs=None):
+        if not self.restored and os.path.exists(os.path.join(self.state_dir, _METADATA)):
+            raise TypeError(
+                f"marginfit.BackupAndRestore resumes a marginfit.MarginModel, whose fit() "
+                f"restores the backup in {self.backup_dir!r}; {type(self.model).__name__} "
+                "does not. Wrap the model (MarginModel.wrap), or use "
+                "keras.callbacks.BackupAndRestore."
+            )
+        self.restored = False  # the next fit() restores again
 
     def on_epoch_begin(self, epoch, logs=None):
-        # Keras counts epochs from the end of the first one it ran.
-        self._current_epoch = epoch
+        self._epoch, self._steps_in_epoch, self._last_batch = epoch, 0, -1
 
     def on_train_batch_end(self, batch, logs=None):
-        self._steps_in_epoch = batch + 1
-        super().on_train_batch_end(batch, logs)
+        # With steps_per_execution > 1 the batch index jumps.
+        self._since_backup += batch - self._last_batch
+        self._steps_in_epoch, self._last_batch = batch + 1, batch
+        if self.save_freq != "epoch" and self._since_backup >= self.save_freq:
+            self._save()
 
     def on_epoch_end(self, epoch, logs=None):
-        self._steps_in_epoch = 0
-        super().on_epoch_end(epoch, logs)
+        self._epoch, self._steps_in_epoch = epoch + 1, 0
+        if self.save_freq == "epoch":
+            self._save()
 
-    def _save_model(self):
-        metadata = {
-            "epoch": self._current_epoch,
-            "batch": self._last_batch_seen,
-            "steps_in_epoch": self._steps_in_epoch,
-        }
+    def _save(self):
+        self._since_backup = 0
+        metadata = {"epoch": self._epoch, "steps_in_epoch": self._steps_in_epoch}
         # Every worker saves (saving may involve all of them); only the
         # chief's copy is kept.
         parent = self.backup_dir if cluster.is_chief() else tempfile.mkdtemp()
@@ -100,8 +145,8 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
                 shutil.rmtree(parent, ignore_errors=True)
 
     def on_train_end(self, logs=None):
-        if cluster.is_chief():
-            super().on_train_end(logs)
+        if self.delete_checkpoint and cluster.is_chief():
+            shutil.rmtree(self.backup_dir, ignore_errors=True)
 
 
 def skip_steps(model, steps):

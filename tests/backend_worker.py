@@ -14,7 +14,7 @@ import sys
 
 import keras
 import numpy as np
-from nets import conv_net, digits, margin_for
+from nets import LAYERS, conv_net, digits, margin_for
 
 import marginfit
 from marginfit import attacks
@@ -42,50 +42,73 @@ EVALUATE = [
     ),
     # One batch: the balance term is a function of the batch's mean prediction.
     ("evaluate balance", dict(norm=2, balance=0.7), dict(weighted=True, batch_size=20)),
+    # The library's defaults: sampled competitors (`marginfit.draws`) and the
+    # balance term, in batches of 8, 8 and 4.
+    ("evaluate defaults", dict(defaults=True), {}),
     ("evaluate probability outputs", dict(norm=2, top_k=2), dict(output="probabilities")),
 ]
 """``(name, margin options, data options)`` of the evaluation cases."""
 
 STEP = [
-    (f"step approximate={p} norm={n} {a}", dict(norm=n, top_k=2, aggregation=a, approximate=p), {})
-    for p, n, a in [
-        (True, 2, "sum"),
-        (True, np.inf, "sum"),
-        (False, 2, "sum"),
-        (False, np.inf, "sum"),
-        (True, 2, "max"),
-        (False, 2, "max"),
-        (False, np.inf, "max"),
-    ]
+    # Three SGD steps with the library's defaults (the draws change each step).
+    ("step defaults, three steps", dict(defaults=True), dict(steps=3)),
+    *(
+        (
+            f"step approximate={p} norm={n} {a}",
+            dict(norm=n, top_k=2, aggregation=a, approximate=p),
+            {},
+        )
+        for p, n, a in [
+            (True, 2, "sum"),
+            (True, np.inf, "sum"),
+            (False, 2, "sum"),
+            (False, np.inf, "sum"),
+            (True, 2, "max"),
+            (False, 2, "max"),
+            (False, np.inf, "max"),
+        ]
+    ),
 ]
-"""The one-SGD-step cases."""
+"""The SGD-step cases (one step unless ``steps``)."""
 
 ATTACKS = [
     *(
         (f"attack {name} {loss}", dict(norm=2), dict(attack=name, loss=loss))
         for name, loss in itertools.product(["fgsm", "pgd"], attacks.LOSSES)
     ),
+    ("attack pgd random start", dict(norm=2), dict(attack="pgd", loss="ce", random_start=True)),
     *(
         (f"attack minimal norm={norm}", dict(norm=2), dict(attack="minimal", norm=norm))
         for norm in attacks.NORMS
     ),
     ("step adversary", dict(norm=2), dict(adversary=True)),
 ]
-"""The attack cases on the predicted labels (PGD without its random
-start, whose draws are each backend's own; DeepFool without the
-bisection), and one SGD step of PGD adversarial training with the
+"""The attack cases on the predicted labels (PGD with and without its
+random start, whose draws are the same on every backend; DeepFool without
+the bisection), and one SGD step of PGD adversarial training with the
 margin."""
 
 CASES = EVALUATE + STEP + ATTACKS
 LEARNING_RATE = 0.5
 EPS = 0.1
-ADVERSARY = attacks.PGD(EPS, steps=3, random_start=False)
+ADVERSARY = attacks.PGD(EPS, steps=3)
+
+
+def case_margin(margin_options):
+    """The `LargeMargin` of a case: the library's defaults on conv_net's
+    layers, or `margin_for`."""
+    if margin_options.get("defaults"):
+        return marginfit.LargeMargin(LAYERS)
+    return margin_for(**margin_options)
 
 
 def case_data(name, data_options):
     """``(x, y, sample_weight)`` of a case: 20 digits to evaluate in
-    batches of 8, 8 and 4 or to attack, or one batch of 8 for a step."""
-    x, y = digits(20 if name.startswith(("evaluate", "attack")) else 8)
+    batches of 8, 8 and 4 or to attack, or ``steps`` batches of 8 for SGD
+    steps."""
+    x, y = digits(
+        20 if name.startswith(("evaluate", "attack")) else 8 * data_options.get("steps", 1)
+    )
     weights = np.linspace(0.1, 2.0, len(x)).astype("float32")
     labels = np.eye(10, dtype="float32")[y] if data_options.get("one_hot") else y
     return x, labels, weights if data_options.get("weighted") else None
@@ -97,7 +120,7 @@ def run_case(case, weights):
     name, margin_options, data_options = case
     output = data_options.get("output", "logits")
     adversary = ADVERSARY if data_options.get("adversary") else None
-    model, _ = conv_net(margin_for(**margin_options), output=output, adversary=adversary)
+    model, _ = conv_net(case_margin(margin_options), output=output, adversary=adversary)
     model.set_weights(weights)
     x, y, sample_weight = case_data(name, data_options)
     if name.startswith("attack"):
@@ -116,7 +139,7 @@ def run_case(case, weights):
         )
         return {key: np.asarray(value) for key, value in logs.items()}
     model.compile(keras.optimizers.SGD(LEARNING_RATE), loss=loss(from_logits=True))
-    model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     return {f"weight{i}": np.asarray(w) for i, w in enumerate(model.trainable_weights)}
 
 
@@ -134,7 +157,13 @@ def run_attack(model, x, options):
         x_adv = attacks.fgsm(model, x, predicted, EPS, loss=options["loss"])
     else:
         x_adv = attacks.pgd(
-            model, x, predicted, EPS, steps=3, random_start=False, loss=options["loss"]
+            model,
+            x,
+            predicted,
+            EPS,
+            steps=3,
+            random_start=options.get("random_start", False),
+            loss=options["loss"],
         )
     return {"x_adv": np.asarray(x_adv)}
 

@@ -12,7 +12,16 @@ import sys
 import keras
 import numpy as np
 import pytest
-from backend_worker import ATTACKS, CASES, EVALUATE, LEARNING_RATE, STEP, case_data, run_case
+from backend_worker import (
+    ATTACKS,
+    CASES,
+    EVALUATE,
+    LEARNING_RATE,
+    STEP,
+    case_data,
+    case_margin,
+    run_case,
+)
 from helpers import (
     DISTRIBUTION_MARGINS,
     assert_logs_match_reference,
@@ -75,9 +84,7 @@ def other_results(request, tmp_path_factory):
 def _fresh(case):
     """A TensorFlow conv_net (and its taps) with the cases' initial weights."""
     name, margin_options, data_options = case
-    model, taps = conv_net(
-        margin_for(**margin_options), output=data_options.get("output", "logits")
-    )
+    model, taps = conv_net(case_margin(margin_options), output=data_options.get("output", "logits"))
     model.set_weights(initial_weights())
     return model, taps
 
@@ -90,8 +97,10 @@ def test_evaluation_equals_tensorflow_and_the_reference(other_results, case):
     assert sorted(on_other) == sorted(on_tensorflow)
     for key, value in on_tensorflow.items():
         np.testing.assert_allclose(on_other[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
-    if data_options.get("output", "logits") != "logits":
-        return  # the reference takes logits; TensorFlow's own tests cover the rest
+    if data_options.get("output", "logits") != "logits" or margin_options.get("defaults"):
+        # The reference takes logits and the top competitors; TensorFlow's
+        # own tests cover the rest.
+        return
     margin = margin_for(**margin_options)
     _, taps = _fresh(case)
     x, y, weights = case_data(name, data_options)
@@ -109,18 +118,24 @@ def test_evaluation_equals_tensorflow_and_the_reference(other_results, case):
 
 
 @pytest.mark.parametrize("case", STEP, ids=[case[0] for case in STEP])
-def test_one_sgd_step_equals_tensorflow_and_the_reference(other_results, case):
+def test_sgd_steps_equal_tensorflow_and_the_reference(other_results, case):
+    """The weights after SGD steps are TensorFlow's to 1e-5 of the steps'
+    size (with the library's defaults too: the same competitor draws), and,
+    after one step, SGD on the reference's gradient."""
     name, margin_options, data_options = case
     model, taps = _fresh(case)
     trainable = [w.numpy() for w in model.trainable_weights]
     on_other = [other_results[name][f"weight{i}"] for i in range(len(trainable))]
     on_tensorflow = list(tensorflow_case(name).values())
+    for w0, w_other, w_tf in zip(trainable, on_other, on_tensorflow, strict=True):
+        step = np.abs(w_tf - w0).max()
+        assert step > 0
+        assert np.abs(w_other - w_tf).max() <= 1e-5 * step
+    if margin_options.get("defaults"):
+        return
     x, y, _ = case_data(name, data_options)
     expected = reference_gradients(model, taps, x, y, margin_for(**margin_options))
-    for w0, w_other, w_tf, g in zip(trainable, on_other, on_tensorflow, expected):
-        step = np.abs(w_tf - w0).max()
-        # The same update as TensorFlow's, to 1e-5 of the step's size.
-        assert np.abs(w_other - w_tf).max() <= 1e-5 * step
+    for w0, w_other, g in zip(trainable, on_other, expected):
         np.testing.assert_allclose(w_other - w0, -LEARNING_RATE * g, rtol=2e-4, atol=2e-7)
 
 
@@ -143,9 +158,9 @@ def test_what_pytorch_cannot_do_is_refused_with_the_fix(other_results):
 
 @pytest.mark.parametrize("case", ATTACKS[:-1], ids=[case[0] for case in ATTACKS[:-1]])
 def test_attacks_equal_tensorflow(other_results, case):
-    """FGSM, PGD (without the random start, whose draws are each backend's)
-    and the minimal perturbations perturb the same pixels by the same
-    amounts on JAX and PyTorch as on TensorFlow (`test_attacks.py` checks
+    """FGSM, PGD (with and without its random start, drawn the same on every
+    backend) and the minimal perturbations perturb the same pixels by the
+    same amounts on JAX and PyTorch as on TensorFlow (`test_attacks.py` checks
     TensorFlow's against closed forms)."""
     on_other = other_results[case[0]]
     on_tensorflow = tensorflow_case(case[0])

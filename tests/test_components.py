@@ -34,14 +34,15 @@ def test_huber_loss_math_and_weights():
 
 
 def test_huber_loss_keeps_its_threshold_where_keras_huber_loses_it():
+    y_true, y_pred = np.array([[0.0]]), np.array([[2.0]])
     revived = assert_config_round_trip(marginfit.HuberLoss(threshold=2.5))
     assert revived.threshold == 2.5
-    # Keras' Huber drops `delta` from its config: reloaded, it is back to 1.
+    assert float(revived(y_true, y_pred)) == pytest.approx(2.0)  # e**2 / 2 below 2.5
+    # Keras' Huber before 3.16 drops `delta` from its config: reloaded, it
+    # is back to 1 (3.16 keeps it).
     keras_revived = keras.losses.Huber.from_config(keras.losses.Huber(delta=2.5).get_config())
-    y_true, y_pred = np.array([[0.0]]), np.array([[2.0]])
-    assert float(keras_revived(y_true, y_pred)) != pytest.approx(
-        float(keras.losses.Huber(delta=2.5)(y_true, y_pred))
-    )
+    kept = float(keras_revived(y_true, y_pred)) == pytest.approx(2.0)
+    assert kept == ("delta" in keras.losses.Huber(delta=2.5).get_config())
 
 
 def test_violation_rate_streams_weighted_counts():

@@ -12,7 +12,7 @@ from helpers import assert_config_round_trip, normalized
 from hypothesis import strategies as st
 from reference import balance_reference
 
-from marginfit import LargeMargin, backend
+from marginfit import LargeMargin, backend, distances
 from marginfit import margin as margin_lib
 
 
@@ -103,18 +103,18 @@ def test_score_differences_against_numpy():
     labels = np.array([0, 1, 2, 3, 4, 0])
     probabilities = tf.nn.softmax(logits).numpy()
     for space, scores in [("logits", logits), ("probabilities", probabilities)]:
-        got = margin_lib.score_differences(logits, labels, 3, space, "logits")
+        got = distances.score_differences(logits, labels, 3, space, "logits")
         for k in range(6):
             others = np.delete(scores[k], labels[k])
             top = np.sort(others)[::-1][:3]
             np.testing.assert_allclose(got[k], scores[k, labels[k]] - top, rtol=1e-6, atol=1e-7)
     # Differences of log-probabilities equal differences of logits.
-    from_probabilities = margin_lib.score_differences(
+    from_probabilities = distances.score_differences(
         probabilities, labels, 3, "logits", "probabilities"
     )
     np.testing.assert_allclose(
         from_probabilities,
-        margin_lib.score_differences(logits, labels, 3, "logits", "logits"),
+        distances.score_differences(logits, labels, 3, "logits", "logits"),
         rtol=1e-5,
         atol=1e-6,
     )
@@ -126,7 +126,7 @@ def test_sampled_competitors_are_uniform_distinct_and_never_the_label():
     logits = rng.normal(size=(count, classes)).astype("float32")
     labels = rng.integers(0, classes, count)
     draws = rng.random((count, classes)).astype("float32")
-    differences = margin_lib.score_differences(
+    differences = distances.score_differences(
         logits, labels, top_k, "logits", "logits", draws
     ).numpy()
     # Recover each competitor from its difference.
@@ -167,14 +167,14 @@ def test_class_indices_from_sparse_and_one_hot_labels():
 def test_dual_norm_against_numpy(order):
     gradients = np.random.default_rng(1).normal(size=(4, 3, 2, 5)).astype("float32")
     expected = np.linalg.norm(gradients.reshape(4, -1), ord=order, axis=-1)
-    np.testing.assert_allclose(margin_lib.dual_norm(gradients, order), expected, rtol=1e-6)
+    np.testing.assert_allclose(distances.dual_norm(gradients, order), expected, rtol=1e-6)
 
 
 def test_two_norm_has_a_finite_gradient_at_zero():
     zeros = tf.zeros((2, 3))
     with tf.GradientTape() as tape:
         tape.watch(zeros)
-        norms = margin_lib.dual_norm(zeros, 2)
+        norms = distances.dual_norm(zeros, 2)
     np.testing.assert_array_equal(tape.gradient(norms, zeros), np.zeros((2, 3)))
 
 
@@ -199,7 +199,7 @@ def test_hinge_terms_against_the_formula(aggregation):
 def test_dual_norm_of_float16_gradients_does_not_overflow():
     # 10000 entries of 300: the squared sum (9e8) overflows float16.
     gradients = tf.fill([2, 100, 100], tf.constant(300.0, tf.float16))
-    norms = margin_lib.dual_norm(gradients, 2)
+    norms = distances.dual_norm(gradients, 2)
     assert norms.dtype == tf.float32
     np.testing.assert_allclose(norms, [30000.0, 30000.0], rtol=1e-6)
 
@@ -318,4 +318,4 @@ def test_another_keras_backend_is_refused_with_the_fix(monkeypatch):
         importlib.reload(backend)
     monkeypatch.undo()
     importlib.reload(backend)
-    assert backend.record.__module__ == "marginfit.backend.tensorflow"
+    assert backend.MarginTrainer.__module__ == "marginfit.backend.tensorflow.trainer"

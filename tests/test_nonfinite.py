@@ -12,7 +12,8 @@ from helpers import CE, conv_net, digits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from marginfit import LargeMargin, updates
+from marginfit import LargeMargin
+from marginfit.backend.tensorflow import updates
 
 BATCH = 8
 X, Y = digits(3 * BATCH)

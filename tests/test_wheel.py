@@ -2,9 +2,10 @@
 check` accepts, and the wheel installed (not editable) into a fresh virtual
 environment outside the repository runs both commands.
 
-The environment sees the installed dependencies (``--system-site-packages``:
-TensorFlow is not downloaded again, and nothing is fetched), while
-marginfit itself comes from the wheel alone (checked).
+The environment sees the dependencies installed for the Python running the
+tests (`tools/environments.py`: TensorFlow is not downloaded again, nothing
+is fetched, and this works from a virtual environment too), while marginfit
+itself, every module of it, comes from the wheel alone (checked).
 """
 
 import json
@@ -17,6 +18,8 @@ import zipfile
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import environments  # noqa: E402
 
 # What a clean clone lacks: build outputs and run outputs.
 IGNORED = shutil.ignore_patterns(
@@ -56,11 +59,23 @@ def test_the_wheel_holds_the_package_and_the_tuning_subpackage_only(built):
 
 def test_the_installed_wheel_runs_both_commands(built, tmp_path):
     venv = tmp_path / "venv"
-    run(sys.executable, "-m", "venv", "--system-site-packages", venv, cwd=tmp_path)
-    python, bin_dir = venv / "bin" / "python", venv / "bin"
+    python = environments.create(venv)
+    bin_dir = venv / "bin"
     run(python, "-m", "pip", "install", "--no-deps", "--no-index", built[0], cwd=tmp_path)
-    where = run(python, "-c", "import marginfit; print(marginfit.__file__)", cwd=tmp_path)
-    assert where.strip().startswith(str(venv)), where
+    code = (
+        "import pkgutil, sys, marginfit, marginfit.tuning\n"
+        "skipped = ('marginfit.backend.jax', 'marginfit.backend.torch',\n"
+        "           'marginfit.tuning.__main__')\n"
+        "for found in pkgutil.walk_packages(marginfit.__path__, 'marginfit.'):\n"
+        "    if not found.name.startswith(skipped):\n"
+        "        __import__(found.name)\n"
+        "for name, module in sorted(sys.modules.items()):\n"
+        "    if name.startswith('marginfit'):\n"
+        "        print('module', module.__file__)\n"
+    )
+    output = run(python, "-c", code, cwd=tmp_path).splitlines()
+    where = [line.split(" ", 1)[1] for line in output if line.startswith("module ")]
+    assert len(where) > 20 and all(path.startswith(str(venv)) for path in where), where
     run(bin_dir / "marginfit", "train", "--epochs", "1", "--output", tmp_path / "out", cwd=tmp_path)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert 0.0 <= summary["test"]["accuracy"] <= 1.0

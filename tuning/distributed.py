@@ -9,13 +9,15 @@ from three environment variables set on every process:
     KERASTUNER_ORACLE_PORT   the chief's port, e.g. 8000
 
 keras-tuner's chief waits for every trial it handed out, so a worker that
-dies mid-trial would stall the search for good. `watch_workers` makes the
-chief end the trial of a worker silent for longer than a timeout as invalid:
-keras-tuner then retries it on another worker (``max_retries_per_trial``).
-For that, a worker that asks for a trial when the budget is handed out but
-other workers' trials are still running is told to wait (keras-tuner's
-``IDLE``) instead of to stop, so that it is there to take over a retried
-trial; the search finishes its budget.
+dies mid-trial would stall the search for good. The oracles of
+`marginfit-tune` subclass keras-tuner's (`watched`, as keras-tuner's
+`synchronized` documents), noting when each worker last called; on the
+chief, `watch_workers` ends the trial of a worker silent for longer than a
+timeout as invalid: keras-tuner then retries it on another worker
+(``max_retries_per_trial``). For that, a worker that asks for a trial when
+the budget is handed out but other workers' trials are still running is
+told to wait (keras-tuner's ``IDLE``) instead of to stop, so that it is
+there to take over a retried trial; the search finishes its budget.
 """
 
 import os
@@ -35,13 +37,59 @@ def role():
     return "chief" if "chief" in os.environ.get(TUNER_ID, "") else "worker"
 
 
+class WatchedWorkers:
+    """Mixin of a keras-tuner oracle (see `watched`): notes when each worker
+    last called, and tells a worker to wait, not to stop, while other
+    workers' trials run after the budget is handed out."""
+
+    wait_seconds = 1.0
+    """How long a worker told to wait waits before it asks again."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.last_seen = {}
+
+    def create_trial(self, tuner_id):
+        self.last_seen[tuner_id] = time.monotonic()
+        trial = super().create_trial(tuner_id)
+        others_running = any(other != tuner_id for other in self.ongoing_trials)
+        if trial.status == kt.engine.trial.TrialStatus.STOPPED and others_running:
+            # Undo the stop (keras-tuner forgets a stopped worker) and have
+            # the worker ask again shortly.
+            self.tuner_ids.add(tuner_id)
+            time.sleep(self.wait_seconds)
+            return kt.engine.trial.Trial(
+                self.get_space(), trial_id="", status=kt.engine.trial.TrialStatus.IDLE
+            )
+        return trial
+
+    def update_trial(self, trial_id, metrics, step=0):
+        for tuner_id, trial in list(self.ongoing_trials.items()):
+            if trial.trial_id == trial_id:
+                self.last_seen[tuner_id] = time.monotonic()
+        return super().update_trial(trial_id, metrics, step=step)
+
+
+_WATCHED = {}
+
+
+def watched(oracle_class):
+    """``oracle_class`` (a keras-tuner oracle) with `WatchedWorkers` mixed in;
+    one class per oracle class."""
+    if oracle_class not in _WATCHED:
+        _WATCHED[oracle_class] = type(
+            f"Watched{oracle_class.__name__}", (WatchedWorkers, oracle_class), {}
+        )
+    return _WATCHED[oracle_class]
+
+
 def watch_workers(oracle, timeout, interval=1.0):
     """Starts a daemon thread on the chief that ends, as invalid, the trial
     of every worker that has not called the oracle for ``timeout`` seconds
     (a worker calls it when it asks for a trial and after each epoch).
 
     Args:
-        oracle: The chief's `keras_tuner.Oracle`.
+        oracle: The chief's oracle, a `WatchedWorkers`.
         timeout: Seconds of silence after which a worker counts as dead;
             longer than one epoch of a trial.
         interval: Seconds between checks.
@@ -49,30 +97,12 @@ def watch_workers(oracle, timeout, interval=1.0):
     Returns:
         The started `threading.Thread`.
     """
-    last_seen = {}
-    create_trial, update_trial = oracle.create_trial, oracle.update_trial
-
-    def seen_create_trial(tuner_id):
-        last_seen[tuner_id] = time.monotonic()
-        trial = create_trial(tuner_id)
-        others_running = any(other != tuner_id for other in oracle.ongoing_trials)
-        if trial.status == kt.engine.trial.TrialStatus.STOPPED and others_running:
-            # Undo the stop (keras-tuner forgets a stopped worker) and have
-            # the worker ask again shortly.
-            oracle.tuner_ids.add(tuner_id)
-            time.sleep(interval)
-            return kt.engine.trial.Trial(
-                oracle.get_space(), trial_id="", status=kt.engine.trial.TrialStatus.IDLE
-            )
-        return trial
-
-    def seen_update_trial(trial_id, metrics, step=0):
-        for tuner_id, trial in list(oracle.ongoing_trials.items()):
-            if trial.trial_id == trial_id:
-                last_seen[tuner_id] = time.monotonic()
-        return update_trial(trial_id, metrics, step=step)
-
-    oracle.create_trial, oracle.update_trial = seen_create_trial, seen_update_trial
+    if not isinstance(oracle, WatchedWorkers):
+        raise TypeError(
+            f"watch_workers needs an oracle of `watched(...)`; received {type(oracle).__name__}."
+        )
+    oracle.wait_seconds = interval
+    last_seen = oracle.last_seen
 
     def watch():
         while True:

@@ -156,19 +156,29 @@ def make_tuner(
         # on another one (see `distributed.watch_workers`).
         max_retries_per_trial=1 if distributed.role() else 0,
         objective=objective(objective_name),
-        directory=directory,
-        project_name=project_name,
-        overwrite=overwrite,
         seed=seed,
         hyperparameters=hyperparameters,
     )
+    place = dict(directory=directory, project_name=project_name, overwrite=overwrite)
     if kind == "random":
-        return kt.RandomSearch(hypermodel, max_trials=max_trials, **common)
+        oracle = distributed.watched(kt.oracles.RandomSearchOracle)(max_trials=max_trials, **common)
+        return kt.Tuner(oracle=oracle, hypermodel=hypermodel, **place)
     if kind == "bayesian":
-        return kt.BayesianOptimization(
-            hypermodel, max_trials=max_trials, num_initial_points=min(2, max_trials), **common
+        oracle = distributed.watched(kt.oracles.BayesianOptimizationOracle)(
+            max_trials=max_trials, num_initial_points=min(2, max_trials), **common
         )
-    return kt.Hyperband(hypermodel, max_epochs=epochs, factor=3, **common)
+        return kt.Tuner(oracle=oracle, hypermodel=hypermodel, **place)
+    oracle = distributed.watched(kt.oracles.HyperbandOracle)(max_epochs=epochs, factor=3, **common)
+    return _HyperbandOn(oracle, hypermodel, **place)
+
+
+class _HyperbandOn(kt.Hyperband):
+    """keras-tuner's Hyperband tuner (which trains each trial for the epochs
+    its oracle gives) on an oracle of ours; `kt.Hyperband.__init__` only
+    builds its own oracle."""
+
+    def __init__(self, oracle, hypermodel, **kwargs):
+        kt.Tuner.__init__(self, oracle=oracle, hypermodel=hypermodel, **kwargs)
 
 
 def results(tuner):

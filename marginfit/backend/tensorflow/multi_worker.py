@@ -22,18 +22,18 @@ fixed, neither changes anything.
 """
 
 import tensorflow as tf
-from keras.src.backend.tensorflow import trainer as tf_trainer
+
+from marginfit import _keras_internals
 
 _REDUCTION_FAILS = {}
 
 
 def in_multi_worker_mode(strategy):
     """Whether ``strategy`` spans several workers (collective all-reduce)."""
-    extended = getattr(strategy, "extended", None)
-    in_mode = getattr(extended, "_in_multi_worker_mode", None)
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
-        in_mode and in_mode()
-    )
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    spec = strategy.cluster_resolver.cluster_spec()
+    return sum(spec.num_tasks(job) for job in spec.jobs) > 1
 
 
 def symbolic_build(model, iterator, error):
@@ -72,7 +72,8 @@ def needs_vector_logs(strategy):
         @tf.function
         def probe():
             values = strategy.run(lambda: tf.constant(0.0))
-            return tf_trainer.reduce_per_replica(values, strategy, reduction="auto")
+            trainer = _keras_internals.tensorflow_trainer()
+            return trainer.reduce_per_replica(values, strategy, reduction="auto")
 
         try:
             probe.get_concrete_function()

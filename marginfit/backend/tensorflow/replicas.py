@@ -5,18 +5,13 @@ workers (`tf.distribute`).
 Keras sums the replicas' gradients of their per-replica losses, which is
 exact for a mean over examples. Two parts of the default margin loss are
 not such a mean: the class-balance term is a nonlinear function of the
-batch-mean prediction, and sampled competitors are drawn by position in the
-batch. `GlobalBatch` gives both what they need in one all-reduce per step:
-sums over the global batch, and this replica's offset in it.
+batch-mean prediction, and sampled competitors are drawn by each example's
+index in the global batch (`marginfit.draws`). `GlobalBatch` gives both
+what they need in one all-reduce per step: sums over the global batch, and
+this replica's offset in it.
 """
 
 import tensorflow as tf
-
-_PHILOX = 1
-"""`tf.random.Algorithm.PHILOX`, the generator that ``alg="auto_select"``
-picks on CPUs and GPUs."""
-_PER_COUNTER = 4
-"""Philox makes 4 uniform float32 numbers per 128-bit counter value."""
 
 
 def _replica_context():
@@ -77,38 +72,11 @@ class GlobalBatch:
             self.offset = tf.cast(tf.reduce_sum(tf.where(earlier, sizes, 0.0)), tf.int64)
 
 
-def uniform_rows(batch_size, width, seed, offset):
-    """Rows ``offset .. offset + batch_size - 1`` of
-    ``tf.random.stateless_uniform([n, width], seed)`` (any ``n`` beyond them).
+def replicas_in_sync():
+    """The number of replicas whose gradients Keras sums in a step."""
+    return tf.distribute.get_strategy().num_replicas_in_sync
 
-    Row ``i`` of that tensor depends on ``i`` only, not on ``n``: Philox
-    fills it from counter ``i * width / 4`` on. Starting the counter there
-    gives a replica its examples' rows without drawing the earlier
-    replicas' (static shapes, so also under XLA, whose generator lays out
-    its numbers differently).
 
-    Args:
-        batch_size: Scalar int, the number of rows.
-        width: Python int, the row length.
-        seed: ``[2]`` int seed, as for `tf.random.stateless_uniform`.
-        offset: Scalar int64, the index of the first row.
-
-    Returns:
-        ``[batch_size, width]`` float32 in [0, 1).
-    """
-    key, counter = tf.raw_ops.StatelessRandomGetKeyCounter(seed=tf.cast(seed, tf.int64))
-    start = offset * width
-    # Added to the low 64 bits of the counter; a carry into the high ones
-    # (chance below 2**-24 for any start below 2**40) is left out.
-    skip = tf.stack([start // _PER_COUNTER, tf.zeros((), tf.int64)])
-    counter = tf.bitcast(tf.bitcast(counter, tf.int64) + skip, tf.uint64)
-    count = tf.cast(batch_size, tf.int64) * width
-    numbers = tf.raw_ops.StatelessRandomUniformV2(
-        shape=tf.reshape(count + _PER_COUNTER - 1, [1]),
-        key=key,
-        counter=counter,
-        alg=_PHILOX,
-        dtype=tf.float32,
-    )
-    numbers = tf.slice(numbers, tf.reshape(start % _PER_COUNTER, [1]), tf.reshape(count, [1]))
-    return tf.reshape(numbers, [-1, width])
+def global_batch(batch_size, sums=None, positions=False):
+    """The `GlobalBatch` of this replica."""
+    return GlobalBatch(batch_size, sums, positions)

@@ -1,0 +1,41 @@
+"""The label check inside a PyTorch step, and functions of batches."""
+
+import keras
+import torch
+
+from marginfit import labels as labels_lib
+
+
+def class_indices(labels, num_classes):
+    """Class index per example from sparse or one-hot labels.
+
+    Args:
+        labels: ``[batch]`` or ``[batch, 1]`` class indices, or
+            ``[batch, num_classes]`` one-hot (or soft) labels.
+        num_classes: Number of classes ``C`` of the model output.
+
+    Returns:
+        ``[batch]`` int64 class indices. A label out of range stops the
+        (eager) step with the message of the other backends' checks.
+    """
+    labels = keras.ops.convert_to_tensor(labels)
+    if labels_lib.is_one_hot(labels.shape, num_classes):
+        return torch.argmax(labels, dim=-1)
+    indices = torch.reshape(labels, (-1,)).long()
+    if indices.numel() and int(indices.min()) < 0:
+        raise ValueError(labels_lib.negative_label_message())
+    if indices.numel() and int(indices.max()) >= num_classes:
+        raise ValueError(labels_lib.large_label_message(num_classes))
+    return indices
+
+
+def traced(model, function):
+    """``function`` of batches, run eagerly on tensors; returns numpy
+    arrays."""
+    del model
+
+    def run(*args):
+        tensors = [keras.ops.convert_to_tensor(arg) for arg in args]
+        return [keras.ops.convert_to_numpy(t) for t in function(*tensors)]
+
+    return run

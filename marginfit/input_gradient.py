@@ -1,0 +1,55 @@
+"""Input-gradient regularization: double backpropagation (Drucker & LeCun
+1992; Ross & Doshi-Velez 2018, arXiv 1711.09404), a second
+`marginfit.Penalty` that needs a derivative inside the step."""
+
+import keras
+from keras import ops
+
+from marginfit.activations import INPUT
+from marginfit.penalty import Penalty, PenaltyResult
+
+
+@keras.saving.register_keras_serializable(package="marginfit")
+class InputGradientPenalty(Penalty):
+    """The squared norm of the cross-entropy's gradient with respect to the
+    input, which flattens the loss around each example.
+
+    Per example: ``||d CE(f(x), y) / dx||_2^2``, in squared loss units per
+    squared input unit; the penalty is its batch mean (weighted by
+    ``sample_weight`` as Keras weights a loss), and the weights' gradient
+    goes through the input gradient (second order).
+
+    ```python
+    model = marginfit.MarginModel(
+        inputs, logits, penalty=marginfit.InputGradientPenalty(weight=10.0)
+    )
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    ```
+
+    Args:
+        weight: Multiplier of the penalty in the total loss, >= 0.
+    """
+
+    name = "input_gradient"
+    layers = (INPUT,)
+
+    def __call__(self, step):
+        model = step.model
+
+        def forward(x, hook):
+            outputs, _ = model.call_with_activations(x, training=step.training, hook=hook)
+            classes = outputs.shape[-1]
+            labels = ops.one_hot(step.class_indices(classes), classes)
+            losses = keras.losses.categorical_crossentropy(
+                labels, ops.cast(outputs, "float32"), from_logits=model.output_kind == "logits"
+            )
+            return {"loss": losses}, (outputs, losses)
+
+        (outputs, losses), recording = step.gradients.record(forward, step.x)
+        (gradient,) = recording.gradients("loss", ops.ones_like(losses), [INPUT])
+        flat = ops.reshape(ops.cast(gradient, "float32"), (ops.shape(gradient)[0], -1))
+        per_example = ops.sum(ops.square(flat), axis=-1)
+        if step.sample_weight is not None:
+            per_example *= ops.reshape(ops.cast(step.sample_weight, "float32"), (-1,))
+        value = ops.mean(per_example)
+        return PenaltyResult(outputs, self.weight * value, value)

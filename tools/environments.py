@@ -1,0 +1,35 @@
+"""Fresh virtual environments that see the packages installed for the
+Python running this code (TensorFlow is not downloaded again, nothing is
+fetched), whether that Python is a system interpreter, a virtual
+environment or a conda-style one.
+
+`--system-site-packages` would not do: it sees the base interpreter's
+packages, not an active virtual environment's, and it runs their ``.pth``
+files, through which an editable install of marginfit would leak in. Here
+the new environment's own ``site-packages`` comes first, then the running
+Python's package directories, listed plainly in a ``.pth`` file (their own
+``.pth`` files are not run).
+"""
+
+import os
+import subprocess
+import sys
+import sysconfig
+
+
+def create(path):
+    """Creates a virtual environment at ``path`` seeing this Python's
+    packages after its own; returns its Python."""
+    subprocess.run([sys.executable, "-m", "venv", os.fspath(path)], check=True)
+    python = os.path.join(os.fspath(path), "bin", "python")
+    own = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    paths = sysconfig.get_paths()
+    seen = dict.fromkeys(paths[key] for key in ("purelib", "platlib"))
+    with open(os.path.join(own, "_running_python_packages.pth"), "w") as file:
+        file.write("".join(f"{directory}\n" for directory in seen))
+    return python
