@@ -11,26 +11,22 @@ import time
 REPORT_ONLY = "--report-only"
 
 
-def train(dataset, seed, method, epochs, flags=()):
+def train(experiment, method):
     """One training run of ``method`` (a name of `marginfit.methods.NAMES`)
-    with `marginfit compare`'s network, optimizers, weight average and
-    clean labels, plus the command-line ``flags``, on every training
-    example: ``(model, margin, seconds, (x_test, y_test))``, ``margin`` the
-    `LargeMargin` the flags ask for (also for other methods)."""
-    from marginfit import cli
-
-    argv = ["compare", "--data", dataset, "--seed", str(seed), "--epochs", str(epochs), *flags]
-    args = cli.parse_args(argv)
-    (x_train, y_train), test = cli.load(dataset, 0.0, seed)
-    model, margin = cli.build(args, x_train.shape[1:], 10, method, len(x_train))
+    with ``experiment``'s network, optimizers and weight average (a
+    `marginfit.experiments.Experiment`) on every training example, with
+    clean labels: ``(model, margin, seconds, (x_test, y_test))``, ``margin``
+    the experiment's `LargeMargin` (also for other methods)."""
+    (x_train, y_train), test = experiment.replace(label_noise=0.0).load()
+    model, margin = experiment.build(x_train.shape[1:], 10, method, len(x_train))
     started = time.perf_counter()
     model.fit(
         x_train,
         y_train,
-        epochs=epochs,
-        batch_size=args.batch_size,
+        epochs=experiment.epochs,
+        batch_size=experiment.batch_size,
         verbose=0,
-        callbacks=cli.weight_average_callbacks(args),
+        callbacks=experiment.weight_average_callbacks(),
     )
     return model, margin, time.perf_counter() - started, test
 

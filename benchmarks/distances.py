@@ -39,6 +39,7 @@ import tensorflow as tf  # noqa: E402
 
 from marginfit import MarginModel, attacks  # noqa: E402
 from marginfit import methods as methods_lib  # noqa: E402
+from marginfit.experiments import Experiment  # noqa: E402
 from marginfit.margin import INPUT  # noqa: E402
 
 TRAININGS = {"defaults": methods_lib.MARGIN, "cross-entropy": methods_lib.CROSS_ENTROPY}
@@ -125,7 +126,8 @@ def main(argv=None):
     results = {}
     for dataset in args.data.split(","):
         for training, method in TRAININGS.items():
-            model, margin, _, (x, y) = _results.train(dataset, args.seed, method, args.epochs)
+            experiment = Experiment(data=dataset, seed=args.seed, epochs=args.epochs)
+            model, margin, _, (x, y) = _results.train(experiment, method)
             results[(dataset, training)] = medians(model, margin, x, y)
             for layer, row in results[(dataset, training)].items():
                 print(dataset, training, layer, json.dumps(row), flush=True)

@@ -36,17 +36,18 @@ import _results  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from marginfit import cli, data  # noqa: E402
+from marginfit import data  # noqa: E402
 from marginfit import methods as methods_lib  # noqa: E402
+from marginfit.experiments import Experiment  # noqa: E402
 
-# Method name -> (`marginfit.methods` name, `marginfit train` options).
+# Method name -> (`marginfit.methods` name, changes to the `Experiment`).
 METHODS = {
-    **{name: (name, []) for name in methods_lib.NAMES if name != methods_lib.PGD_TRAINING},
+    **{name: (name, {}) for name in methods_lib.NAMES if name != methods_lib.PGD_TRAINING},
     # The authors' loss: the top-scoring competitor(s), no class-balance term.
-    "top-1": (methods_lib.MARGIN, ["--competitors", "top", "--balance", "0"]),
+    "top-1": (methods_lib.MARGIN, {"competitors": "top", "balance": 0.0}),
     "all competitors": (
         methods_lib.MARGIN,
-        "--competitors top --top-k 9 --aggregation sum --balance 0".split(),
+        {"competitors": "top", "top_k": 9, "aggregation": "sum", "balance": 0.0},
     ),
 }
 DEFAULT_METHODS = "cross-entropy,gce,sce,nce-rce,ce-eps-mae,margin,top-1"
@@ -66,31 +67,30 @@ class CleanAccuracy(keras.callbacks.Callback):
 
 def run(dataset, noise, seed, method, epochs, ema):
     """One training run: its final test accuracy and validation curves."""
-    kind, options = METHODS[method]
-    args = cli.parse_args(
-        ["train", "--data", dataset, "--seed", str(seed), "--epochs", str(epochs)]
-        + ["--ema", str(ema), *options]
+    kind, changes = METHODS[method]
+    experiment = Experiment(
+        data=dataset, label_noise=noise, seed=seed, epochs=epochs, ema=ema, **changes
     )
-    (x_train, y_train), (x_test, y_test) = cli.load(dataset, noise, seed)
-    (_, clean_train), _ = cli.load(dataset, 0.0, seed)
+    (x_train, y_train), (x_test, y_test) = experiment.load()
+    (_, clean_train), _ = experiment.replace(label_noise=0.0).load()
     # The split `marginfit train` makes (stratified by the noisy labels),
     # as indices, to find the validation examples' clean labels.
     (fit_rows, _), (validation_rows, _) = data.split(
-        np.arange(len(y_train)), y_train, args.validation_split, seed
+        np.arange(len(y_train)), y_train, experiment.validation_split, seed
     )
     x_val = x_train[validation_rows]
     # Clean accuracy of the training weights (stalls show there) and, with
     # --ema, of the averaged weights that validation and the test set see.
     training = CleanAccuracy(x_val, clean_train[validation_rows])
     averaged = CleanAccuracy(x_val, clean_train[validation_rows])
-    swap = cli.weight_average_callbacks(args, on_epoch_end=True)
+    swap = experiment.weight_average_callbacks(on_epoch_end=True)
     classes = data.num_classes(y_train, y_test)
-    model, _ = cli.build(args, x_train.shape[1:], classes, kind, len(x_train))
+    model, _ = experiment.build(x_train.shape[1:], classes, kind, len(x_train))
     history = model.fit(
         x_train[fit_rows],
         y_train[fit_rows],
         epochs=epochs,
-        batch_size=args.batch_size,
+        batch_size=experiment.batch_size,
         validation_data=(x_val, y_train[validation_rows]),
         callbacks=[training, *swap, averaged] if swap else [training],
         verbose=0,
@@ -203,7 +203,7 @@ def main(argv=None):
     parser.add_argument(
         "--ema",
         type=float,
-        default=cli.parse_args(["train"]).ema,
+        default=Experiment().ema,
         help="the weight average's momentum, for every method (default: marginfit's)",
     )
     parser.add_argument("--methods", default=DEFAULT_METHODS)

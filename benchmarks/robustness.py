@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from marginfit import attacks  # noqa: E402
-from marginfit import methods as methods_lib  # noqa: E402
+from marginfit.experiments import Experiment  # noqa: E402
 
 MODELS = ("cross-entropy", "pgd-at", "robust margin")
 SANITY_EPS = 0.5
@@ -55,12 +55,15 @@ LOSSES = attacks.LOSSES
 
 def train(dataset, seed, model_name, epochs, eps=None):
     """``(model, seconds, (x_test, y_test))`` of one training run."""
-    flags, method = [], model_name
+    experiment, method = Experiment(data=dataset, seed=seed, epochs=epochs), model_name
     if model_name == "robust margin":
-        flags, method = ["--preset", "robust"], methods_lib.MARGIN
+        experiment, method = (
+            Experiment.preset("robust", data=dataset, seed=seed, epochs=epochs),
+            "margin",
+        )
     elif model_name == "pgd-at":
-        flags = ["--pgd-eps", str(eps)]
-    model, _, seconds, test = _results.train(dataset, seed, method, epochs, flags)
+        experiment = experiment.replace(pgd_eps=eps)
+    model, _, seconds, test = _results.train(experiment, method)
     return model, seconds, test
 
 

@@ -119,10 +119,12 @@ def resolve(model, names):
 def _is_graph(layer):
     """Whether ``layer`` is a model with a graph of layers (Functional or a
     built Sequential)."""
-    return isinstance(layer, keras.Model) and _has_graph(layer)
+    return isinstance(layer, keras.Model) and has_graph(layer)
 
 
-def _has_graph(model):
+def has_graph(model):
+    """Whether ``model`` has symbolic inputs and outputs (Functional, or a
+    built Sequential)."""
     try:
         return bool(model.inputs) and bool(model.outputs)
     except (AttributeError, ValueError):
@@ -302,7 +304,7 @@ class Activations:
         self.names = tuple(names)
         self.hidden = tuple(name for name in self.names if name != INPUT)
         self.clone = None
-        if _has_graph(model):
+        if has_graph(model):
             check_classifier_output(model, model.outputs)
             if INPUT in self.names:
                 check_one_float_input(model, "The margin on 'input'")

@@ -1,6 +1,7 @@
 """Input-gradient regularization: double backpropagation (Drucker & LeCun
 1992; Ross & Doshi-Velez 2018, arXiv 1711.09404), a second
-`marginfit.Penalty` that needs a derivative inside the step."""
+`marginfit.Penalty` that needs a derivative inside the step. The guide
+"Write your own penalty" builds it step by step."""
 
 import keras
 from keras import ops
@@ -9,6 +10,7 @@ from marginfit.activations import INPUT
 from marginfit.penalty import Penalty, PenaltyResult
 
 
+# --8<-- [start:class]
 @keras.saving.register_keras_serializable(package="marginfit")
 class InputGradientPenalty(Penalty):
     """The squared norm of the cross-entropy's gradient with respect to the
@@ -30,9 +32,11 @@ class InputGradientPenalty(Penalty):
         weight: Multiplier of the penalty in the total loss, >= 0.
     """
 
-    name = "input_gradient"
-    layers = (INPUT,)
+    name = "input_gradient"  # logged as input_gradient_loss
+    layers = (INPUT,)  # what the step makes reachable: the model input
+    # --8<-- [end:class]
 
+    # --8<-- [start:call]
     def __call__(self, step):
         model = step.model
 
@@ -46,6 +50,8 @@ class InputGradientPenalty(Penalty):
             return {"loss": losses}, (outputs, losses)
 
         (outputs, losses), recording = step.gradients.record(forward, step.x)
+        # --8<-- [end:call]
+        # --8<-- [start:value]
         (gradient,) = recording.gradients("loss", ops.ones_like(losses), [INPUT])
         flat = ops.reshape(ops.cast(gradient, "float32"), (ops.shape(gradient)[0], -1))
         per_example = ops.sum(ops.square(flat), axis=-1)
@@ -53,3 +59,4 @@ class InputGradientPenalty(Penalty):
             per_example *= ops.reshape(ops.cast(step.sample_weight, "float32"), (-1,))
         value = ops.mean(per_example)
         return PenaltyResult(outputs, self.weight * value, value)
+        # --8<-- [end:value]

@@ -114,7 +114,7 @@ class MarginModel(backend.MarginTrainer, keras.Model):
         # Out of Keras' tracking: adds nothing to saving or summary().
         self._untracked = types.SimpleNamespace(reach=None, traced={})
         self.penalty_metrics = PenaltyMetrics(self.penalty) if self.penalty else None
-        functional = activations._has_graph(self)
+        functional = activations.has_graph(self)
         if self.penalty is not None:
             self._untracked.reach = activations.Activations(self, self.penalty.layers)
             if functional:
@@ -133,7 +133,7 @@ class MarginModel(backend.MarginTrainer, keras.Model):
         """A `MarginModel` over the layers (and weights) of a built
         Functional or Sequential model (shared, not copied), with the same
         inputs and outputs; the other arguments as for `MarginModel`."""
-        if not activations._has_graph(model):
+        if not activations.has_graph(model):
             raise ValueError(
                 f"Cannot wrap model {model.name!r}: it has no symbolic inputs "
                 "and outputs. Wrap a Functional model or a Sequential model "

@@ -45,6 +45,8 @@ EVALUATE = [
     # The library's defaults: sampled competitors (`marginfit.draws`) and the
     # balance term, in batches of 8, 8 and 4.
     ("evaluate defaults", dict(defaults=True), {}),
+    # The second penalty: double backpropagation.
+    ("evaluate input gradient", dict(input_gradient=True), dict(weighted=True)),
     ("evaluate probability outputs", dict(norm=2, top_k=2), dict(output="probabilities")),
 ]
 """``(name, margin options, data options)`` of the evaluation cases."""
@@ -52,6 +54,7 @@ EVALUATE = [
 STEP = [
     # Three SGD steps with the library's defaults (the draws change each step).
     ("step defaults, three steps", dict(defaults=True), dict(steps=3)),
+    ("step input gradient", dict(input_gradient=True), {}),
     *(
         (
             f"step approximate={p} norm={n} {a}",
@@ -94,9 +97,11 @@ EPS = 0.1
 ADVERSARY = attacks.PGD(EPS, steps=3)
 
 
-def case_margin(margin_options):
-    """The `LargeMargin` of a case: the library's defaults on conv_net's
-    layers, or `margin_for`."""
+def case_penalty(margin_options):
+    """The penalty of a case: `InputGradientPenalty`, the library's default
+    `LargeMargin` on conv_net's layers, or `margin_for`."""
+    if margin_options.get("input_gradient"):
+        return marginfit.InputGradientPenalty(weight=3.0)
     if margin_options.get("defaults"):
         return marginfit.LargeMargin(LAYERS)
     return margin_for(**margin_options)
@@ -120,7 +125,7 @@ def run_case(case, weights):
     name, margin_options, data_options = case
     output = data_options.get("output", "logits")
     adversary = ADVERSARY if data_options.get("adversary") else None
-    model, _ = conv_net(case_margin(margin_options), output=output, adversary=adversary)
+    model, _ = conv_net(penalty=case_penalty(margin_options), output=output, adversary=adversary)
     model.set_weights(weights)
     x, y, sample_weight = case_data(name, data_options)
     if name.startswith("attack"):

@@ -12,14 +12,17 @@ from helpers import digits
 
 import marginfit
 from marginfit import cli, data, methods
+from marginfit.experiments import Experiment
 
 
 def parse(*argv):
-    return cli.parse_args(list(argv))
+    """The `Experiment` that a command line describes."""
+    return cli.parse_args(list(argv)).experiment
 
 
 def test_defaults_and_options():
     args = parse("train")
+    assert args == Experiment()
     assert (args.data, args.epochs, args.batch_size, args.gamma, args.alpha, args.norm) == (
         "digits",
         60,
@@ -37,21 +40,10 @@ def test_defaults_and_options():
     )
     assert args.ce_weight == 0.0
     assert args.ema == 0.99
-    args = parse(
-        "compare",
-        "--noise-levels",
-        "0.2,0.4,0.6",
-        "--eps",
-        "0.1",
-        "--norm",
-        "inf",
-        "--layers",
-        "input,dense",
-        "--lr-head",
-        "3e-4",
-    )
+    argv = ["compare", "--noise-levels", "0.2,0.4,0.6", "--eps", "0.1", "--norm", "inf"]
+    args = cli.parse_args([*argv, "--layers", "input,dense", "--lr-head", "3e-4"])
     assert args.noise_levels == [0.2, 0.4, 0.6] and args.eps == [0.1]
-    assert (args.norm, args.layers, args.lr_head) == ("inf", "input,dense", 3e-4)
+    assert args.experiment == Experiment(norm="inf", layers="input,dense", lr_head=3e-4)
 
 
 @pytest.mark.parametrize(
@@ -68,7 +60,7 @@ def test_defaults_and_options():
 )
 def test_bad_options_exit_with_a_message(argv, message, capsys):
     with pytest.raises(SystemExit):
-        parse(*argv)
+        cli.parse_args(argv)
     assert message in capsys.readouterr().err
 
 
@@ -81,7 +73,7 @@ def test_unknown_data_and_missing_network_are_named(monkeypatch, tmp_path):
 
     monkeypatch.setattr(keras.datasets.mnist, "load_data", offline)
     with pytest.raises(RuntimeError, match="needs network access"):
-        cli.load("mnist")
+        Experiment(data="mnist").load()
 
 
 def test_bad_layer_name_ends_with_one_line_naming_the_valid_ones(tmp_path):
@@ -208,7 +200,7 @@ def test_compare_runs_every_method_side_by_side(tmp_path):
 def test_each_method_builds_its_loss_and_adversary():
     """The peers at their authors' settings (`marginfit.methods`), the margin
     alone, and PGD adversarial training at --pgd-eps."""
-    args = cli.parse_args(["compare", "--pgd-eps", "0.2", "--pgd-steps", "7"])
+    args = parse("compare", "--pgd-eps", "0.2", "--pgd-steps", "7")
     x, _ = digits(4)
     expected = {
         "cross-entropy": keras.losses.SparseCategoricalCrossentropy,
@@ -219,7 +211,7 @@ def test_each_method_builds_its_loss_and_adversary():
         "pgd-at": keras.losses.SparseCategoricalCrossentropy,
     }
     for name in methods.NAMES:
-        model, _ = cli.build(args, x.shape[1:], 10, name)
+        model, _ = args.build(x.shape[1:], 10, name)
         assert (model.margin is not None) == (name == "margin")
         if name == "margin":
             assert model.loss is None
@@ -315,7 +307,7 @@ def test_the_authors_preset_builds_their_configuration():
     assert parse("train", "--preset", "authors", "--gamma", "100", "--no-batchnorm").gamma == 100
     assert not parse("train", "--preset", "authors", "--no-batchnorm").batchnorm
     x, y = digits(64)
-    model, margin = cli.build(args, x.shape[1:], 10)
+    model, margin = args.build(x.shape[1:], 10)
     assert (margin.norm, margin.competitors, margin.top_k, margin.aggregation) == (
         np.inf,
         "top",
@@ -347,7 +339,7 @@ def test_the_authors_preset_builds_their_configuration():
 def test_the_robust_preset_is_the_documented_margin_beside_the_cross_entropy():
     args = parse("train", "--preset", "robust")
     x, y = digits(32)
-    model, margin = cli.build(args, x.shape[1:], 10)
+    model, margin = args.build(x.shape[1:], 10)
     assert margin == marginfit.LargeMargin(
         ["input"],
         gamma=0.3,
@@ -401,15 +393,15 @@ def test_weight_average_spans_at_most_a_tenth_of_the_run(epochs):
     (x_train, _), _ = data.load_digits()
     batches = np.ceil(len(x_train) * (1 - args.validation_split) / args.batch_size)
     steps = epochs * batches
-    momentum = cli.ema_momentum(args, len(x_train))
+    momentum = args.ema_momentum(len(x_train))
     assert 0 <= momentum <= args.ema
     assert 1 / (1 - momentum) <= 0.1 * steps * (1 + 1e-9) or momentum == 0
     if steps >= 10 / (1 - args.ema):
         assert momentum == args.ema
     else:
         assert np.isclose(1 / (1 - momentum), max(1.0, 0.1 * steps))
-    assert cli.ema_momentum(parse("train", "--ema", "0"), len(x_train)) is None
-    assert cli.ema_momentum(parse("train", "--preset", "authors"), len(x_train)) is None
+    assert parse("train", "--ema", "0").ema_momentum(len(x_train)) is None
+    assert parse("train", "--preset", "authors").ema_momentum(len(x_train)) is None
 
 
 def test_validation_logs_and_the_saved_model_use_the_averaged_weights(tmp_path, monkeypatch):
@@ -418,7 +410,7 @@ def test_validation_logs_and_the_saved_model_use_the_averaged_weights(tmp_path, 
     args = parse("train", "--epochs", "3", "--ema", "0.9")
     train, test = data.load_digits()
     train = (train[0][:400], train[1][:400])
-    model, _ = cli.build(args, train[0].shape[1:], 10, "cross-entropy", num_examples=400)
+    model, _ = args.build(train[0].shape[1:], 10, "cross-entropy", num_examples=400)
     last = {}
     record = keras.callbacks.LambdaCallback(
         on_train_batch_end=lambda batch, logs: last.update(

@@ -85,12 +85,37 @@ def fine_tuning_net(frozen):
     inputs = keras.Input((8, 8, 1))
     outer = keras.Model(inputs, head(base(inputs, training=False)), name="outer")
 
-    def taps(x, training=False):
+    def taps(x, training=False, base_training=None):
+        """``base_training``: the batch norm's mode (``training`` if None)."""
+        base_training = training if base_training is None else base_training
         h = base.get_layer("inner_conv")(x)
-        h = base.get_layer("inner_relu")(base.get_layer("inner_bn")(h, training=training))
+        h = base.get_layer("inner_relu")(base.get_layer("inner_bn")(h, training=base_training))
         return [head(h, training=training), h]
 
     return outer, taps
+
+
+def keras_mode_of_the_base(outer, taps, x):
+    """The mode Keras runs ``base(inputs, training=False)`` in when the outer
+    model trains: Keras 3.15 passes the outer ``training`` on, overriding
+    the call's; Keras 3.16 keeps the call's ``False``. Read off Keras' own
+    forward pass (one of the two must be it; a frozen base's batch norm runs
+    in inference mode either way)."""
+    statistics = [variable.numpy() for variable in outer.non_trainable_variables]
+
+    def restored(value):  # the moving statistics as they were before
+        for variable, saved in zip(outer.non_trainable_variables, statistics):
+            variable.assign(saved)
+        return np.asarray(value)
+
+    trained = restored(outer(x, training=True))
+    matches = [
+        mode
+        for mode in (True, False)
+        if np.allclose(restored(taps(x, True, mode)[0]), trained, rtol=1e-5, atol=1e-6)
+    ]
+    assert matches
+    return matches[0]
 
 
 @pytest.mark.parametrize("name, frozen", [("base/inner_relu", False), ("inner_relu", True)])
@@ -101,9 +126,12 @@ def test_a_margin_inside_a_nested_model_matches_the_reference(name, frozen):
     margin = LargeMargin(["input", name], gamma=[0.3, 0.5], alpha=2.0, **TOP)
     model = MarginModel.wrap(outer, margin)
     x, y = digits(12)
+    base_mode = keras_mode_of_the_base(outer, taps, tf.constant(x))
     for training in (False, True):
         outputs, activations = model.call_with_activations(tf.constant(x), training=training)
-        expected_outputs, expected_relu = taps(tf.constant(x), training=training)
+        expected_outputs, expected_relu = taps(
+            tf.constant(x), training, base_mode if training else False
+        )
         np.testing.assert_allclose(outputs, expected_outputs, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(activations[name], expected_relu, rtol=1e-5, atol=1e-6)
     expected_loss, _ = reference.margin_loss(

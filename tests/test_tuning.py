@@ -12,6 +12,7 @@ from helpers import digits
 
 import marginfit
 from marginfit import tuning
+from marginfit.experiments import Experiment
 
 X_TRAIN, Y_TRAIN = digits(192)
 X_VAL, Y_VAL = digits(96, offset=192)
@@ -170,7 +171,7 @@ def test_bad_settings_fail_before_the_search(space, message, tmp_path):
 
 def test_bad_fixed_margin_options_fail_at_construction():
     with pytest.raises(ValueError, match="alpha"):
-        tuning.MarginHyperModel(input_shape=(8, 8, 1), num_classes=10, alpha=0.0)
+        tuning.MarginHyperModel((8, 8, 1), 10, experiment=Experiment(alpha=0.0))
     with pytest.raises(ValueError, match="input_shape"):
         tuning.MarginHyperModel(input_shape=(8, 8), num_classes=10)
 

@@ -14,7 +14,16 @@ Python's package directories, listed plainly in a ``.pth`` file (their own
 import os
 import subprocess
 import sys
-import sysconfig
+
+
+def package_directories():
+    """The directories this Python imports installed packages from, in its
+    order (a virtual environment's, then its base's where it sees them)."""
+    found = [entry for entry in sys.path if os.path.basename(entry) in _PACKAGE_DIRECTORIES]
+    return [entry for entry in dict.fromkeys(found) if os.path.isdir(entry)]
+
+
+_PACKAGE_DIRECTORIES = ("site-packages", "dist-packages")
 
 
 def create(path):
@@ -28,8 +37,6 @@ def create(path):
         capture_output=True,
         text=True,
     ).stdout.strip()
-    paths = sysconfig.get_paths()
-    seen = dict.fromkeys(paths[key] for key in ("purelib", "platlib"))
     with open(os.path.join(own, "_running_python_packages.pth"), "w") as file:
-        file.write("".join(f"{directory}\n" for directory in seen))
+        file.write("".join(f"{directory}\n" for directory in package_directories()))
     return python

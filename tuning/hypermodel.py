@@ -1,11 +1,9 @@
 """`MarginHyperModel`: the search space of a large-margin classifier."""
 
-import math
-
 import keras_tuner as kt
 
 from marginfit import networks
-from marginfit.margin import LargeMargin
+from marginfit.experiments import Experiment
 
 # Where the margin goes; "hidden" layers are the conv and dense hidden layers.
 MARGIN_PLACEMENTS = (
@@ -18,16 +16,16 @@ MARGIN_PLACEMENTS = (
 
 
 class MarginHyperModel(kt.HyperModel):
-    """Builds a compiled `marginfit.MarginModel`: a `networks.classifier`
-    with the margin, one Adam per layer group.
+    """Builds a compiled `marginfit.MarginModel`: an `Experiment`'s
+    `networks.classifier` with the margin, one optimizer per layer group.
 
     The search space is declared in `build`, as keras-tuner does: ``gamma``
     (log), ``norm``, ``margin_layers`` (one of `MARGIN_PLACEMENTS`),
     ``conv_layers`` and ``conv_filters`` (images only), ``dense_layers``,
     ``dense_units``, ``lower_learning_rate`` and ``upper_learning_rate``
     (log; conv layers, or the first dense layer, vs the rest) and
-    ``ce_weight``. Fix or narrow any of them with the tuner's
-    ``hyperparameters``:
+    ``ce_weight``; every other setting is the ``experiment``'s. Fix or
+    narrow any of them with the tuner's ``hyperparameters``:
 
     ```python
     hp = keras_tuner.HyperParameters()
@@ -43,27 +41,19 @@ class MarginHyperModel(kt.HyperModel):
         input_shape: Shape of one example: ``(height, width, channels)``
             gives conv layers then dense layers; ``(features,)`` dense only.
         num_classes: Number of classes (of integer labels).
-        alpha: Fixed `LargeMargin` setting of every trial.
-        top_k: Fixed `LargeMargin` setting of every trial.
-        approximate: Fixed `LargeMargin` setting of every trial.
+        experiment: The `marginfit.experiments.Experiment` whose other
+            settings every trial has; by default its defaults without the
+            weight average (a trial is short).
         name: Name of the hypermodel.
     """
 
-    def __init__(
-        self,
-        input_shape,
-        num_classes,
-        alpha=4.0,
-        top_k=1,
-        approximate=True,
-        name="margin_hypermodel",
-    ):
+    def __init__(self, input_shape, num_classes, experiment=None, name="margin_hypermodel"):
         super().__init__(name=name)
         # Validates the shape, classes and margin options now, not in a trial.
         self.input_shape = networks.check_shape(input_shape, num_classes)
         self.num_classes = num_classes
-        self.margin_options = {"alpha": alpha, "top_k": top_k, "approximate": approximate}
-        LargeMargin(["input"], **self.margin_options)
+        self.experiment = Experiment(ema=0.0) if experiment is None else experiment
+        self.experiment.margin(networks.classifier(self.input_shape, num_classes))
 
     def build(self, hp):
         conv_filters = ()
@@ -71,20 +61,15 @@ class MarginHyperModel(kt.HyperModel):
             conv_layers = hp.Int("conv_layers", 1, 2)
             conv_filters = (hp.Choice("conv_filters", [8, 16, 32]),) * conv_layers
         dense_units = (hp.Choice("dense_units", [32, 64, 128]),) * hp.Int("dense_layers", 1, 2)
-        network = networks.classifier(
-            self.input_shape, self.num_classes, conv_filters, dense_units=dense_units
-        )
-        norm = hp.Choice("norm", ["2", "inf"])
-        margin = LargeMargin(
-            networks.margin_layers(network, hp.Choice("margin_layers", list(MARGIN_PLACEMENTS))),
+        experiment = self.experiment.replace(
+            conv_filters=conv_filters,
+            dense_units=dense_units,
+            layers=hp.Choice("margin_layers", list(MARGIN_PLACEMENTS)),
+            norm=hp.Choice("norm", ["2", "inf"]),
             gamma=hp.Float("gamma", 1e-2, 1e4, sampling="log"),
-            norm=math.inf if norm == "inf" else int(norm),
-            **self.margin_options,
-        )
-        return networks.margin_classifier(
-            network,
-            margin,
-            lower_rate=hp.Float("lower_learning_rate", 1e-4, 1e-2, sampling="log"),
-            upper_rate=hp.Float("upper_learning_rate", 1e-4, 1e-2, sampling="log"),
+            lr_features=hp.Float("lower_learning_rate", 1e-4, 1e-2, sampling="log"),
+            lr_head=hp.Float("upper_learning_rate", 1e-4, 1e-2, sampling="log"),
             ce_weight=hp.Float("ce_weight", 0.1, 1.0),
         )
+        model, _ = experiment.build(self.input_shape, self.num_classes)
+        return model
