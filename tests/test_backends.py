@@ -84,7 +84,9 @@ def other_results(request, tmp_path_factory):
 def _fresh(case):
     """A TensorFlow conv_net (and its taps) with the cases' initial weights."""
     name, margin_options, data_options = case
-    model, taps = conv_net(case_margin(margin_options), output=data_options.get("output", "logits"))
+    model, taps = conv_net(
+        penalty=case_penalty(margin_options), output=data_options.get("output", "logits")
+    )
     model.set_weights(initial_weights())
     return model, taps
 
