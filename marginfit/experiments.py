@@ -268,7 +268,7 @@ class Experiment:
         """The `LargeMargin` of these settings on ``network``'s layers."""
         if self.layers == "all":
             layers = networks.margin_layers(network)
-        elif "+" in self.layers or self.layers in ("last_hidden", "all_hidden"):
+        elif all(part in networks.PLACEMENTS for part in self.layers.split("+")):
             layers = networks.margin_layers(network, self.layers)
         else:
             layers = self.layers.split(",")

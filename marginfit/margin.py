@@ -297,7 +297,7 @@ class LargeMargin(Penalty):
         if step.training and self.coupling == "inference":
             # The inference pass runs first, so that it sees the moving
             # statistics as they were before this step's training pass.
-            distances, dead, _, _ = self._recorded_pass(step, training=False, with_balance=False)
+            distances, dead, _, _ = self._recorded_pass(step, training=False)
             outputs = step.model(step.x, training=True)
             balance = None
             if self.balance:
@@ -305,9 +305,7 @@ class LargeMargin(Penalty):
                 sums = backend.global_batch(ops.shape(outputs)[0], sums).sums
                 balance = balance_from_sums(sums)
         else:
-            distances, dead, outputs, balance = self._recorded_pass(
-                step, step.training, with_balance=True
-            )
+            distances, dead, outputs, balance = self._recorded_pass(step, step.training)
         value = margin_loss(distances, self, step.sample_weight)
         if balance is not None:
             value += self.balance * balance
@@ -322,13 +320,12 @@ class LargeMargin(Penalty):
                 logged["violation_rate"] = (ops.stack(nearest, axis=-1), step.sample_weight)
         return PenaltyResult(outputs, self.weight * value, value, logged)
 
-    def _recorded_pass(self, step, training, with_balance):
+    def _recorded_pass(self, step, training):
         """One forward pass in ``training`` mode under the step's gradient
         primitive: ``(distances, dead, outputs, balance)``, the first two
-        from `distances.layer_distances`, the balance term None unless
-        ``with_balance`` (and ``balance``)."""
+        from `distances.layer_distances`, the class-balance term of the
+        global batch None with ``balance=0``."""
         model, sampled = step.model, self.competitors == "sampled"
-        with_balance = with_balance and bool(self.balance)
 
         def forward(x, hook):
             outputs, _ = model.call_with_activations(x, training=training, hook=hook)
@@ -341,7 +338,7 @@ class LargeMargin(Penalty):
                 batch_size,
                 sums=(
                     balance_sums(outputs, model.output_kind, step.sample_weight)
-                    if with_balance
+                    if self.balance
                     else None
                 ),
                 positions=sampled,
@@ -358,7 +355,7 @@ class LargeMargin(Penalty):
 
         (outputs, differences, sums), recording = step.gradients.record(forward, step.x)
         distances, dead = distances_lib.layer_distances(recording, differences, self)
-        balance = balance_from_sums(sums) if with_balance else None
+        balance = balance_from_sums(sums) if self.balance else None
         return distances, dead, outputs, balance
 
     def _check_top_k(self, model, classes):

@@ -122,21 +122,33 @@ def check_shape(input_shape, num_classes):
     return input_shape
 
 
-def margin_layers(network, placement="input+all_hidden"):
-    """Margin layer names for a placement: ``"input"``, ``"last_hidden"``,
-    ``"all_hidden"`` or ``+``-joined combinations of them."""
-    names = []
-    for part in placement.split("+"):
-        chosen = {
-            INPUT: [INPUT],
-            "last_hidden": list(network.hidden[-1:]),
-            "all_hidden": list(network.hidden),
-        }.get(part)
-        if chosen is None:
+PLACEMENTS = (INPUT, "last_hidden", "all_hidden")
+"""The parts of a margin placement, ``+``-joined (see `margin_layers`)."""
+
+
+def check_placement(placement):
+    """The parts of ``placement`` (see `margin_layers`); `ValueError` for an
+    unknown one."""
+    parts = placement.split("+")
+    for part in parts:
+        if part not in PLACEMENTS:
             raise ValueError(
                 f"Unknown margin placement {part!r} in {placement!r}; use "
                 "'input', 'last_hidden', 'all_hidden' or '+'-joined combinations."
             )
+    return parts
+
+
+def margin_layers(network, placement="input+all_hidden"):
+    """Margin layer names for a placement: ``"input"``, ``"last_hidden"``,
+    ``"all_hidden"`` or ``+``-joined combinations of them."""
+    names = []
+    for part in check_placement(placement):
+        chosen = {
+            INPUT: [INPUT],
+            "last_hidden": list(network.hidden[-1:]),
+            "all_hidden": list(network.hidden),
+        }[part]
         names += [name for name in chosen if name not in names]
     return names
 

@@ -64,7 +64,9 @@ class MarginHyperModel(kt.HyperModel):
         experiment = self.experiment.replace(
             conv_filters=conv_filters,
             dense_units=dense_units,
-            layers=hp.Choice("margin_layers", list(MARGIN_PLACEMENTS)),
+            layers="+".join(
+                networks.check_placement(hp.Choice("margin_layers", list(MARGIN_PLACEMENTS)))
+            ),
             norm=hp.Choice("norm", ["2", "inf"]),
             gamma=hp.Float("gamma", 1e-2, 1e4, sampling="log"),
             lr_features=hp.Float("lower_learning_rate", 1e-4, 1e-2, sampling="log"),
