@@ -8,7 +8,7 @@ each) and trains, on the same global batches of 64, the anchor CNN of
 `benchmarks/step_time.py` three ways: plain cross-entropy
 (`MarginModel(margin=None)`), the default margin, and the default margin
 without its all-reduce of the global batch's statistics (the class-balance
-sums and the competitors' positions, `marginfit.replicas`; patched out, so
+sums and the competitors' positions, `marginfit.backend.tensorflow.replicas`; patched out, so
 each replica takes them over its own share, as before that all-reduce
 existed). The three are interleaved: one epoch of each in turn, so that
 they see the same machine load; each epoch is timed from the end of its
@@ -53,7 +53,7 @@ def worker(steps, epochs):
     import step_time
 
     import marginfit
-    from marginfit import replicas
+    from marginfit.backend.tensorflow import replicas
 
     class Clock(keras.callbacks.Callback):
         """Seconds per step of an epoch, from the end of its first step."""

@@ -100,6 +100,19 @@ class GradientPrimitive:
         raise NotImplementedError
 
 
+def collecting_hook():
+    """``(collected, hook)``: a hook that hands each tensor back unchanged
+    and collects it by name (for a primitive that differentiates recorded
+    tensors, as TensorFlow's and PyTorch's do)."""
+    collected = {}
+
+    def hook(name, tensor):
+        collected[name] = tensor
+        return tensor
+
+    return collected, hook
+
+
 class Recording:
     """The derivatives of one recorded function (see `GradientPrimitive`)."""
 

@@ -14,7 +14,7 @@ import sys
 
 import keras
 import numpy as np
-from nets import LAYERS, conv_net, digits, margin_for
+from nets import LAYERS, STEP_GRID, conv_net, digits, margin_for
 
 import marginfit
 from marginfit import attacks
@@ -61,15 +61,7 @@ STEP = [
             dict(norm=n, top_k=2, aggregation=a, approximate=p),
             {},
         )
-        for p, n, a in [
-            (True, 2, "sum"),
-            (True, np.inf, "sum"),
-            (False, 2, "sum"),
-            (False, np.inf, "sum"),
-            (True, 2, "max"),
-            (False, 2, "max"),
-            (False, np.inf, "max"),
-        ]
+        for p, n, a in STEP_GRID
     ),
 ]
 """The SGD-step cases (one step unless ``steps``)."""

@@ -63,3 +63,16 @@ DISTRIBUTION_MARGINS = {
 (sampled competitors and the class-balance term, which depend on the
 global batch), the same with exact second-order gradients, and the
 authors' loss (top-scoring competitors, no balance term)."""
+
+
+STEP_GRID = [
+    (True, 2, "sum"),
+    (True, np.inf, "sum"),
+    (False, 2, "sum"),
+    (False, np.inf, "sum"),
+    (True, 2, "max"),
+    (False, 2, "max"),
+    (False, np.inf, "max"),
+]
+"""``(approximate, norm, aggregation)`` of the one-SGD-step cases checked
+against the reference (`test_model.py`) and across backends."""

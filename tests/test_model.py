@@ -17,6 +17,7 @@ from helpers import (
     reference_loss,
 )
 from hypothesis import strategies as st
+from nets import STEP_GRID
 from reference import balance_reference
 
 from marginfit import LargeMargin, MarginModel
@@ -105,18 +106,7 @@ def sgd_step(margin, x, y, learning_rate=0.5, loss=CE, **fit_options):
     return model, taps, before, after
 
 
-@pytest.mark.parametrize(
-    "approximate, norm, aggregation",
-    [
-        (True, 2, "sum"),
-        (True, np.inf, "sum"),
-        (False, 2, "sum"),
-        (False, np.inf, "sum"),
-        (True, 2, "max"),
-        (False, 2, "max"),
-        (False, np.inf, "max"),
-    ],
-)
+@pytest.mark.parametrize("approximate, norm, aggregation", STEP_GRID)
 def test_one_sgd_step_follows_the_reference_gradient(approximate, norm, aggregation):
     margin = margin_for(norm, top_k=2, aggregation=aggregation, approximate=approximate)
     x, y = digits(8)

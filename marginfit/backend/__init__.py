@@ -29,6 +29,10 @@ if _BACKEND not in BACKENDS:
 _module = importlib.import_module(f"marginfit.backend.{_BACKEND}")
 MarginTrainer = _module.MarginTrainer
 class_indices = _module.class_indices
+"""``class_indices(labels, num_classes)``: the ``[batch]`` int class index
+of each example, from ``[batch]`` or ``[batch, 1]`` class indices or
+``[batch, num_classes]`` one-hot (or soft) labels, checked inside the step
+where the backend can (`labels.large_label_message`)."""
 global_batch = _module.global_batch
 gradient_primitive = _module.gradient_primitive
 input_gradient = _module.input_gradient

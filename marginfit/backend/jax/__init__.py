@@ -23,16 +23,3 @@ from marginfit.backend.jax.trainer import MarginTrainer
 def gradient_primitive(model):
     """The gradient primitive of a pass outside a training step."""
     return PerturbationGradients(model)
-
-
-__all__ = [
-    "MarginTrainer",
-    "PerturbationGradients",
-    "class_indices",
-    "global_batch",
-    "gradient_primitive",
-    "input_gradient",
-    "outputs_and_jacobian",
-    "replicas_in_sync",
-    "traced",
-]

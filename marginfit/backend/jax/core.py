@@ -9,17 +9,9 @@ from marginfit import labels as labels_lib
 
 
 def class_indices(labels, num_classes):
-    """Class index per example from sparse or one-hot labels.
-
-    Args:
-        labels: ``[batch]`` or ``[batch, 1]`` class indices, or
-            ``[batch, num_classes]`` one-hot (or soft) labels.
-        num_classes: Number of classes ``C`` of the model output.
-
-    Returns:
-        ``[batch]`` int32 class indices. Out-of-range labels cannot stop a
-        compiled JAX step; `marginfit.checks` refuses them before `fit()`.
-    """
+    """`marginfit.backend.class_indices` on JAX: ``[batch]`` int32 class
+    indices. Out-of-range labels cannot stop a compiled JAX step;
+    `marginfit.checks` refuses them before `fit()`."""
     labels = jnp.asarray(labels)
     if labels_lib.is_one_hot(labels.shape, num_classes):
         return jnp.argmax(labels, axis=-1).astype("int32")

@@ -18,16 +18,3 @@ def gradient_primitive(model):
     through (evaluation, `MarginModel.margin_distances`)."""
     del model
     return TapeGradients()
-
-
-__all__ = [
-    "MarginTrainer",
-    "TapeGradients",
-    "class_indices",
-    "global_batch",
-    "gradient_primitive",
-    "input_gradient",
-    "outputs_and_jacobian",
-    "replicas_in_sync",
-    "traced",
-]

@@ -6,16 +6,9 @@ from marginfit import labels as labels_lib
 
 
 def class_indices(labels, num_classes):
-    """Class index per example from sparse or one-hot labels.
-
-    Args:
-        labels: ``[batch]`` or ``[batch, 1]`` class indices, or
-            ``[batch, num_classes]`` one-hot (or soft) labels.
-        num_classes: Number of classes ``C`` of the model output.
-
-    Returns:
-        ``[batch]`` int32 class indices.
-    """
+    """`marginfit.backend.class_indices` on TensorFlow: ``[batch]`` int32
+    class indices; outside XLA a label out of range stops the step with the
+    message of `marginfit.labels`."""
     labels = tf.convert_to_tensor(labels)
     if labels_lib.is_one_hot(labels.shape, num_classes):
         return tf.argmax(labels, axis=-1, output_type=tf.int32)

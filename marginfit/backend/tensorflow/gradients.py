@@ -25,12 +25,7 @@ class TapeGradients(penalty.GradientPrimitive):
         self.tape = tape
 
     def record(self, function, x):
-        hooked = {}
-
-        def hook(name, tensor):
-            hooked[name] = tensor
-            return tensor
-
+        hooked, hook = penalty.collecting_hook()
         with tf.GradientTape(persistent=True) as tape:
             tape.watch([t for t in tf.nest.flatten(x) if tf.is_tensor(t) and t.dtype.is_floating])
             differentiable, aux = function(x, hook)

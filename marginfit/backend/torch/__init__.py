@@ -23,16 +23,3 @@ def gradient_primitive(model):
     through (evaluation, `MarginModel.margin_distances`)."""
     del model
     return AutogradGradients(create_graph=False)
-
-
-__all__ = [
-    "AutogradGradients",
-    "MarginTrainer",
-    "class_indices",
-    "global_batch",
-    "gradient_primitive",
-    "input_gradient",
-    "outputs_and_jacobian",
-    "replicas_in_sync",
-    "traced",
-]

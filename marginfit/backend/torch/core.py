@@ -7,17 +7,9 @@ from marginfit import labels as labels_lib
 
 
 def class_indices(labels, num_classes):
-    """Class index per example from sparse or one-hot labels.
-
-    Args:
-        labels: ``[batch]`` or ``[batch, 1]`` class indices, or
-            ``[batch, num_classes]`` one-hot (or soft) labels.
-        num_classes: Number of classes ``C`` of the model output.
-
-    Returns:
-        ``[batch]`` int64 class indices. A label out of range stops the
-        (eager) step with the message of the other backends' checks.
-    """
+    """`marginfit.backend.class_indices` on PyTorch: ``[batch]`` int64 class
+    indices; a label out of range stops the (eager) step with the message of
+    `marginfit.labels`."""
     labels = keras.ops.convert_to_tensor(labels)
     if labels_lib.is_one_hot(labels.shape, num_classes):
         return torch.argmax(labels, dim=-1)

@@ -31,12 +31,7 @@ class AutogradGradients(penalty.GradientPrimitive):
         self.create_graph = create_graph
 
     def record(self, function, x):
-        hooked = {}
-
-        def hook(name, tensor):
-            hooked[name] = tensor
-            return tensor
-
+        hooked, hook = penalty.collecting_hook()
         x = keras.tree.map_structure(
             lambda t: _leaf(t) if torch.is_tensor(t) and t.is_floating_point() else t, x
         )
