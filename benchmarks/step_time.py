@@ -161,7 +161,7 @@ def time_models(models, repeats, steps, min_seconds=0.5, method="train_on_batch"
 
 def evaluation_ratio(repeats, steps):
     """The default CNN's evaluation step (`test_on_batch`: the loss and the
-    distances to the nearest boundary, `margin.boundary_distances`) over the
+    distances to the nearest boundary, `distances.nearest_boundaries`) over the
     CE evaluation step, timed interleaved."""
     models = {
         kind: build("cnn", options) for kind, options in (("margin", DEFAULT_MARGIN), ("ce", None))

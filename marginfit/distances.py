@@ -11,8 +11,9 @@ where ``q`` is the dual norm of ``p`` (a linear function with gradient
 layer weight. The gradients come from the backend's `Recording` of the
 forward pass (`marginfit.penalty`): one backward pass per competitor, for
 all layers at once. `layer_distances` gives the margin loss's;
-`nearest_boundaries` gives what the logs and `MarginModel.margin_distances`
-report: the logits' distance to the nearest boundary, in the layer's units.
+`boundary_distances` gives what the logs and `MarginModel.margin_distances`
+report (`margin_distances`, through `nearest_boundaries`): the logits'
+distance to the nearest boundary, in the layer's units.
 """
 
 import contextlib
@@ -210,12 +211,21 @@ def boundary_distances(recording, differences, layers, order, epsilon):
     return ops.fori_loop(0, differences.shape[-1], nearer, start)
 
 
+def logit_differences(outputs, labels, competitors, output_kind):
+    """``[batch, k]`` logit differences ``z_y - z_j`` to the ``competitors``
+    highest-scoring classes other than the label (capped at the number of
+    other classes): what a reported distance is taken of."""
+    count = min(competitors, outputs.shape[-1] - 1)
+    return score_differences(outputs, labels, count, "logits", output_kind)
+
+
 def nearest_boundaries(model, x, y, margin, gradients, competitors=LOGGED_COMPETITORS):
     """Each example's distance to the nearest decision boundary at every
     margin layer, in the layer's units (pixels at the input) and the
     margin's norm, in inference mode, whatever space the loss is taken in:
-    what the ``distance_<layer>`` logs average and
-    `MarginModel.margin_distances` returns.
+    `boundary_distances` of `logit_differences` on a recorded pass of its
+    own (`MarginModel.margin_distances`; the ``distance_<layer>`` logs take
+    the same of the evaluation step's pass).
 
     Args:
         model: The `MarginModel`.
@@ -224,8 +234,7 @@ def nearest_boundaries(model, x, y, margin, gradients, competitors=LOGGED_COMPET
         margin: The `LargeMargin` (its layers, norm and epsilon).
         gradients: The backend's `GradientPrimitive`.
         competitors: The number of highest-scoring classes other than the
-            label whose boundaries are searched (capped at the number of
-            other classes): one backward pass each.
+            label whose boundaries are searched: one backward pass each.
 
     Returns:
         One ``[batch]`` float32 tensor per margin layer (no layer weights
@@ -236,8 +245,7 @@ def nearest_boundaries(model, x, y, margin, gradients, competitors=LOGGED_COMPET
     def forward(x, hook):
         outputs, _ = model.call_with_activations(x, training=False, hook=hook)
         labels = backend.class_indices(y, outputs.shape[-1])
-        count = min(competitors, outputs.shape[-1] - 1)
-        differences = score_differences(outputs, labels, count, "logits", model.output_kind)
+        differences = logit_differences(outputs, labels, competitors, model.output_kind)
         return {"logits": differences}, differences
 
     differences, recording = gradients.record(forward, x)

@@ -21,7 +21,7 @@ summed over competitors (``aggregation="sum"``) or taken at the nearest one
 ``d_lj`` is a distance (in the layer's units, times ``w_l``) only where
 ``f`` are logits; softmax differences saturate, so their ``d_lj`` measure
 confidence as much as geometry. What is reported as a distance is always
-the logits' (`marginfit.distances.nearest_boundaries`).
+the logits' (`marginfit.distances.boundary_distances`).
 
 `LargeMargin` is a `marginfit.Penalty`: the step calls it once; it runs
 the forward pass under the backend's gradient primitive and returns the
@@ -293,11 +293,12 @@ class LargeMargin(Penalty):
         """The margin loss of ``step`` (a `marginfit.penalty.Step`): the
         hinge terms (`margin_loss`) plus ``balance`` times the class-balance
         term of the global batch; in evaluation, also the distances to the
-        nearest boundary (`distances.nearest_boundaries`)."""
+        nearest boundary that the logs report (`distances.boundary_distances`
+        of the same recorded pass)."""
         if step.training and self.coupling == "inference":
             # The inference pass runs first, so that it sees the moving
             # statistics as they were before this step's training pass.
-            distances, dead, _, _ = self._recorded_pass(step, training=False)
+            distances, dead, _, _, _ = self._recorded_pass(step, training=False)
             outputs = step.model(step.x, training=True)
             balance = None
             if self.balance:
@@ -305,15 +306,12 @@ class LargeMargin(Penalty):
                 sums = backend.global_batch(ops.shape(outputs)[0], sums).sums
                 balance = balance_from_sums(sums)
         else:
-            distances, dead, outputs, balance = self._recorded_pass(step, step.training)
+            distances, dead, outputs, balance, nearest = self._recorded_pass(step, step.training)
         value = margin_loss(distances, self, step.sample_weight)
         if balance is not None:
             value += self.balance * balance
         logged = {"dead_rate": (ops.cast(dead, "float32"),)}
         if not step.training:
-            nearest = distances_lib.nearest_boundaries(
-                step.model, step.x, step.y, self, step.gradients
-            )
             for layer, layer_distances in zip(self.layers, nearest):
                 logged[metrics_lib.distance_metric_name(layer)] = (layer_distances,)
             if self.space == "logits":
@@ -322,9 +320,11 @@ class LargeMargin(Penalty):
 
     def _recorded_pass(self, step, training):
         """One forward pass in ``training`` mode under the step's gradient
-        primitive: ``(distances, dead, outputs, balance)``, the first two
-        from `distances.layer_distances`, the class-balance term of the
-        global batch None with ``balance=0``."""
+        primitive: ``(distances, dead, outputs, balance, nearest)``, the
+        first two from `distances.layer_distances`, the class-balance term
+        of the global batch (None with ``balance=0``), and, in evaluation,
+        the distances to the nearest boundary that the logs report
+        (`distances.boundary_distances` of the same pass; None in training)."""
         model, sampled = step.model, self.competitors == "sampled"
 
         def forward(x, hook):
@@ -348,15 +348,26 @@ class LargeMargin(Penalty):
                 keys = draws.competitor_keys(
                     step.number, batch.offset, batch_size, outputs.shape[-1]
                 )
-            differences = distances_lib.score_differences(
-                outputs, labels, self.top_k, self.space, model.output_kind, keys
-            )
-            return {"loss": differences}, (outputs, differences, batch.sums)
+            differentiable = {
+                "loss": distances_lib.score_differences(
+                    outputs, labels, self.top_k, self.space, model.output_kind, keys
+                )
+            }
+            if not step.training:
+                differentiable["logits"] = distances_lib.logit_differences(
+                    outputs, labels, distances_lib.LOGGED_COMPETITORS, model.output_kind
+                )
+            return differentiable, (outputs, differentiable, batch.sums)
 
         (outputs, differences, sums), recording = step.gradients.record(forward, step.x)
-        distances, dead = distances_lib.layer_distances(recording, differences, self)
+        distances, dead = distances_lib.layer_distances(recording, differences["loss"], self)
         balance = balance_from_sums(sums) if self.balance else None
-        return distances, dead, outputs, balance
+        nearest = None
+        if "logits" in differences:
+            nearest = distances_lib.boundary_distances(
+                recording, differences["logits"], self.layers, self.dual_norm, self.epsilon
+            )
+        return distances, dead, outputs, balance, nearest
 
     def _check_top_k(self, model, classes):
         if self.top_k > classes - 1:
