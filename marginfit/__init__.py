@@ -1,7 +1,7 @@
 """marginfit: large-margin training inside plain Keras `fit()`/`evaluate()`."""
 
 from marginfit import losses, networks
-from marginfit.callbacks import DistanceHistograms, GroupLearningRateScheduler
+from marginfit.callbacks import DistanceHistograms, GroupLearningRateScheduler, ProgressBar
 from marginfit.data import load_digits
 from marginfit.input_gradient import InputGradientPenalty
 from marginfit.losses import HuberLoss
@@ -24,6 +24,7 @@ __all__ = [
     "MarginModel",
     "Penalty",
     "PenaltyResult",
+    "ProgressBar",
     "Step",
     "ViolationRate",
     "discriminative_optimizer",

@@ -36,7 +36,8 @@ FEATURES = {
         "override updates as Keras' own steps do.",
     ),
     "nested layers": (
-        "discriminative_optimizer's groups of nested layers",
+        "discriminative_optimizer's groups of nested layers, and the margin's error for "
+        "a layer inside a custom layer",
         "Layer._flatten_layers is the only way to reach the layers nested in custom "
         "layers (Model.layers lists the top level only).",
     ),

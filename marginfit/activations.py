@@ -15,11 +15,14 @@ its activations from ``call(..., return_activations=True)``.
 
 import contextlib
 import inspect
+import re
 import threading
 import warnings
 
 import keras
 from keras import tree
+
+from marginfit import _keras_internals
 
 INPUT = "input"
 """The name that designates the model input."""
@@ -107,6 +110,8 @@ def resolve(model, names):
             resolved[name] = found[0]
         else:
             missing.append(name)
+    for name in missing:
+        _explain_unreachable(model, name, paths)
     if missing:
         raise ValueError(
             f"Margin layer(s) {missing} not found in model {model.name!r}. Name a "
@@ -114,6 +119,46 @@ def resolve(model, names):
             f"(e.g. 'base{SEPARATOR}relu'). Valid names: {[INPUT, *paths]}."
         )
     return resolved
+
+
+_GENERATED_SUFFIX = re.compile(r"_\d+$")
+
+
+def _explain_unreachable(model, name, paths):
+    """Raises a `ValueError` that explains why ``name`` is not in ``paths``
+    where it can: a layer inside a layer that is not a graph of layers (a
+    keras-hub transformer block), or a path whose prefix Keras numbered
+    differently (a second ``bert_backbone`` is ``bert_backbone_1``)."""
+    *outer, last = name.split(SEPARATOR)
+    ordered = list(paths)
+    for index, (path, layer) in enumerate(paths.items()):
+        within = SEPARATOR.join(outer)
+        if _is_graph(layer) or (outer and not (path + SEPARATOR).endswith(within + SEPARATOR)):
+            continue
+        try:
+            inner = {sublayer.name for sublayer in _keras_internals.flatten_layers(layer)}
+        except AttributeError:  # the internal is gone: the plain message follows
+            return
+        if last in inner:
+            nearest = [p for p in ordered[max(index - 1, 0) : index + 2] if p != path]
+            raise ValueError(
+                f"Margin layer {name!r} is inside {path!r} ({type(layer).__name__}), "
+                "whose call is Python code rather than a graph of layers, so the tensors "
+                f"inside it cannot be reached. Put the margin on {path!r} (its output) "
+                f"or on the nearest reachable layers: {nearest}."
+            )
+
+    def generic(path):
+        return SEPARATOR.join(_GENERATED_SUFFIX.sub("", part) for part in path.split(SEPARATOR))
+
+    renamed = [path for path in paths if outer and generic(path) == generic(name)]
+    if renamed:
+        raise ValueError(
+            f"Margin layer {name!r} not found in model {model.name!r}, but {renamed[0]!r} "
+            "is: Keras numbers the names of models built again in one process "
+            f"('{generic(outer[0])}', then '{generic(outer[0])}_1', ...). Name the layer by "
+            f"its bare name {last!r} where it is unique, or by {renamed[0]!r}."
+        )
 
 
 def _is_graph(layer):
@@ -129,6 +174,30 @@ def has_graph(model):
         return bool(model.inputs) and bool(model.outputs)
     except (AttributeError, ValueError):
         return False
+
+
+def check_wrappable(model):
+    """Raises a `ValueError` where `MarginModel.wrap` cannot take ``model``:
+    it has no graph of layers, or a preprocessor (a keras-hub task's) that
+    the wrapped model would not run."""
+    if not has_graph(model):
+        raise ValueError(
+            f"Cannot wrap model {model.name!r}: it has no symbolic inputs "
+            "and outputs. Wrap a Functional model or a Sequential model "
+            "that starts with `keras.Input(...)`; for a subclassed model, "
+            "subclass `MarginModel` and let `call` accept "
+            "`return_activations` (see `MarginModel.call_with_activations`)."
+        )
+    preprocessor = getattr(model, "preprocessor", None)
+    if preprocessor is not None:
+        raise ValueError(
+            f"Cannot wrap model {model.name!r} with its preprocessor "
+            f"{type(preprocessor).__name__} {preprocessor.name!r}: a MarginModel "
+            "would not run it. Map the preprocessor over the data and wrap the model "
+            "without it: `preprocessor, model.preprocessor = model.preprocessor, None`, "
+            "`MarginModel.wrap(model, ...)`, then `fit(dataset.map(preprocessor))` with "
+            "a batched tf.data.Dataset (see the guide 'Models from keras-hub')."
+        )
 
 
 def graph_ends(model):
@@ -263,11 +332,12 @@ def warn_if_softmax(model, output_kind):
         )
 
 
-def embedding_layers(model):
-    """Names of the first layers downstream of ``model``'s inputs whose
-    output is floating point: where a margin goes for integer inputs (token
-    ids), e.g. an `Embedding`."""
-    integer = {id(tensor) for tensor in model.inputs}
+def embedding_layers(model, prefix=""):
+    """Paths of the layers that embed ``model``'s integer inputs (token
+    ids): the first layers, in it or in a Functional model nested in it,
+    whose inputs are all integer and whose outputs are floating point, e.g.
+    an `Embedding`; where a margin goes instead of ``"input"``."""
+    integer = {id(t) for t in model.inputs if not keras.backend.is_float_dtype(t.dtype)}
     found = []
     for layer in model.layers:
         try:
@@ -275,15 +345,27 @@ def embedding_layers(model):
             outputs = tree.flatten(_call_output(layer))
         except (AttributeError, ValueError):
             continue
-        if isinstance(layer, keras.layers.InputLayer) or not any(
-            id(tensor) in integer for tensor in inputs
-        ):
+        if isinstance(layer, keras.layers.InputLayer) or not inputs:
             continue
-        if all(keras.backend.is_float_dtype(tensor.dtype) for tensor in outputs):
-            found.append(layer.name)
+        if not all(id(tensor) in integer for tensor in inputs):
+            continue
+        if _is_graph(layer):
+            found += embedding_layers(layer, prefix + layer.name + SEPARATOR)
+        elif all(keras.backend.is_float_dtype(tensor.dtype) for tensor in outputs):
+            found.append(prefix + layer.name)
         else:
             integer.update(id(tensor) for tensor in outputs)
     return found
+
+
+def _embedding_advice(model):
+    """Where the margin goes instead of ``"input"`` (for the messages)."""
+    embeddings = embedding_layers(model)
+    if len(embeddings) == 1:
+        return f"the layer that embeds them: {embeddings[0]!r}"
+    if embeddings:
+        return f"one of the layers that embed them: {embeddings}"
+    return "the first layer with a floating-point output"
 
 
 # ------------------------------------------------------------- the reach
@@ -384,9 +466,11 @@ def check_one_float_input(model, what):
     """The margin on ``"input"`` (or an adversary) needs one floating-point
     input."""
     if len(model.inputs) != 1:
+        integer = not all(keras.backend.is_float_dtype(t.dtype) for t in model.inputs)
+        where = _embedding_advice(model) if integer else "a layer after the inputs are merged"
         raise ValueError(
             f"{what} needs a model with one input; model {model.name!r} has "
-            f"{len(model.inputs)}. Put the margin on a layer after the inputs are merged."
+            f"{len(model.inputs)}. Put the margin on {where}, instead of 'input'."
         )
     dtype = keras.backend.standardize_dtype(model.inputs[0].dtype)
     if keras.backend.is_float_dtype(dtype):
@@ -397,14 +481,7 @@ def check_one_float_input(model, what):
             f"{model.name!r} takes {dtype} inputs (e.g. token ids), which have no "
             "gradient. Train against an adversary on float inputs only."
         )
-    embeddings = embedding_layers(model)
-    where = (
-        f"the layer that embeds them: {embeddings[0]!r}"
-        if len(embeddings) == 1
-        else f"one of the layers that embed them: {embeddings}"
-        if embeddings
-        else "the first layer with a floating-point output"
-    )
+    where = _embedding_advice(model)
     raise TypeError(
         f"{what} needs floating-point inputs, but model {model.name!r} takes {dtype} "
         f"inputs (e.g. token ids), which have no gradient. Put the margin on {where}, "

@@ -1,9 +1,12 @@
-"""Callbacks: per-group learning rates, distance histograms for TensorBoard."""
+"""Callbacks: per-group learning rates, distance histograms for TensorBoard,
+warnings and errors about training, and the progress bar."""
 
 import os
 import warnings
 
 import keras
+
+from marginfit import logs as logs_lib
 
 
 def sub_optimizers(optimizer):
@@ -209,3 +212,48 @@ class NonFiniteStepError(keras.callbacks.Callback):
                 "from before this batch. Check this batch's data, lower the learning "
                 "rate, or clip the gradients (e.g. `clipnorm=1.0`)."
             )
+
+
+class ProgressBar(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar, showing what is informative for the model
+    (`marginfit.logs.shown`): a count that is always zero with the defaults
+    (``nonfinite_steps``, ``dead_rate``) appears once it is not, and stays
+    for the rest of the epoch; the penalty's loss appears beside
+    ``ce_loss``, not where it is the whole loss. Every log still reaches
+    History and the other callbacks.
+
+    `MarginModel.fit` and `evaluate` add one where Keras would add its own
+    progress bar (a `keras.callbacks.ProgbarLogger` of yours is kept).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._seen_names = set()
+
+    def _shown(self, logs):
+        if logs is None:
+            return None
+        kept = logs_lib.shown(self.model, logs, self._seen_names)
+        self._seen_names.update(kept)
+        return kept
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._seen_names = set()
+        super().on_epoch_begin(epoch, logs)
+
+    def on_test_begin(self, logs=None):
+        if not self._called_in_fit:
+            self._seen_names = set()
+        super().on_test_begin(logs)
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, self._shown(logs))
+
+    def on_test_batch_end(self, batch, logs=None):
+        super().on_test_batch_end(batch, self._shown(logs))
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, self._shown(logs))
+
+    def on_test_end(self, logs=None):
+        super().on_test_end(self._shown(logs))

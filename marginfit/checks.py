@@ -106,6 +106,8 @@ def check_arrays(model, x, y=None, sample_weight=None, name="fit()"):
         name: The call being checked, for the messages.
     """
     leaves = keras.tree.flatten(x) if isinstance(x, (list, tuple, dict)) else [x]
+    if any(_is_text(leaf) for leaf in leaves):
+        raise TypeError(_text_message(model, name))
     if not leaves or not all(_is_array(leaf) for leaf in leaves):
         return
     leaves = [np.asarray(leaf) for leaf in leaves]
@@ -137,6 +139,34 @@ def check_arrays(model, x, y=None, sample_weight=None, name="fit()"):
         _check_labels(model, np.asarray(y), examples, name)
     if sample_weight is not None and _is_array(sample_weight):
         _check_weights(np.asarray(sample_weight), examples, name)
+
+
+def _is_text(value):
+    """Whether ``value`` is a string or an array of strings."""
+    if isinstance(value, (str, bytes)):
+        return True
+    if not _is_array(value):
+        return False
+    kind = np.asarray(value).dtype.kind
+    if kind == "O":
+        first = np.asarray(value).reshape(-1)[:1]
+        return bool(len(first)) and isinstance(first[0], (str, bytes))
+    return kind in "US"
+
+
+def _text_message(model, name):
+    """The error for text given to a model that takes numbers."""
+    try:
+        takes = ", ".join(f"{t.name} ({t.dtype})" for t in model.inputs)
+    except (AttributeError, ValueError, TypeError):
+        takes = "tensors"
+    return (
+        f"{name} received text (strings) as x, but model {model.name!r} takes "
+        f"{takes}: map a preprocessor over the data first, e.g. a keras-hub "
+        "task's `preprocessor` (`tf.data.Dataset.from_tensor_slices((x, y))"
+        ".batch(32).map(preprocessor)`), which `MarginModel.wrap` does not run "
+        "(see the guide 'Models from keras-hub')."
+    )
 
 
 def _is_array(value):

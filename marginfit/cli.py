@@ -20,6 +20,7 @@ import keras
 
 from marginfit import cluster, files, methods
 from marginfit import data as data_lib
+from marginfit import logs as logs_lib
 from marginfit.experiments import PRESETS, Experiment, floats
 from marginfit.model import MarginModel
 
@@ -171,7 +172,7 @@ def _train(args, argv, output, strategy):
     summary = {"command": _command_line(argv), "test": {k: float(v) for k, v in logs.items()}}
     files.write_text(os.path.join(output, "summary.json"), json.dumps(summary, indent=2))
     print("\n  test metric            value")
-    for name, value in sorted(logs.items()):
+    for name, value in sorted(logs_lib.shown(model, logs).items()):
         print(f"  {name:<20} {value:>8.4f}")
     where = output if cluster.is_chief() else "the chief's output directory"
     print(f"\ntest accuracy {logs['accuracy']:.4f}; model, history and summary in {where}")

@@ -13,10 +13,12 @@ where ``q`` is the dual norm of ``p``: a linear function with gradient ``g``
 changes by ``||g||_q`` per unit step measured in ``p``.  The penalty of one
 layer and one example is
 
-    term_l = max(0, gamma_l - max(d_lj, gamma_l * (1 - alpha)))
+    term_l = max(0, gamma_l - max(d_lj, gamma_l * (1 - alpha))) - gamma_l
 
 summed over competitors (``aggregation="sum"``) or taken at the nearest one
-(``aggregation="max"``, the worst case).
+(``aggregation="max"``, the worst case). The hinge minus ``gamma_l``, as the
+authors write it, is minus the distance clipped to ``[gamma_l * (1 - alpha),
+gamma_l]``: the loss falls from 0 towards ``-gamma`` as the margin grows.
 
 ``d_lj`` is a distance (in the layer's units, times ``w_l``) only where
 ``f`` are logits; softmax differences saturate, so their ``d_lj`` measure
@@ -288,6 +290,7 @@ class LargeMargin(Penalty):
     # ------------------------------------------------------------ the penalty
 
     name = "margin"
+    quiet_metrics = ("dead_rate",)
 
     def __call__(self, step):
         """The margin loss of ``step`` (a `marginfit.penalty.Step`): the
@@ -394,14 +397,20 @@ class LargeMargin(Penalty):
 def hinge_terms(distances, gamma, alpha, aggregation):
     """Penalty per example from ``[batch, top_k]`` distances of one layer.
 
-    Returns ``[batch]``: ``max(0, gamma - max(d, gamma * (1 - alpha)))``
-    at the nearest competitor (``"max"``) or summed over competitors
-    (``"sum"``).
+    Returns ``[batch]``: ``max(0, gamma - max(d, gamma * (1 - alpha))) -
+    gamma``, which is ``-min(gamma, max(d, gamma * (1 - alpha)))``, minus
+    the distance clipped to ``[gamma * (1 - alpha), gamma]``, at the nearest
+    competitor (``"max"``) or summed over competitors (``"sum"``). The
+    offset ``- gamma`` is the authors' (it changes no gradient): the loss
+    reads as minus a distance, 0 where examples sit on the boundary and
+    ``-gamma`` once every one is ``gamma`` away.
     """
     if aggregation == "max":
         distances = ops.min(distances, axis=-1, keepdims=True)
     clipped = ops.maximum(distances, gamma * (1.0 - alpha))
-    return ops.sum(ops.relu(gamma - clipped), axis=-1)
+    # -min(clipped, gamma): the same value and gradients as the hinge minus
+    # gamma, without cancelling two numbers near gamma in float32.
+    return -ops.sum(ops.minimum(clipped, gamma), axis=-1)
 
 
 def margin_loss(distances, margin, sample_weight=None):

@@ -128,6 +128,7 @@ class PenaltyMetrics(_keras_internals.MetricsList):
 
     def __init__(self, penalty, name="penalty_metrics"):
         own, self.evaluation_names = penalty.make_metrics()
+        self.own_names = tuple(metric.name for metric in own)
         self.loss_name = penalty.loss_name
         means = [keras.metrics.Mean(name=mean) for mean in ("ce_loss", self.loss_name)]
         metrics = [*means, *own]

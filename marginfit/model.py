@@ -13,9 +13,10 @@ from marginfit import (
     checks,
     distances,
     draws,
+    logs,
     resume,
 )
-from marginfit.callbacks import DeadExamplesWarning, NonFiniteStepError
+from marginfit.callbacks import DeadExamplesWarning, NonFiniteStepError, ProgressBar
 from marginfit.margin import LargeMargin
 from marginfit.metrics import PenaltyMetrics, StepCount
 from marginfit.penalty import PenaltyResult, Step, check_penalty
@@ -132,15 +133,10 @@ class MarginModel(backend.MarginTrainer, keras.Model):
     def wrap(cls, model, margin=None, output="logits", name=None, adversary=None, penalty=None):
         """A `MarginModel` over the layers (and weights) of a built
         Functional or Sequential model (shared, not copied), with the same
-        inputs and outputs; the other arguments as for `MarginModel`."""
-        if not activations.has_graph(model):
-            raise ValueError(
-                f"Cannot wrap model {model.name!r}: it has no symbolic inputs "
-                "and outputs. Wrap a Functional model or a Sequential model "
-                "that starts with `keras.Input(...)`; for a subclassed model, "
-                "subclass `MarginModel` and let `call` accept "
-                "`return_activations` (see `MarginModel.call_with_activations`)."
-            )
+        inputs and outputs; the other arguments as for `MarginModel`. A
+        model that preprocesses its inputs (a keras-hub task with a
+        ``preprocessor``) is refused: map its preprocessor over the data."""
+        activations.check_wrappable(model)
         return cls(
             *activations.graph_ends(model), margin=margin, penalty=penalty, output=output,
             name=name or model.name, adversary=adversary,
@@ -195,9 +191,10 @@ class MarginModel(backend.MarginTrainer, keras.Model):
     def evaluate(self, *args, **kwargs):
         """`keras.Model.evaluate`; with a penalty, arrays (or a dataset's
         first batch) are checked first (`marginfit.checks`)."""
-        self._checked_arguments(keras.Model.evaluate, args, kwargs, "evaluate()")
+        bound = self._checked_arguments(keras.Model.evaluate, args, kwargs, "evaluate()")
+        _add_progress_bar(bound.arguments)
         with checks.clear_step_errors():
-            return super().evaluate(*args, **kwargs)
+            return super().evaluate(*bound.args[1:], **bound.kwargs)
 
     def _checked_arguments(self, method, args, kwargs, name):
         bound = inspect.signature(method).bind_partial(self, *args, **kwargs)
@@ -253,23 +250,18 @@ class MarginModel(backend.MarginTrainer, keras.Model):
     def _keras_loss(self, x, y, y_pred, sample_weight, training):
         """`compute_loss` as float32; 0 where a model with a penalty has
         nothing else to compute (``compile(loss=None)``, no regularization)."""
-        overridden = type(self).compute_loss is not keras.Model.compute_loss
-        if self.penalty is not None and self.loss is None and not self.losses and not overridden:
+        if not logs.has_keras_loss(self):
             return keras.ops.zeros((), "float32")
         loss = self.compute_loss(x, y, y_pred, sample_weight, training=training)
         return keras.ops.cast(loss, "float32")
 
     def _logs(self, x, y, y_pred, sample_weight, training):
-        """`compute_metrics`, with ``nonfinite_steps`` only in training
-        steps that count them, and the penalty's evaluation metrics only out
-        of training."""
-        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        if not training or self.on_nonfinite == "apply":
-            logs.pop("nonfinite_steps", None)
-        if training and self.penalty_metrics is not None:
-            for name in self.penalty_metrics.evaluation_names:
-                logs.pop(name, None)
-        return logs
+        """`compute_metrics`, keeping the names `marginfit.logs.written`
+        lists for this step (besides ``loss`` and the compiled metrics)."""
+        computed = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        kept = logs.written(self, training)
+        ours = (logs.NONFINITE_STEPS, *(self.penalty_metrics.by_name if self.penalty else ()))
+        return {k: v for k, v in computed.items() if k in kept or k not in ours}
 
 
 def _checked_penalty(margin, penalty, output, on_nonfinite):
@@ -295,7 +287,8 @@ def _checked_penalty(margin, penalty, output, on_nonfinite):
 
 def _add_callbacks(model, given):
     """Adds to the bound arguments ``given`` of `fit()` the callbacks the
-    model's options ask for, and restores the backup of a
+    model's options ask for, checks what the callbacks monitor
+    (`marginfit.logs.check_callbacks`), and restores the backup of a
     `marginfit.BackupAndRestore` (training then starts at its epoch)."""
     added = [DeadExamplesWarning()] if model.margin is not None else []
     if model.on_nonfinite == "raise":
@@ -306,7 +299,20 @@ def _add_callbacks(model, given):
             callbacks.append(callback)
     else:
         given["callbacks"] = callbacks = [*callbacks, *added]
-    for callback in getattr(callbacks, "callbacks", callbacks):
+        _add_progress_bar(given)
+    callbacks = getattr(callbacks, "callbacks", callbacks)
+    logs.check_callbacks(model, callbacks)
+    for callback in callbacks:
         if isinstance(callback, resume.BackupAndRestore):
             start = callback.restore(model)
             given["initial_epoch"] = max(given.get("initial_epoch", 0), start)
+
+
+def _add_progress_bar(given):
+    """Adds a `ProgressBar` to the bound arguments ``given`` of `fit()` or
+    `evaluate()` where Keras would add its own progress bar."""
+    callbacks = given.get("callbacks") or []
+    if isinstance(callbacks, keras.callbacks.CallbackList) or given.get("verbose", "auto") == 0:
+        return
+    if not any(isinstance(c, keras.callbacks.ProgbarLogger) for c in callbacks):
+        given["callbacks"] = [*callbacks, ProgressBar()]

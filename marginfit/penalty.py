@@ -158,6 +158,10 @@ class Penalty:
             raise ValueError(f"`weight` must be a float >= 0; received {weight!r}.")
         self.weight = float(weight)
 
+    quiet_metrics = ()
+    """Names of metrics that the progress bar shows only once they are
+    non-zero (`marginfit.logs.shown`)."""
+
     layers = ()
     """Names of what the penalty differentiates with respect to (``"input"``
     for the model input), which `MarginModel` makes reachable."""

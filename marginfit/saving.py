@@ -25,7 +25,7 @@ def _is_saved_model(path):
     return any(os.path.isfile(os.path.join(path, name)) for name in _SAVED_MODEL_FILES)
 
 
-def save_model(model, path, overwrite=True):
+def save_model(model, path, overwrite=True, input_signature=None):
     """Writes ``model`` to the SavedModel directory ``path``.
 
     The directory is assembled next to ``path`` and swapped into place only
@@ -38,6 +38,11 @@ def save_model(model, path, overwrite=True):
         path: Directory to write.
         overwrite: Whether to replace an existing SavedModel at ``path``.
             Other existing files or non-empty directories are never replaced.
+        input_signature: Passed to `model.export`: the serving inputs' specs
+            (e.g. ``[keras.InputSpec(shape=(None, 128), dtype="int32")]``
+            per input, or a structure of `tf.TensorSpec`), where the model's
+            own input shapes cannot be traced, as for a keras-hub text model
+            of variable length on JAX; None (the default) takes the model's.
 
     Raises:
         FileExistsError: If ``path`` exists and may not be replaced.
@@ -64,12 +69,28 @@ def save_model(model, path, overwrite=True):
             )
     staging = files.staging_directory(os.path.dirname(path))
     try:
-        model.export(staging, format="tf_saved_model", verbose=False)
+        _export(model, staging, input_signature)
         os.makedirs(os.path.join(staging, os.path.dirname(ARCHIVE)), exist_ok=True)
         model.save(os.path.join(staging, ARCHIVE))
         files.replace_directory(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _export(model, path, input_signature):
+    """`model.export` to ``path``; on JAX, a model whose variable input
+    length cannot be traced gets an error that says to fix the length."""
+    try:
+        model.export(path, format="tf_saved_model", verbose=False, input_signature=input_signature)
+    except Exception as error:
+        if keras.backend.backend() != "jax" or "inconclusive" not in str(error).lower():
+            raise
+        raise ValueError(
+            f"Model {model.name!r} cannot be exported on JAX with inputs of variable "
+            "length (its shapes cannot be traced); pass input_signature= with a fixed "
+            "length, e.g. input_signature=[{name: keras.InputSpec(shape=(None, 128), "
+            "dtype='int32') for name in model.input}] for a keras-hub text model."
+        ) from error
 
 
 def load_model(path, compile=True, safe_mode=True):

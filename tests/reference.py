@@ -105,10 +105,13 @@ def margin_loss(
             if aggregation == "max":
                 per_layer = [tf.reduce_min(tf.stack(per_layer))]
             for d in per_layer:
-                example_total += tf.nn.relu(g - tf.maximum(d, g * (1 - alpha)))
+                # The authors' term, the hinge minus gamma, in float64 (gamma
+                # may be 1e4 and the term near 0).
+                d = tf.cast(d, "float64")
+                example_total += tf.nn.relu(g - tf.maximum(d, g * (1 - alpha))) - g
         weight = 1.0 if sample_weight is None else float(sample_weight[k])
         total += weight * example_total / len(layers)
-    return total / len(x), nearest
+    return tf.cast(total / len(x), "float32"), nearest
 
 
 def batch_coupled_distances(tap_model, x, y, *, layers, norm=2, top_k=1, epsilon=1e-6):

@@ -184,8 +184,8 @@ def test_hinge_terms_against_the_formula(aggregation):
     gamma, alpha = 2.0, 3.0
     lower = gamma * (1 - alpha)
 
-    def term(d):
-        return max(0.0, gamma - max(d, lower))
+    def term(d):  # the authors' form, the hinge minus gamma, in float64
+        return max(0.0, gamma - max(float(d), lower)) - gamma
 
     if aggregation == "max":
         expected = [term(min(row)) for row in distances]

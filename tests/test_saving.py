@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import saving_worker
+import tensorflow as tf
 from helpers import CE, conv_net, digits
 
 import marginfit
@@ -195,3 +196,15 @@ def test_save_model_replaces_its_own_kind(saved, tmp_path):
     marginfit.save_model(other, target)
     restored = marginfit.load_model(target)
     assert restored.margin == other.margin
+
+
+def test_save_model_serves_the_input_signature_it_is_given(saved, tmp_path):
+    model, _ = saved
+    signature = [keras.InputSpec(shape=(3, 8, 8, 1), dtype="float32")]
+    marginfit.save_model(model, tmp_path / "fixed", input_signature=signature)
+    served = tf.saved_model.load(str(tmp_path / "fixed"))
+    (spec,) = tf.nest.flatten(served.signatures["serving_default"].structured_input_signature)
+    assert spec.shape.as_list() == [3, 8, 8, 1]
+    x, _ = digits(3)
+    np.testing.assert_allclose(served.serve(x), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+    assert marginfit.load_model(tmp_path / "fixed").margin == model.margin

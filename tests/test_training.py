@@ -67,7 +67,9 @@ def test_batch_coupling_is_the_authors_batch_summed_gradient():
     coupled, own = reference.batch_coupled_distances(taps, x, y, layers=LAYERS)
 
     def loss(distances):
-        terms = [np.maximum(0, gamma - np.maximum(d[0], gamma * (1 - alpha))) for d in distances]
+        terms = [
+            np.maximum(0, gamma - np.maximum(d[0], gamma * (1 - alpha))) - gamma for d in distances
+        ]
         return np.mean(terms)
 
     np.testing.assert_allclose(logged, loss(coupled), rtol=1e-5)

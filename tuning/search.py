@@ -7,7 +7,8 @@ import os
 
 import keras_tuner as kt
 
-from marginfit import files, metrics
+from marginfit import files, logs, metrics
+from marginfit.model import MarginModel
 from marginfit.tuning import distributed
 
 TUNERS = ("random", "bayesian", "hyperband")
@@ -78,6 +79,9 @@ def check(hypermodel, hp):
     """Builds the hypermodel at the defaults of ``hp`` and at each range's
     upper end, so that a bad value fails now, not in the middle of a search.
 
+    Returns:
+        The models built.
+
     Raises:
         ValueError: Naming the values that could not be built.
     """
@@ -89,13 +93,26 @@ def check(hypermodel, hp):
                 entry.values[-1] if isinstance(entry, _HP.Choice) else entry.max_value
             )
             trials.append(upper)
+    models = []
     for trial in trials:
         try:
-            hypermodel.build(trial)
+            models.append(hypermodel.build(trial))
         except (ValueError, TypeError) as error:
             raise ValueError(
                 f"The hyperparameters {trial.values} cannot be built: {error}"
             ) from error
+    return models
+
+
+def check_objective(models, name):
+    """Raises a `ValueError` (`marginfit.logs.check_monitored`) when one of
+    ``models`` (from `check`) does not log the objective ``name``, a log
+    that marginfit writes in other configurations: before any trial runs,
+    not after the first."""
+    name = name.name if isinstance(name, kt.Objective) else name.partition(":")[0]
+    for model in models:
+        if isinstance(model, MarginModel):
+            logs.check_monitored(model, name, f"The objective {name!r}")
 
 
 def objective(name):
@@ -150,7 +167,7 @@ def make_tuner(
     if kind not in TUNERS:
         raise ValueError(f"Unknown tuner {kind!r}; use one of {list(TUNERS)}.")
     hyperparameters = hyperparameters or kt.HyperParameters()
-    check(hypermodel, hyperparameters)
+    check_objective(check(hypermodel, hyperparameters), objective_name)
     common = dict(
         # A distributed search retries the trial of a worker that died once
         # on another one (see `distributed.watch_workers`).
