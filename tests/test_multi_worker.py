@@ -42,10 +42,17 @@ def reports(tmp_path_factory):
 @pytest.mark.parametrize("kind", list(DISTRIBUTION_MARGINS))
 def test_two_workers_end_where_one_process_does(reports, kind):
     """Two replicas sum the same gradients in another order than one; after
-    8 steps the weights (of order 1) agree to 1e-5 and the logs (the default
-    margin loss is of order 1e4) to a relative 1e-5, with the library's
-    defaults and with the authors' loss."""
+    8 steps the weights (of order 1) agree to 1e-5 and the logs to a
+    relative 1e-5, with the library's defaults and with the authors' loss.
+    The margin's loss, minus a mean clipped distance, can lie near 0, where
+    a relative tolerance measures nothing but float32 noise: it is compared
+    as the hinge it comes from (itself plus gamma, the authors' offset), as
+    before the offset; `loss`, the cross-entropy beside it, checks it to a
+    relative 1e-5 of that sum."""
     single, *workers = reports
+    margin = DISTRIBUTION_MARGINS[kind]
+    terms = margin.top_k if margin.aggregation == "sum" else 1
+    offset = {"margin_loss": terms * float(np.mean(margin.gamma))}
     assert single["replicas"] == 1
     for worker in workers:
         assert worker["replicas"] == 2
@@ -54,8 +61,13 @@ def test_two_workers_end_where_one_process_does(reports, kind):
         for section in ("logs", "evaluation"):
             assert worker[kind][section].keys() == single[kind][section].keys()
             for key, value in single[kind][section].items():
+                shift = offset.get(key, 0.0)
                 np.testing.assert_allclose(
-                    worker[kind][section][key], value, rtol=1e-5, atol=0, err_msg=key
+                    worker[kind][section][key] + shift,
+                    value + shift,
+                    rtol=1e-5,
+                    atol=0,
+                    err_msg=key,
                 )
 
 
