@@ -147,11 +147,11 @@ def _is_text(value):
         return True
     if not _is_array(value):
         return False
-    kind = np.asarray(value).dtype.kind
-    if kind == "O":
-        first = np.asarray(value).reshape(-1)[:1]
+    value = np.asarray(value)
+    if value.dtype.kind == "O":
+        first = value.reshape(-1)[:1]
         return bool(len(first)) and isinstance(first[0], (str, bytes))
-    return kind in "US"
+    return value.dtype.kind in "US"
 
 
 def _text_message(model, name):
