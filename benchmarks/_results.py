@@ -7,28 +7,52 @@ import json
 import os
 import shlex
 import time
+import warnings
+
+from marginfit import data
+from marginfit.callbacks import CatastrophicOverfitting, CatastrophicOverfittingWarning
 
 REPORT_ONLY = "--report-only"
 
 
-def train(experiment, method):
+def train(experiment, method, validation=False, watch_eps=None):
     """One training run of ``method`` (a name of `marginfit.methods.NAMES`)
     with ``experiment``'s network, optimizers and weight average (a
     `marginfit.experiments.Experiment`) on every training example, with
-    clean labels: ``(model, margin, seconds, (x_test, y_test))``, ``margin``
-    the experiment's `LargeMargin` (also for other methods)."""
+    clean labels: ``(model, margin, seconds, (x_test, y_test), collapsed)``,
+    ``margin`` the experiment's `LargeMargin` (also for other methods).
+
+    With ``validation``, the model trains on the training data less the
+    experiment's validation split, and that split takes the test set's
+    place (to choose settings without the test set). With ``watch_eps``, a
+    `marginfit.CatastrophicOverfitting` at that eps watches the first 256
+    training examples and stops a collapse (Wong et al.'s early stopping);
+    ``collapsed`` is the 0-based epoch it saw one (else None), and
+    ``seconds`` leave out the time its attacks take."""
     (x_train, y_train), test = experiment.replace(label_noise=0.0).load()
+    if validation:
+        (x_train, y_train), test = data.split(
+            x_train, y_train, experiment.validation_split, experiment.seed
+        )
     model, margin = experiment.build(x_train.shape[1:], 10, method, len(x_train))
+    callbacks = experiment.weight_average_callbacks()
+    watch = None
+    if watch_eps is not None:
+        watch = CatastrophicOverfitting(x_train[:256], y_train[:256], watch_eps)
+        callbacks.append(watch)
     started = time.perf_counter()
-    model.fit(
-        x_train,
-        y_train,
-        epochs=experiment.epochs,
-        batch_size=experiment.batch_size,
-        verbose=0,
-        callbacks=experiment.weight_average_callbacks(),
-    )
-    return model, margin, time.perf_counter() - started, test
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CatastrophicOverfittingWarning)  # recorded instead
+        model.fit(
+            x_train,
+            y_train,
+            epochs=experiment.epochs,
+            batch_size=experiment.batch_size,
+            verbose=0,
+            callbacks=callbacks,
+        )
+    seconds = time.perf_counter() - started - (watch.seconds if watch else 0.0)
+    return model, margin, seconds, test, watch.collapsed_epoch if watch else None
 
 
 def add_report_only(parser):

@@ -127,7 +127,7 @@ def main(argv=None):
     for dataset in args.data.split(","):
         for training, method in TRAININGS.items():
             experiment = Experiment(data=dataset, seed=args.seed, epochs=args.epochs)
-            model, margin, _, (x, y) = _results.train(experiment, method)
+            model, margin, _, (x, y), _ = _results.train(experiment, method)
             results[(dataset, training)] = medians(model, margin, x, y)
             for layer, row in results[(dataset, training)].items():
                 print(dataset, training, layer, json.dumps(row), flush=True)

@@ -5,7 +5,7 @@ on the input and every hidden layer, Adam 1e-3 with a moving average of
 the weights (momentum 0.99) that validation and the test set use, batch 64)
 with plain cross-entropy, with the losses robust to label noise at their
 authors' published settings (`marginfit.methods`: GCE, SCE, NCE+RCE,
-CEeps+MAE), with the margin's defaults and with other margin settings, on
+CEeps+MAE, ANL-CE, LDR-KL), with the margin's defaults and with other margin settings, on
 each dataset, label-noise rate and seed: every method with the same network,
 optimizers, weight average, epochs, seeds and data. The network sees the noisy training
 data less a 10 % validation split, whose accuracy is logged per epoch
@@ -21,7 +21,8 @@ one line per method, min-max band), each naming the command.
 
     python benchmarks/noisy_labels.py [--data digits,digits28] \\
         [--noise 0,0.2,0.4,0.6,0.8] [--seeds 3] [--epochs 60] \\
-        [--ema 0.99] [--methods cross-entropy,gce,sce,nce-rce,ce-eps-mae,margin,top-1] \\
+        [--ema 0.99] \\
+        [--methods cross-entropy,gce,sce,nce-rce,ce-eps-mae,anl-ce,ldr-kl,margin,top-1] \\
         [--output runs/noisy_labels] [--report-only]
 """
 
@@ -42,7 +43,7 @@ from marginfit.experiments import Experiment  # noqa: E402
 
 # Method name -> (`marginfit.methods` name, changes to the `Experiment`).
 METHODS = {
-    **{name: (name, {}) for name in methods_lib.NAMES if name != methods_lib.PGD_TRAINING},
+    **{name: (name, {}) for name in methods_lib.NAMES if name not in methods_lib.ADVERSARIAL},
     # The authors' loss: the top-scoring competitor(s), no class-balance term.
     "top-1": (methods_lib.MARGIN, {"competitors": "top", "balance": 0.0}),
     "all competitors": (
@@ -50,7 +51,7 @@ METHODS = {
         {"competitors": "top", "top_k": 9, "aggregation": "sum", "balance": 0.0},
     ),
 }
-DEFAULT_METHODS = "cross-entropy,gce,sce,nce-rce,ce-eps-mae,margin,top-1"
+DEFAULT_METHODS = "cross-entropy,gce,sce,nce-rce,ce-eps-mae,anl-ce,ldr-kl,margin,top-1"
 
 
 class CleanAccuracy(keras.callbacks.Callback):

@@ -45,7 +45,15 @@ import tensorflow as tf  # noqa: E402
 from marginfit import attacks  # noqa: E402
 from marginfit.experiments import Experiment  # noqa: E402
 
-MODELS = ("cross-entropy", "pgd-at", "robust margin")
+COMBINED = "robust margin + fgsm"
+"""The robust margin trained on fast adversarial training's examples."""
+
+MODELS = ("cross-entropy", "pgd-at", "fgsm-at", "trades", "robust margin", COMBINED)
+PER_EPS = ("pgd-at", "fgsm-at", "trades", COMBINED)
+"""The models trained at the eps they are evaluated at (one per eps)."""
+WATCHED = ("fgsm-at", COMBINED)
+"""The models trained on FGSM examples, watched for catastrophic
+overfitting (`marginfit.CatastrophicOverfitting`, which stops it)."""
 SANITY_EPS = 0.5
 """An eps at which every honest attack leaves (near) no digit recognised."""
 WHITE_BOX = {"steps": 50, "restarts": 5}
@@ -53,18 +61,28 @@ LOSSES = attacks.LOSSES
 """What the attacks maximise: both the cross-entropy and the CW margin."""
 
 
-def train(dataset, seed, model_name, epochs, eps=None):
-    """``(model, seconds, (x_test, y_test))`` of one training run."""
+def experiment_of(dataset, seed, model_name, epochs, eps=None):
+    """``(experiment, method)`` of one model kind."""
     experiment, method = Experiment(data=dataset, seed=seed, epochs=epochs), model_name
-    if model_name == "robust margin":
+    if model_name in ("robust margin", COMBINED):
         experiment, method = (
             Experiment.preset("robust", data=dataset, seed=seed, epochs=epochs),
             "margin",
         )
-    elif model_name == "pgd-at":
+    if model_name == COMBINED:
+        experiment = experiment.replace(adversary="fgsm")
+    if model_name in PER_EPS:
         experiment = experiment.replace(pgd_eps=eps)
-    model, _, seconds, test = _results.train(experiment, method)
-    return model, seconds, test
+    return experiment, method
+
+
+def train(dataset, seed, model_name, epochs, eps=None, validation=False):
+    """``(model, seconds, (x_test, y_test), collapsed)`` of one training
+    run (the validation split in the test set's place with ``validation``)."""
+    experiment, method = experiment_of(dataset, seed, model_name, epochs, eps)
+    watch_eps = eps if model_name in WATCHED else None
+    model, _, seconds, test, collapsed = _results.train(experiment, method, validation, watch_eps)
+    return model, seconds, test, collapsed
 
 
 def white_box(model, x, y, eps):
@@ -103,21 +121,27 @@ def evaluate(model, source, x, y, eps_list):
     return result
 
 
-def run_seed(dataset, seed, eps_list, epochs, done, log):
-    """Trains and evaluates every model of one dataset and seed that ``done``
-    lacks; appends each result to ``log``."""
-    reference, seconds, (x, y) = train(dataset, seed, "cross-entropy", epochs)
+def plan(models, eps_list):
+    """``[(model kind, training eps or None)]`` of one dataset and seed."""
+    return [(name, eps) for name in models for eps in (eps_list if name in PER_EPS else [None])]
+
+
+def run_seed(dataset, seed, eps_list, epochs, done, log, models=MODELS, validation=False):
+    """Trains and evaluates every model of ``models`` of one dataset and
+    seed that ``done`` lacks; appends each result to ``log``."""
+    reference, seconds, (x, y), _ = train(
+        dataset, seed, "cross-entropy", epochs, validation=validation
+    )
     results = []
-    plan = [("cross-entropy", None), ("robust margin", None)]
-    plan += [("pgd-at", eps) for eps in eps_list]
-    for name, eps in plan:
+    for name, eps in plan(["cross-entropy", *models], eps_list):
         key = (dataset, seed, name, eps)
         if key in done:
             continue
+        collapsed = None
         if name == "cross-entropy":
             model, trained = reference, seconds
         else:
-            model, trained, _ = train(dataset, seed, name, epochs, eps)
+            model, trained, _, collapsed = train(dataset, seed, name, epochs, eps, validation)
         evaluated = [eps] if eps is not None else list(eps_list)
         result = {
             "data": dataset,
@@ -126,6 +150,7 @@ def run_seed(dataset, seed, eps_list, epochs, done, log):
             "train_eps": eps,
             "epochs": epochs,
             "seconds": trained,
+            "collapsed_epoch": collapsed,
             **evaluate(model, reference, x, y, [*evaluated, SANITY_EPS]),
         }
         _results.append_run(log, result)
@@ -157,7 +182,7 @@ def select(runs, dataset, name, pick, eps=None):
         for r in runs
         if r["data"] == dataset
         and r["model"] == name
-        and (name != "pgd-at" or eps is None or r["train_eps"] == eps)
+        and (name not in PER_EPS or eps is None or r["train_eps"] == eps)
         and (eps is None or f"{eps:g}" in r["accuracy"])  # a run of other eps
     ]
 
@@ -175,7 +200,7 @@ def table(runs, datasets, eps_list, command, seeds):
             ]
             lines.append(f"| PGD/transfer, eps {eps:g} | " + " | ".join(cells) + " |")
         # Rows over every model of a method: one PGD-AT model per eps.
-        models = {m: seeds * (len(eps_list) if m == "pgd-at" else 1) for m in MODELS}
+        models = {m: seeds * (len(eps_list) if m in PER_EPS else 1) for m in MODELS}
         clean = [cell(select(runs, dataset, m, lambda r: r["clean"]), models[m]) for m in MODELS]
         lines.append("| clean | " + " | ".join(clean) + " |")
         sanity = [
@@ -188,6 +213,19 @@ def table(runs, datasets, eps_list, command, seeds):
             for m in MODELS
         ]
         lines.append("| training seconds | " + " | ".join(seconds) + " |")
+        collapses = [
+            (
+                f"{sum(c is not None for c in chosen)} of {len(chosen)}"
+                if (chosen := select(runs, dataset, m, lambda r: r.get("collapsed_epoch")))
+                else ""
+            )
+            if m in WATCHED
+            else "-"
+            for m in MODELS
+        ]
+        lines.append(
+            "| catastrophic overfitting (runs stopped early) | " + " | ".join(collapses) + " |"
+        )
         masked = [
             f"{r['model']} seed {r['seed']} eps {eps}"
             for r in runs
@@ -224,10 +262,24 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--output", default=os.path.join("runs", "robustness"))
+    parser.add_argument(
+        "--models",
+        default=",".join(MODELS[1:]),
+        help=f"comma-separated models to train besides the cross-entropy: {', '.join(MODELS[1:])}",
+    )
+    parser.add_argument(
+        "--validation",
+        action="store_true",
+        help="train on the training data less its validation split and attack that split "
+        "instead of the test set (to choose settings without the test set)",
+    )
     _results.add_report_only(parser)
     args = parser.parse_args(argv)
     datasets = args.data.split(",")
     eps_list = [float(e) for e in args.eps.split(",")]
+    models = [m for m in args.models.split(",") if m]
+    if unknown := set(models) - set(MODELS):
+        parser.error(f"unknown models {sorted(unknown)}; choose from {', '.join(MODELS)}")
     command = _results.command_line("robustness.py", argv)
     log, runs = _results.load_runs(args.output)
     runs = [r for r in runs if r["epochs"] == args.epochs]
@@ -236,15 +288,15 @@ def main(argv=None):
             done = {(r["data"], r["seed"], r["model"], r["train_eps"]) for r in runs}
             if args.report_only or all(
                 (dataset, seed, name, eps) in done
-                for name, eps in [
-                    ("cross-entropy", None),
-                    ("robust margin", None),
-                    *(("pgd-at", e) for e in eps_list),
-                ]
+                for name, eps in plan(["cross-entropy", *models], eps_list)
             ):
                 continue
-            runs += run_seed(dataset, seed, eps_list, args.epochs, done, log)
+            runs += run_seed(
+                dataset, seed, eps_list, args.epochs, done, log, models, args.validation
+            )
     markdown = table(runs, datasets, eps_list, command, args.seeds)
+    if args.validation:
+        markdown = markdown.replace("test accuracy", "validation-split accuracy")
     with open(os.path.join(args.output, "robustness.md"), "w") as file:
         file.write(markdown + "\n")
     figure(runs, datasets, eps_list, command, os.path.join(args.output, "robustness.png"))

@@ -1,7 +1,12 @@
 """marginfit: large-margin training inside plain Keras `fit()`/`evaluate()`."""
 
 from marginfit import losses, networks
-from marginfit.callbacks import DistanceHistograms, GroupLearningRateScheduler, ProgressBar
+from marginfit.callbacks import (
+    CatastrophicOverfitting,
+    DistanceHistograms,
+    GroupLearningRateScheduler,
+    ProgressBar,
+)
 from marginfit.data import load_digits
 from marginfit.input_gradient import InputGradientPenalty
 from marginfit.losses import HuberLoss
@@ -12,10 +17,12 @@ from marginfit.optimizers import BacktrackingSGD, discriminative_optimizer
 from marginfit.penalty import Penalty, PenaltyResult, Step
 from marginfit.resume import BackupAndRestore
 from marginfit.saving import load_model, save_model
+from marginfit.trades import TRADES
 
 __all__ = [
     "BackupAndRestore",
     "BacktrackingSGD",
+    "CatastrophicOverfitting",
     "DistanceHistograms",
     "GroupLearningRateScheduler",
     "HuberLoss",
@@ -26,6 +33,7 @@ __all__ = [
     "PenaltyResult",
     "ProgressBar",
     "Step",
+    "TRADES",
     "ViolationRate",
     "discriminative_optimizer",
     "load_digits",

@@ -194,6 +194,28 @@ class PGD:
         return f"PGD({arguments})"
 
 
+FAST_STEP = 1.25
+"""The step of fast adversarial training, in units of eps (Wong et al.)."""
+
+
+def fgsm_random_start(eps, clip=(0.0, 1.0)):
+    """The adversary of fast adversarial training (Wong, Rice & Kolter 2020,
+    arXiv 2001.03994): FGSM from a uniform random point of the ``eps`` ball,
+    one step of 1.25 ``eps``, projected back onto the ball and ``clip``.
+
+    It is `PGD` with one step (the start clipped to the valid range, as the
+    authors' CIFAR-10 code does), so it saves and loads as one. Two forward
+    and backward passes per batch, about what the margin costs; watch for
+    catastrophic overfitting (`marginfit.callbacks.CatastrophicOverfitting`).
+
+    ```python
+    model = marginfit.MarginModel(inputs, logits,
+                                  adversary=marginfit.attacks.fgsm_random_start(0.1))
+    ```
+    """
+    return PGD(eps, steps=1, step_size=FAST_STEP * eps, random_start=True, clip=clip)
+
+
 def pgd(
     model,
     x,

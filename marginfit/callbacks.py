@@ -2,6 +2,7 @@
 warnings and errors about training, and the progress bar."""
 
 import os
+import time
 import warnings
 
 import keras
@@ -189,6 +190,90 @@ class DeadExamplesWarning(keras.callbacks.Callback):
             RuntimeWarning,
             stacklevel=2,
         )
+
+
+class CatastrophicOverfittingWarning(RuntimeWarning):
+    """Fast adversarial training has overfitted catastrophically (see
+    `CatastrophicOverfitting`)."""
+
+
+class CatastrophicOverfitting(keras.callbacks.Callback):
+    """Watches adversarial training for catastrophic overfitting, and by
+    default stops it there, as Wong, Rice & Kolter (2020) recommend for
+    fast adversarial training.
+
+    After each epoch it attacks ``(x, y)`` (a few hundred training examples:
+    the authors use one training batch) at ``eps`` with FGSM and with PGD
+    (``pgd_steps`` steps from a random start) and logs ``fgsm_accuracy`` and
+    ``pgd_accuracy``. Catastrophic overfitting is the PGD accuracy falling
+    more than ``drop`` below its best epoch while the FGSM accuracy stays
+    more than ``drop`` above it: the model has learnt to defeat the one-step
+    attack it trains on, not attacks. Then the callback warns
+    (`CatastrophicOverfittingWarning`) and records the 0-based epoch in
+    ``collapsed_epoch``; with ``stop``, it ends training and, when training
+    ends, restores the weights of the best PGD epoch. ``seconds`` holds the
+    time its attacks took.
+
+    ```python
+    model.fit(x, y, epochs=20, callbacks=[
+        marginfit.callbacks.CatastrophicOverfitting(x[:256], y[:256], eps=0.1)])
+    ```
+
+    Args:
+        x: ``[n, ...]`` float inputs to attack (training data, never test).
+        y: ``[n]`` integer labels.
+        eps: L-inf radius of both attacks, in input units.
+        drop: The fall in accuracy that counts as a collapse, in (0, 1).
+        pgd_steps: Steps of the PGD attack (>= 1).
+        stop: Whether to stop training at a collapse and restore the best
+            epoch's weights (else only warn and record it).
+    """
+
+    def __init__(self, x, y, eps, drop=0.2, pgd_steps=10, stop=True):
+        super().__init__()
+        if not 0 < drop < 1:
+            raise ValueError(f"`drop` must be in (0, 1); received {drop!r}.")
+        self.x, self.y, self.eps = x, y, eps
+        self.drop, self.pgd_steps, self.stop = drop, pgd_steps, stop
+
+    def on_train_begin(self, logs=None):
+        self.best, self.best_epoch, self.best_weights = -1.0, None, None
+        self.collapsed_epoch = None
+        self.seconds = 0.0  # spent attacking, for timing the training alone
+
+    def on_epoch_end(self, epoch, logs=None):
+        from marginfit import attacks
+
+        model, x, y = self.model, self.x, self.y
+        started = time.perf_counter()
+        fgsm = attacks.adversarial_accuracy(model, x, y, self.eps, "fgsm")
+        pgd = attacks.adversarial_accuracy(model, x, y, self.eps, "pgd", steps=self.pgd_steps)
+        self.seconds += time.perf_counter() - started
+        if logs is not None:
+            logs.update(fgsm_accuracy=fgsm, pgd_accuracy=pgd)
+        if pgd > self.best:
+            self.best, self.best_epoch, self.best_weights = pgd, epoch, model.get_weights()
+        elif self.collapsed_epoch is None and min(self.best, fgsm) - pgd > self.drop:
+            self.collapsed_epoch = epoch
+            warnings.warn(
+                f"Catastrophic overfitting in epoch {epoch + 1}: PGD accuracy at eps "
+                f"{self.eps:g} fell to {pgd:.3f} from {self.best:.3f} (epoch "
+                f"{self.best_epoch + 1}) while FGSM accuracy is {fgsm:.3f}; the model "
+                "defeats the one-step attack, not attacks. "
+                + (
+                    f"Training stops with the weights of epoch {self.best_epoch + 1}."
+                    if self.stop
+                    else "Use the weights of an earlier epoch, or a smaller step."
+                ),
+                CatastrophicOverfittingWarning,
+                stacklevel=2,
+            )
+            if self.stop:
+                model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.stop and self.collapsed_epoch is not None:
+            self.model.set_weights(self.best_weights)
 
 
 class NonFiniteStepError(keras.callbacks.Callback):

@@ -20,6 +20,8 @@ COMPETITORS = 0x5EED
 """Stream of the sampled competitors of `marginfit.LargeMargin`."""
 ATTACK_START = 0xA77AC
 """Stream of the random start of `marginfit.attacks.PGD`."""
+TRADES_START = 0x7EADE5
+"""Stream of the random start of `marginfit.TRADES`' inner attack."""
 
 
 def _int32(value):
@@ -78,3 +80,12 @@ def uniform_like(x, stream, step, minval, maxval):
     ``k`` of the flattened ``x`` gets the draw ``(stream, step, k)``."""
     index = ops.reshape(ops.arange(ops.size(x), dtype="int32"), ops.shape(x))
     return minval + (maxval - minval) * uniform(stream, step, index)
+
+
+def normal_like(x, stream, step):
+    """Float32 standard normal numbers of the shape of ``x`` (Box-Muller on
+    the draws ``(stream, step, k, 0)`` and ``(stream, step, k, 1)`` of the
+    flattened element ``k``)."""
+    index = ops.reshape(ops.arange(ops.size(x), dtype="int32"), ops.shape(x))
+    radius = ops.sqrt(-2.0 * ops.log(1.0 - uniform(stream, step, index, 0)))
+    return radius * ops.cos(2.0 * np.pi * uniform(stream, step, index, 1))

@@ -148,16 +148,24 @@ class Experiment:
     seed: int = _setting(0, "training", int, "seed of weights, split and noise (default 0)")
     pgd_eps: float = _setting(
         0.1,
-        "adversarial training (method pgd-at)",
+        "adversarial training (methods pgd-at, fgsm-at, trades)",
         _positive(float),
         "L-inf radius of the training attack, input units (default 0.1)",
     )
     pgd_steps: int = _setting(
         methods.PGD_STEPS,
-        "adversarial training (method pgd-at)",
+        "adversarial training (methods pgd-at, fgsm-at, trades)",
         _positive(int),
-        f"steps of the training attack (default {methods.PGD_STEPS}, the authors' MNIST "
-        "setting; step size 2.5 eps / steps)",
+        f"steps of the training attack of pgd-at and trades (default {methods.PGD_STEPS}, "
+        "both authors' MNIST setting; step size 2.5 eps / steps and eps / 30)",
+    )
+    adversary: str = _setting(
+        "none",
+        "adversarial training (methods pgd-at, fgsm-at, trades)",
+        _choice("none", "pgd", "fgsm"),
+        "train any method on adversarial examples at --pgd-eps as well: 'pgd' "
+        "(pgd-at's attack) or 'fgsm' (fgsm-at's: FGSM from a random start); "
+        "default 'none'",
     )
     gamma: float = _setting(
         10000.0, "margin", _positive(float), "desired margin (default 10000, the authors' setting)"
@@ -302,18 +310,28 @@ class Experiment:
             dense_units=tuple(self.dense_units),
             batchnorm=self.batchnorm,
             l2=self.l2,
+            l1=methods.WEIGHT_L1.get(method, 0.0),
         )
         margin = self.margin(network)
+        penalty = (
+            margin
+            if method == methods.MARGIN
+            else methods.penalty(method, self.pgd_eps, self.pgd_steps)
+        )
+        adversary = methods.adversary(method, self.pgd_eps, self.pgd_steps)
+        if adversary is None and self.adversary != "none":
+            kind = {"pgd": methods.PGD_TRAINING, "fgsm": methods.FGSM_TRAINING}[self.adversary]
+            adversary = methods.adversary(kind, self.pgd_eps, self.pgd_steps)
         model = networks.margin_classifier(
             network,
-            margin if method == methods.MARGIN else None,
+            penalty,
             self.lr_features,
             self.lr_head,
-            self.ce_weight,
+            self.ce_weight if method == methods.MARGIN else 1.0,
             self.optimizer,
             self.ema_momentum(num_examples),
             loss=methods.loss(method),
-            adversary=methods.adversary(method, self.pgd_eps, self.pgd_steps),
+            adversary=adversary,
         )
         return model, margin
 

@@ -289,3 +289,126 @@ class EpsilonSoftmaxCEAndMAE(_RobustLoss):
 
     def get_config(self):
         return {**super().get_config(), "m": self.m, "alpha": self.alpha, "beta": self.beta}
+
+
+_ANL_PROBABILITY_FLOOR = 1e-7
+"""Where the ANL reference code clips probabilities before their log."""
+
+
+@keras.saving.register_keras_serializable(package="marginfit")
+class ActiveNegativeLoss(_RobustLoss):
+    """Active Negative Loss with the cross-entropy, ANL-CE (Ye et al.,
+    NeurIPS 2023; journal version arXiv 2412.02373): normalized
+    cross-entropy plus normalized negative cross-entropy.
+
+    Per example: ``alpha * NCE + beta * NNCE``, where ``NCE = log p_y /
+    sum_k log p_k`` and, with ``p`` clipped to ``[1e-7, 1]`` and ``A = -log
+    1e-7``, ``NNCE = 1 - (A + log p_y) / sum_k (A + log p_k)``. The
+    authors' third term, ``delta * sum |w|`` over every weight, is not a
+    function of the predictions: give it to the network as an L1
+    regularizer (`marginfit.methods` does, with their ``delta``).
+
+    Args:
+        alpha: Weight of the active term (NCE); the authors use 1.0 on MNIST.
+        beta: Weight of the negative term (NNCE); 1.0 on MNIST.
+        from_logits: Whether ``y_pred`` are logits (else probabilities).
+        reduction: As for `keras.losses.Loss`.
+        name: As for `keras.losses.Loss`.
+        dtype: As for `keras.losses.Loss`.
+    """
+
+    def __init__(
+        self,
+        alpha=1.0,
+        beta=1.0,
+        from_logits=False,
+        reduction="sum_over_batch_size",
+        name="active_negative_loss",
+        dtype=None,
+    ):
+        super().__init__(from_logits, reduction, name, dtype)
+        self.alpha = _non_negative("alpha", alpha)
+        self.beta = _non_negative("beta", beta)
+
+    def per_example(self, p_y, p, log_p, one_hot):
+        active = _normalized_cross_entropy(log_p, one_hot)
+        shifted = -math.log(_ANL_PROBABILITY_FLOOR) + ops.log(
+            ops.maximum(p, _ANL_PROBABILITY_FLOOR)
+        )
+        negative = 1.0 - ops.sum(one_hot * shifted, axis=-1) / ops.sum(shifted, axis=-1)
+        return self.alpha * active + self.beta * negative
+
+    def get_config(self):
+        return {**super().get_config(), "alpha": self.alpha, "beta": self.beta}
+
+
+@keras.saving.register_keras_serializable(package="marginfit")
+class LDRKL(_RobustLoss):
+    """The label-distributionally robust loss with a KL regularizer, LDR-KL
+    (Zhu, Ying & Yang, arXiv 2112.14869), in the form of its reference code
+    (the eps-softmax repository's ``LDRLoss_V1``).
+
+    The logits are made positive and scale-free, ``s = softplus(z) /
+    mean_k softplus(z_k)``; then, per example, ``lam * log(mean_k exp((c *
+    [k != y] + s_k - s_y) / lam))``: a soft maximum over the classes of the
+    margin-augmented score gaps, whose temperature ``lam`` spreads the
+    weight over the classes (``lam -> 0``: the largest gap, a hinge loss;
+    large ``lam``: their mean). Takes logits only.
+
+    Args:
+        margin: ``c``, the margin added to every other class's gap; 0.1,
+            the reference code's setting.
+        temperature: ``lam`` > 0; 10, the reference code's MNIST and
+            CIFAR-10 setting.
+        from_logits: Must be True: the loss is defined on logits.
+        reduction: As for `keras.losses.Loss`.
+        name: As for `keras.losses.Loss`.
+        dtype: As for `keras.losses.Loss`.
+    """
+
+    def __init__(
+        self,
+        margin=0.1,
+        temperature=10.0,
+        from_logits=True,
+        reduction="sum_over_batch_size",
+        name="ldr_kl",
+        dtype=None,
+    ):
+        if not from_logits:
+            raise ValueError(
+                "LDRKL is defined on logits: compile a model that emits logits with "
+                "LDRKL(from_logits=True)."
+            )
+        super().__init__(from_logits, reduction, name, dtype)
+        self.margin = _non_negative("margin", margin)
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise ValueError(f"`temperature` must be a float > 0; received {temperature!r}.")
+        self.temperature = float(temperature)
+
+    def call(self, y_true, y_pred):
+        logits = ops.cast(y_pred, "float32")
+        _, _, _, one_hot = _label_probabilities(y_true, logits, True)
+        scores = ops.softplus(logits)
+        scores = scores / ops.mean(scores, axis=-1, keepdims=True)
+        label = ops.sum(one_hot * scores, axis=-1, keepdims=True)
+        gaps = (self.margin * (1.0 - one_hot) + scores - label) / self.temperature
+        return self.temperature * _log_mean_exp(gaps)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "margin": self.margin,
+            "temperature": self.temperature,
+        }
+
+
+def _log_mean_exp(values):
+    """``log(mean(exp(values)))`` over the last axis, ``[batch]``: as
+    ``log1p(mean(expm1(values)))`` where every value is small (the result
+    lies near 0 there, and the log-sum-exp form loses it to cancellation),
+    else from the largest value."""
+    largest = ops.max(values, axis=-1)
+    small = ops.log1p(ops.mean(ops.expm1(ops.minimum(values, 1.0)), axis=-1))
+    shifted = largest + ops.log(ops.mean(ops.exp(values - largest[:, None]), axis=-1))
+    return ops.where(largest <= 1.0, small, shifted)

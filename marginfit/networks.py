@@ -34,6 +34,7 @@ def classifier(
     margin_after_pooling=False,
     batchnorm=False,
     l2=0.0,
+    l1=0.0,
 ):
     """A ReLU classifier emitting logits.
 
@@ -56,6 +57,8 @@ def classifier(
             layer ``<name>`` is then the ReLU after it.
         l2: Weight of the L2 penalty ``l2 * sum(w ** 2)`` on every kernel
             and bias (0: none).
+        l1: Weight of the L1 penalty ``l1 * sum(|w|)`` on every kernel and
+            bias (0: none).
 
     Returns:
         A `Network`.
@@ -64,11 +67,9 @@ def classifier(
     inputs = keras.Input(input_shape, name="features")
     x, hidden, conv = inputs, [], []
     penalty = {}
-    if l2:
-        penalty = {
-            "kernel_regularizer": keras.regularizers.L2(l2),
-            "bias_regularizer": keras.regularizers.L2(l2),
-        }
+    if l1 or l2:
+        make = functools.partial(keras.regularizers.L1L2, l1) if l1 else keras.regularizers.L2
+        penalty = {"kernel_regularizer": make(l2), "bias_regularizer": make(l2)}
 
     def relu_layer(make, name, x):
         """The layer ``make(**options)`` (linear) then ReLU, with batch norm
@@ -218,11 +219,12 @@ def margin_classifier(
 
     Args:
         network: A `Network`.
-        margin: A `LargeMargin`, or None for plain cross-entropy.
+        margin: A `LargeMargin` (or another `marginfit.Penalty`), or None
+            for plain cross-entropy.
         lower_rate: Learning rate of the lower group (see `two_group_optimizer`).
         upper_rate: Learning rate of the upper group.
-        ce_weight: Weight of the cross-entropy next to the margin (0: the
-            margin alone). Ignored without a margin (cross-entropy alone).
+        ce_weight: Weight of the cross-entropy next to the penalty (0: the
+            penalty alone). Ignored without a penalty (cross-entropy alone).
         optimizer: The optimizer kind of both groups (see `OPTIMIZERS`).
         ema_momentum: None, or the momentum in [0, 1) of the moving average
             of the weights that the optimizers keep and ``fit()`` ends with
@@ -232,7 +234,7 @@ def margin_classifier(
     """
     if not ce_weight >= 0:
         raise ValueError(f"`ce_weight` must be >= 0; received {ce_weight!r}.")
-    model = MarginModel(network.inputs, network.logits, margin=margin, adversary=adversary)
+    model = MarginModel(network.inputs, network.logits, penalty=margin, adversary=adversary)
     optimizer = two_group_optimizer(model, network, lower_rate, upper_rate, optimizer, ema_momentum)
     if margin is not None and ce_weight == 0:
         model.compile(optimizer, loss=None, metrics=["accuracy"])

@@ -12,6 +12,7 @@ regularization losses. `marginfit.LargeMargin` and
 penalty" builds the latter step by step.
 """
 
+import contextlib
 import dataclasses
 import numbers
 
@@ -98,6 +99,12 @@ class GradientPrimitive:
         (a nest of tensors).
         """
         raise NotImplementedError
+
+    def unrecorded(self):
+        """A context for work that the weights' gradient does not go through
+        (an inner maximisation whose result is cut by ``stop_gradient``): a
+        tape stops recording there; JAX and PyTorch need nothing."""
+        return contextlib.nullcontext()
 
 
 def collecting_hook():

@@ -47,6 +47,9 @@ EVALUATE = [
     ("evaluate defaults", dict(defaults=True), {}),
     # The second penalty: double backpropagation.
     ("evaluate input gradient", dict(input_gradient=True), dict(weighted=True)),
+    # A penalty with an inner maximisation: TRADES (its start is drawn the
+    # same on every backend).
+    ("evaluate trades", dict(trades=True), dict(weighted=True)),
     ("evaluate probability outputs", dict(norm=2, top_k=2), dict(output="probabilities")),
 ]
 """``(name, margin options, data options)`` of the evaluation cases."""
@@ -55,6 +58,7 @@ STEP = [
     # Three SGD steps with the library's defaults (the draws change each step).
     ("step defaults, three steps", dict(defaults=True), dict(steps=3)),
     ("step input gradient", dict(input_gradient=True), {}),
+    ("step trades", dict(trades=True), {}),
     *(
         (
             f"step approximate={p} norm={n} {a}",
@@ -90,10 +94,12 @@ ADVERSARY = attacks.PGD(EPS, steps=3)
 
 
 def case_penalty(margin_options):
-    """The penalty of a case: `InputGradientPenalty`, the library's default
+    """The penalty of a case: `InputGradientPenalty`, `TRADES`, the library's default
     `LargeMargin` on conv_net's layers, or `margin_for`."""
     if margin_options.get("input_gradient"):
         return marginfit.InputGradientPenalty(weight=3.0)
+    if margin_options.get("trades"):
+        return marginfit.TRADES(EPS, weight=2.0, steps=3, start_std=0.01)
     if margin_options.get("defaults"):
         return marginfit.LargeMargin(LAYERS)
     return margin_for(**margin_options)

@@ -12,7 +12,8 @@ from helpers import (
     digits,
 )
 
-from marginfit import MarginModel, attacks
+import marginfit
+from marginfit import MarginModel, attacks, draws
 
 
 def linear_model(seed=0):
@@ -167,6 +168,83 @@ def test_a_pgd_training_step_is_sgd_on_the_perturbed_batch():
     new_kernel, new_bias = trained.get_weights()
     np.testing.assert_allclose(new_kernel, kernel - 0.5 * x_adv.T @ residual, atol=1e-6)
     np.testing.assert_allclose(new_bias, bias - 0.5 * residual.sum(0), atol=1e-6)
+
+
+def test_fast_adversarial_training_is_one_step_of_1_25_eps_from_a_random_start():
+    """`attacks.fgsm_random_start` (Wong et al. 2020): from the random start
+    (clipped to the ball and the range), one signed step of 1.25 eps up the
+    analytic gradient, projected back."""
+    model = linear_model()
+    kernel, bias = (w.astype("float64") for w in model.get_weights())
+    rng = np.random.default_rng(4)
+    x = rng.uniform(0.0, 1.0, size=(32, 5)).astype("float32")
+    y = rng.integers(0, 3, 32)
+    adversary = attacks.fgsm_random_start(0.1)
+    noise = np.asarray(draws.uniform_like(x, draws.ATTACK_START, 7, -0.1, 0.1), "float64")
+    x64 = x.astype("float64")
+    start = np.clip(x64 + noise, 0, 1)
+    logits = start @ kernel + bias
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    gradient = (p - np.eye(3)[y]) @ kernel.T
+    expected = np.clip(np.clip(start + 0.125 * np.sign(gradient), x64 - 0.1, x64 + 0.1), 0, 1)
+    perturbed = adversary.perturb(model, x, y, seed=(draws.ATTACK_START, 7))
+    np.testing.assert_allclose(perturbed, expected, atol=1e-6)
+    assert assert_config_round_trip(adversary) == attacks.PGD(0.1, steps=1, step_size=0.125)
+
+
+def scripted_attacks(monkeypatch, accuracies):
+    """Makes `attacks.adversarial_accuracy` return ``(fgsm, pgd)`` of
+    ``accuracies`` epoch by epoch."""
+    calls = iter(value for pair in accuracies for value in pair)
+    monkeypatch.setattr(attacks, "adversarial_accuracy", lambda *args, **kwargs: next(calls))
+
+
+class WeightsPerEpoch(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.weights = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights.append(self.model.get_weights())
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_catastrophic_overfitting_is_a_pgd_collapse_while_fgsm_holds(monkeypatch, stop):
+    """PGD accuracy 0.45 at its best epoch (2), then 0.1 while FGSM accuracy
+    is 0.9: a collapse in epoch 4, warned and recorded; with ``stop``,
+    training ends there and the model gets epoch 2's weights back."""
+    scripted_attacks(monkeypatch, [(0.5, 0.3), (0.6, 0.45), (0.7, 0.4), (0.9, 0.1), (0.9, 0.1)])
+    model = linear_model()
+    model.compile(keras.optimizers.SGD(0.1), CE)
+    x = np.random.default_rng(5).uniform(0.0, 1.0, size=(32, 5)).astype("float32")
+    y = np.arange(32) % 3
+    watch = marginfit.CatastrophicOverfitting(x, y, eps=0.1, stop=stop)
+    record = WeightsPerEpoch()
+    with pytest.warns(marginfit.callbacks.CatastrophicOverfittingWarning, match="epoch 4"):
+        history = model.fit(x, y, epochs=5, verbose=0, callbacks=[watch, record])
+    assert watch.collapsed_epoch == 3 and watch.best_epoch == 1
+    assert history.history["pgd_accuracy"][:4] == [0.3, 0.45, 0.4, 0.1]
+    assert history.history["fgsm_accuracy"][:4] == [0.5, 0.6, 0.7, 0.9]
+    assert len(history.history["loss"]) == (4 if stop else 5)
+    expected = record.weights[1] if stop else record.weights[-1]
+    for weight, value in zip(model.get_weights(), expected, strict=True):
+        np.testing.assert_array_equal(weight, value)
+
+
+def test_a_fall_of_both_accuracies_is_not_catastrophic_overfitting(monkeypatch):
+    """PGD accuracy falls 0.35 from its best, but FGSM accuracy falls with it:
+    the model is getting worse, not fooling its one-step attack."""
+    scripted_attacks(monkeypatch, [(0.6, 0.45), (0.3, 0.1)])
+    model = linear_model()
+    model.compile(keras.optimizers.SGD(0.1), CE)
+    x, y = np.zeros((4, 5), "float32"), np.zeros(4, int)
+    watch = marginfit.CatastrophicOverfitting(x, y, eps=0.1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.fit(x, y, epochs=2, verbose=0, callbacks=[watch])
+    assert watch.collapsed_epoch is None
 
 
 def test_the_adversary_survives_saving(tmp_path):

@@ -91,6 +91,11 @@ def _fresh(case):
     return model, taps
 
 
+OWN_REFERENCES = {"defaults", "input_gradient", "trades"}
+"""Cases that TensorFlow's own tests (`test_margin.py`, `test_input_gradient.py`,
+`test_trades.py`) check against their references."""
+
+
 @pytest.mark.parametrize("case", EVALUATE, ids=[case[0] for case in EVALUATE])
 def test_evaluation_equals_tensorflow_and_the_reference(other_results, case):
     name, margin_options, data_options = case
@@ -99,10 +104,7 @@ def test_evaluation_equals_tensorflow_and_the_reference(other_results, case):
     assert sorted(on_other) == sorted(on_tensorflow)
     for key, value in on_tensorflow.items():
         np.testing.assert_allclose(on_other[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
-    if data_options.get("output", "logits") != "logits" or set(margin_options) & {
-        "defaults",
-        "input_gradient",
-    }:
+    if data_options.get("output", "logits") != "logits" or set(margin_options) & OWN_REFERENCES:
         # The reference takes logits and the top competitors; TensorFlow's
         # own tests cover the rest.
         return
@@ -136,7 +138,7 @@ def test_sgd_steps_equal_tensorflow_and_the_reference(other_results, case):
         step = np.abs(w_tf - w0).max()
         assert step > 0
         assert np.abs(w_other - w_tf).max() <= 1e-5 * step
-    if set(margin_options) & {"defaults", "input_gradient"}:
+    if set(margin_options) & OWN_REFERENCES:
         return  # TensorFlow's own tests check these against their references
     x, y, _ = case_data(name, data_options)
     expected = reference_gradients(model, taps, x, y, margin_for(**margin_options))

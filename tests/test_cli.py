@@ -215,7 +215,15 @@ def test_each_method_builds_its_loss_and_adversary():
         "sce": marginfit.losses.SymmetricCrossEntropy,
         "nce-rce": marginfit.losses.NCEAndRCE,
         "ce-eps-mae": marginfit.losses.EpsilonSoftmaxCEAndMAE,
+        "anl-ce": marginfit.losses.ActiveNegativeLoss,
+        "ldr-kl": marginfit.losses.LDRKL,
         "pgd-at": keras.losses.SparseCategoricalCrossentropy,
+        "fgsm-at": keras.losses.SparseCategoricalCrossentropy,
+        "trades": keras.losses.SparseCategoricalCrossentropy,
+    }
+    adversaries = {
+        "pgd-at": marginfit.attacks.PGD(0.2, steps=7),
+        "fgsm-at": marginfit.attacks.PGD(0.2, steps=1, step_size=0.25),
     }
     for name in methods.NAMES:
         model, _ = args.build(x.shape[1:], 10, name)
@@ -225,11 +233,18 @@ def test_each_method_builds_its_loss_and_adversary():
         else:
             assert type(model.loss) is expected[name]
             assert model.loss.get_config()["from_logits"] is True
-        if name == "pgd-at":
-            assert model.adversary == marginfit.attacks.PGD(0.2, steps=7)
-        else:
-            assert model.adversary is None
+        assert model.adversary == adversaries.get(name)
+        if name == "trades":
+            assert model.penalty == marginfit.TRADES(0.2, weight=1.0, steps=7)
+        # ANL-CE's L1 term on every kernel and bias: 1e-6 * sum |w|.
+        l1 = sum(np.abs(w).sum() for w in model.get_weights())
+        regularization = float(keras.ops.sum(model.losses)) if model.losses else 0.0
+        assert regularization == pytest.approx(1e-6 * l1 if name == "anl-ce" else 0.0, rel=1e-5)
     assert methods.loss("nce-rce").get_config()["beta"] == 10.0  # the MNIST setting
+    # Any method trains on fgsm-at's examples with --adversary fgsm.
+    combined, _ = parse("compare", "--adversary", "fgsm").build(x.shape[1:], 10, "margin")
+    assert combined.adversary == marginfit.attacks.fgsm_random_start(0.1)
+    assert combined.margin is not None
     with pytest.raises(SystemExit):
         cli.parse_args(["compare", "--methods", "cross-entropy,focal"])
 

@@ -62,6 +62,18 @@ def test_draws_are_uniform_and_vary_with_every_coordinate():
         assert draws.uniform(*other).numpy() != base
 
 
+def test_normal_draws_are_box_muller_of_two_uniform_draws():
+    x = np.zeros((50, 40), "float32")
+    values = draws.normal_like(x, 9, 4).numpy()
+    index = np.arange(x.size).reshape(x.shape)
+    first, second = reference_uniform(9, 4, index, 0), reference_uniform(9, 4, index, 1)
+    expected = np.sqrt(-2 * np.log(1 - first)) * np.cos(2 * np.pi * second)
+    np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-5)
+    # Standard normal: the mean and variance within 5 standard errors.
+    assert abs(values.mean()) < 5 / np.sqrt(x.size)
+    assert abs(values.var() - 1) < 5 * np.sqrt(2 / x.size)
+
+
 def test_one_device_communicates_nothing():
     sums = tf.constant([1.0, 2.0, 3.0])
     batch = replicas.GlobalBatch(5, sums, positions=True)

@@ -20,7 +20,8 @@ def softmax(z):
 
 def reference(name, z, y, **settings):
     """Per-example loss in float64 numpy from logits ``z`` and labels ``y``."""
-    p = softmax(z.astype("float64"))
+    z = z.astype("float64")
+    p = softmax(z)
     rows = np.arange(len(y))
     p_y = p[rows, y]
     log_p = np.log(p)
@@ -34,6 +35,17 @@ def reference(name, z, y, **settings):
     if name == "nce-rce":
         nce = log_p[rows, y] / log_p.sum(axis=-1)
         return settings["alpha"] * nce + settings["beta"] * rce
+    if name == "anl-ce":
+        nce = log_p[rows, y] / log_p.sum(axis=-1)
+        shifted = -np.log(1e-7) + np.log(np.maximum(p, 1e-7))
+        nnce = 1 - shifted[rows, y] / shifted.sum(axis=-1)
+        return settings["alpha"] * nce + settings["beta"] * nnce
+    if name == "ldr-kl":
+        c, lam = settings["margin"], settings["temperature"]
+        s = np.log1p(np.exp(-np.abs(z))) + np.maximum(z, 0)  # softplus, float64
+        s = s / s.mean(axis=-1, keepdims=True)
+        gaps = c * (1 - np.eye(z.shape[-1])[y]) + s - s[rows, y][:, None]
+        return lam * np.log(np.mean(np.exp(gaps / lam), axis=-1))
     m = settings["m"]
     p_eps = p.copy()
     p_eps[rows, p.argmax(axis=-1)] += m
@@ -47,7 +59,10 @@ CASES = {
     "sce": (losses.SymmetricCrossEntropy, {"alpha": 0.01, "beta": 1.0}),
     "nce-rce": (losses.NCEAndRCE, {"alpha": 1.0, "beta": 10.0}),
     "ce-eps-mae": (losses.EpsilonSoftmaxCEAndMAE, {"m": 1e5, "alpha": 0.01, "beta": 5.0}),
+    "anl-ce": (losses.ActiveNegativeLoss, {"alpha": 1.0, "beta": 1.0}),
+    "ldr-kl": (losses.LDRKL, {"margin": 0.1, "temperature": 10.0}),
 }
+ON_LOGITS_ONLY = ("ldr-kl",)
 
 
 def logits(seed, scale, batch=12, classes=10):
@@ -73,7 +88,7 @@ def test_value_against_numpy(name, scale, labels):
         atol=1e-6,
     )
     # The same from probabilities (away from saturation, where log p is exact).
-    if scale < 30:
+    if scale < 30 and name not in ON_LOGITS_ONLY:
         probabilities = softmax(z.astype("float64")).astype("float32")
         value = cls(**settings)(y_true, probabilities)
         np.testing.assert_allclose(float(value), expected.mean(), rtol=1e-4)
@@ -112,6 +127,9 @@ def test_config_round_trip_and_bad_settings(name):
     key = next(iter(settings))
     with pytest.raises(ValueError, match=f"`{key}` must be"):
         cls(**{**settings, key: -1.0})
+    if name in ON_LOGITS_ONLY:
+        with pytest.raises(ValueError, match="defined on logits"):
+            cls(**settings, from_logits=False)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -31,6 +31,14 @@ class TapeGradients(penalty.GradientPrimitive):
             differentiable, aux = function(x, hook)
         return aux, TapeRecording(tape, differentiable, hooked, self.tape)
 
+    def unrecorded(self):
+        return _stop_recording(self.tape)
+
+
+def _stop_recording(tape):
+    """``tape.stop_recording()``, or nothing to stop without a tape."""
+    return contextlib.nullcontext() if tape is None else tape.stop_recording()
+
 
 class TapeRecording(penalty.Recording):
     """The `Recording` of a `TapeGradients` pass."""
@@ -53,9 +61,7 @@ class TapeRecording(penalty.Recording):
         return gradients
 
     def unrecorded(self):
-        if self.outer_tape is None:
-            return contextlib.nullcontext()
-        return self.outer_tape.stop_recording()
+        return _stop_recording(self.outer_tape)
 
 
 def input_gradient(function, x):
