@@ -1,13 +1,19 @@
-"""Adversarial robustness: cross-entropy, PGD adversarial training and the
-robust margin side by side, under attacks that are hard to fool.
+"""Adversarial robustness: cross-entropy, three adversarial trainings and
+the robust margin side by side, under attacks that are hard to fool.
 
-Trains the `marginfit train` network three ways on each dataset and seed,
-with the same optimizers, weight average, epochs and data: plain
-cross-entropy; PGD adversarial training (Madry et al. 2018: 40 steps of
-2.5 eps / 40 from a random start, one model per eps, trained at the eps it
-is evaluated at); and the margin of ``marginfit train --preset robust``
-(one model for every eps). The clean test set is then attacked, per model
-and eps, by
+Trains the `marginfit train` network, per dataset and seed, with the same
+optimizers, weight average, epochs and data: plain cross-entropy; PGD
+adversarial training (Madry et al. 2018: 40 steps of 2.5 eps / 40 from a
+random start); fast adversarial training (Wong et al. 2020: FGSM from a
+random start, step 1.25 eps, watched by `marginfit.CatastrophicOverfitting`
+on 256 training examples, which stops a collapse with the best epoch's
+weights, the authors' early stopping); TRADES (Zhang et al. 2019: beta 1,
+40 steps of eps / 30); the margin of ``marginfit train --preset robust``
+(one model for every eps); and that margin trained on fast adversarial
+training's examples (``robust margin + fgsm``). The adversarial trainings
+train one model per eps, at the eps they are evaluated at. The clean test
+set (or, with ``--validation``, a validation split of the training data,
+to choose settings) is then attacked, per model and eps, by
 
 - white-box PGD: 50 steps of 2.5 eps / 50 from 5 random starts, on the
   cross-entropy and on the Carlini-Wagner margin (which a confident softmax
@@ -20,15 +26,16 @@ and eps, by
 The accuracy reported is under the stronger of the two; a transfer attack
 that beats the white-box one flags gradient masking. Each model is also
 attacked at eps 0.5, where the digits are no longer recognisable and every
-honest attack must reach (near) 0. Training seconds are measured side by
-side in one process.
+honest attack must reach (near) 0. Training seconds (less the watch's
+attacks) are measured one run after another in one process.
 
 Writes, into --output: ``runs.jsonl`` (one line per model; an interrupted
 benchmark resumes where it stopped), ``robustness.md`` (mean and min-max
 over seeds) and ``robustness.png``, each naming the command.
 
     python benchmarks/robustness.py [--data digits,digits28] [--eps 0.05,0.1,0.2]
-        [--seeds 3] [--epochs 60] [--output runs/robustness] [--report-only]
+        [--seeds 3] [--epochs 60] [--models pgd-at,fgsm-at,trades,...]
+        [--validation] [--output runs/robustness] [--report-only]
 """
 
 import argparse

@@ -233,6 +233,15 @@ class CatastrophicOverfitting(keras.callbacks.Callback):
         super().__init__()
         if not 0 < drop < 1:
             raise ValueError(f"`drop` must be in (0, 1); received {drop!r}.")
+        if not eps > 0:
+            raise ValueError(f"`eps` must be > 0 (an L-inf radius); received {eps!r}.")
+        if not (isinstance(pgd_steps, int) and pgd_steps >= 1):
+            raise ValueError(f"`pgd_steps` must be an integer >= 1; received {pgd_steps!r}.")
+        if len(x) != len(y) or not len(x):
+            raise ValueError(
+                f"`x` ({len(x)} examples) and `y` ({len(y)}) must hold the same, "
+                "non-zero number of examples to attack."
+            )
         self.x, self.y, self.eps = x, y, eps
         self.drop, self.pgd_steps, self.stop = drop, pgd_steps, stop
 

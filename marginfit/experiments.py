@@ -297,10 +297,12 @@ class Experiment:
 
     def build(self, input_shape, num_classes, method=methods.MARGIN, num_examples=None):
         """The `networks.classifier`, compiled with one optimizer per layer
-        group for ``method`` (a name of `methods.NAMES`; the margin only for
-        ``"margin"``). Returns ``(model, margin)``, the margin of these
-        settings either way. ``num_examples``, the training set's size,
-        caps the weight average's span (`ema_momentum`) for short runs."""
+        group for ``method`` (a name of `methods.NAMES`: its loss, penalty,
+        adversary and weight regularizer; the margin only for ``"margin"``,
+        and ``adversary`` for any method without its own). Returns
+        ``(model, margin)``, the margin of these settings either way.
+        ``num_examples``, the training set's size, caps the weight
+        average's span (`ema_momentum`) for short runs."""
         keras.utils.set_random_seed(self.seed)
         network = networks.classifier(
             input_shape,

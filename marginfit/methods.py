@@ -1,10 +1,11 @@
 """The training methods that `marginfit compare` and the benchmarks set side
 by side: cross-entropy, the losses robust to label noise at their authors'
-published settings, the margin, and PGD adversarial training.
+published settings, the margin, and three adversarial trainings (PGD, fast
+FGSM from a random start, TRADES).
 
 Every method trains the same network with the same optimizers, weight
-average, validation split, seed and epochs; only the loss (or, for PGD
-adversarial training, the training batches) differs. The peers' settings
+average, validation split, seed and epochs; only the loss (and, for the
+adversarial trainings, the training batches or a penalty) differs. The peers' settings
 are the authors' for handwritten digits (MNIST), where they published some,
 and never tuned on our data:
 
@@ -15,8 +16,8 @@ and never tuned on our data:
 - ``nce-rce``: `losses.NCEAndRCE`, alpha = 1, beta = 10
   (``configs/mnist/sym/nce+rce.yaml``).
 - ``ce-eps-mae``: `losses.EpsilonSoftmaxCEAndMAE`, m = 1e5, alpha = 0.01,
-  beta = 5 (eps-softmax ``config.py``, CIFAR-10 with symmetric noise: the
-  authors published no MNIST setting).
+  beta = 5 (eps-softmax ``config.py``, CIFAR-10 with symmetric noise: its
+  MNIST configuration has no CEeps+MAE).
 - ``anl-ce``: `losses.ActiveNegativeLoss`, alpha = 1, beta = 1, with the
   L1 term delta = 1e-6 on every weight as the network's regularizer (Ye et
   al. 2023; Active-Negative-Loss ``config/mnist_anl_ce.json``).

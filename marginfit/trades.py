@@ -57,11 +57,14 @@ class TRADES(Penalty):
     def __init__(self, eps, weight=1.0, steps=40, step_size=None, clip=(0.0, 1.0), start_std=0.001):
         super().__init__(weight)
         # The inner maximisation is a PGD whose loss is the KL divergence.
-        self.attack = attacks.PGD(eps, steps, step_size or eps / 30, False, clip)
+        self.attack = attacks.PGD(
+            eps, steps, eps / 30 if step_size is None else step_size, False, clip
+        )
         if not (isinstance(start_std, numbers.Real) and start_std >= 0):
             raise ValueError(f"`start_std` must be a float >= 0; received {start_std!r}.")
         self.start_std = float(start_std)
 
+    # --8<-- [start:call]
     def __call__(self, step):
         model = step.model
         outputs = model(step.x, training=step.training)
@@ -74,6 +77,7 @@ class TRADES(Penalty):
             per_example *= ops.reshape(ops.cast(step.sample_weight, "float32"), (-1,))
         value = ops.mean(per_example)
         return PenaltyResult(outputs, self.weight * value, value)
+        # --8<-- [end:call]
 
     def perturb(self, model, x, log_p, seed=0):
         """``[batch, ...]`` float32 ``x'``: the inner maximisation of the KL

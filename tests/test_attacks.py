@@ -270,6 +270,9 @@ def test_restarts_only_lower_the_attacked_accuracy(trained):
         (lambda: attacks.PGD(0.1, steps=0), "`steps` must be an integer >= 1"),
         (lambda: attacks.PGD(0.1, step_size=-1.0), "`step_size` must be > 0"),
         (lambda: MarginModel.wrap(linear_model(), None, adversary="pgd"), "`adversary` must be"),
+        (lambda: marginfit.CatastrophicOverfitting([[0.0]], [0], eps=0.0), "`eps` must be > 0"),
+        (lambda: marginfit.CatastrophicOverfitting([[0.0]], [0], 0.1, drop=1.0), "`drop` must"),
+        (lambda: marginfit.CatastrophicOverfitting([[0.0]], [], 0.1), "the same, non-zero"),
     ],
 )
 def test_bad_adversaries(make, message):
