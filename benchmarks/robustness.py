@@ -180,16 +180,18 @@ def cell(values, expected, digits=(4, 3)):
     return text if len(values) == expected else f"{text} [{len(values)} of {expected} runs]"
 
 
-def select(runs, dataset, name, pick, eps=None):
+def select(runs, dataset, name, pick, eps=None, eps_list=None):
     """``pick(run)`` for each run of model kind ``name`` on ``dataset``;
-    with ``eps``, only the runs evaluated at it (and, of PGD-AT, the model
-    trained at it)."""
+    with ``eps``, only the runs evaluated at it (and, of the models trained
+    per eps, the one trained at it); with ``eps_list``, only the models
+    trained per eps at one of them."""
     return [
         pick(r)
         for r in runs
         if r["data"] == dataset
         and r["model"] == name
         and (name not in PER_EPS or eps is None or r["train_eps"] == eps)
+        and (name not in PER_EPS or eps_list is None or r["train_eps"] in eps_list)
         and (eps is None or f"{eps:g}" in r["accuracy"])  # a run of other eps
     ]
 
@@ -208,22 +210,36 @@ def table(runs, datasets, eps_list, command, seeds):
             lines.append(f"| PGD/transfer, eps {eps:g} | " + " | ".join(cells) + " |")
         # Rows over every model of a method: one PGD-AT model per eps.
         models = {m: seeds * (len(eps_list) if m in PER_EPS else 1) for m in MODELS}
-        clean = [cell(select(runs, dataset, m, lambda r: r["clean"]), models[m]) for m in MODELS]
+        clean = [
+            cell(select(runs, dataset, m, lambda r: r["clean"], None, eps_list), models[m])
+            for m in MODELS
+        ]
         lines.append("| clean | " + " | ".join(clean) + " |")
         sanity = [
-            cell(select(runs, dataset, m, lambda r: r["accuracy"][f"{SANITY_EPS:g}"]), models[m])
+            cell(
+                select(
+                    runs, dataset, m, lambda r: r["accuracy"][f"{SANITY_EPS:g}"], None, eps_list
+                ),
+                models[m],
+            )
             for m in MODELS
         ]
         lines.append(f"| eps {SANITY_EPS:g} (must be ~0) | " + " | ".join(sanity) + " |")
         seconds = [
-            cell(select(runs, dataset, m, lambda r: r["seconds"]), models[m], (0, 0))
+            cell(
+                select(runs, dataset, m, lambda r: r["seconds"], None, eps_list), models[m], (0, 0)
+            )
             for m in MODELS
         ]
         lines.append("| training seconds | " + " | ".join(seconds) + " |")
         collapses = [
             (
                 f"{sum(c is not None for c in chosen)} of {len(chosen)}"
-                if (chosen := select(runs, dataset, m, lambda r: r.get("collapsed_epoch")))
+                if (
+                    chosen := select(
+                        runs, dataset, m, lambda r: r.get("collapsed_epoch"), None, eps_list
+                    )
+                )
                 else ""
             )
             if m in WATCHED
