@@ -203,8 +203,40 @@ class SymmetricCrossEntropy(_RobustLoss):
         return {**super().get_config(), "alpha": self.alpha, "beta": self.beta}
 
 
+class _NormalizedCEPlus(_RobustLoss):
+    """``alpha * NCE + beta * second``, the normalized cross-entropy beside a
+    second term of the subclass (`second`); the subclass names the loss
+    (`default_name`)."""
+
+    default_name = None
+
+    def __init__(
+        self,
+        alpha=1.0,
+        beta=1.0,
+        from_logits=False,
+        reduction="sum_over_batch_size",
+        name=None,
+        dtype=None,
+    ):
+        super().__init__(from_logits, reduction, name or self.default_name, dtype)
+        self.alpha = _non_negative("alpha", alpha)
+        self.beta = _non_negative("beta", beta)
+
+    def per_example(self, p_y, p, log_p, one_hot):
+        active = _normalized_cross_entropy(log_p, one_hot)
+        return self.alpha * active + self.beta * self.second(p, one_hot)
+
+    def second(self, p, one_hot):
+        """``[batch]`` second term from the probabilities and one-hot labels."""
+        raise NotImplementedError
+
+    def get_config(self):
+        return {**super().get_config(), "alpha": self.alpha, "beta": self.beta}
+
+
 @keras.saving.register_keras_serializable(package="marginfit")
-class NCEAndRCE(_RobustLoss):
+class NCEAndRCE(_NormalizedCEPlus):
     """Normalized cross-entropy plus reverse cross-entropy, the active-passive
     loss of Ma et al. 2020 (arXiv 2006.13554).
 
@@ -223,25 +255,10 @@ class NCEAndRCE(_RobustLoss):
         dtype: As for `keras.losses.Loss`.
     """
 
-    def __init__(
-        self,
-        alpha=1.0,
-        beta=1.0,
-        from_logits=False,
-        reduction="sum_over_batch_size",
-        name="nce_and_rce",
-        dtype=None,
-    ):
-        super().__init__(from_logits, reduction, name, dtype)
-        self.alpha = _non_negative("alpha", alpha)
-        self.beta = _non_negative("beta", beta)
+    default_name = "nce_and_rce"
 
-    def per_example(self, p_y, p, log_p, one_hot):
-        active = _normalized_cross_entropy(log_p, one_hot)
-        return self.alpha * active + self.beta * _reverse_cross_entropy(p, one_hot)
-
-    def get_config(self):
-        return {**super().get_config(), "alpha": self.alpha, "beta": self.beta}
+    def second(self, p, one_hot):
+        return _reverse_cross_entropy(p, one_hot)
 
 
 @keras.saving.register_keras_serializable(package="marginfit")
@@ -296,7 +313,7 @@ _ANL_PROBABILITY_FLOOR = 1e-7
 
 
 @keras.saving.register_keras_serializable(package="marginfit")
-class ActiveNegativeLoss(_RobustLoss):
+class ActiveNegativeLoss(_NormalizedCEPlus):
     """Active Negative Loss with the cross-entropy, ANL-CE (Ye et al.,
     NeurIPS 2023; journal version arXiv 2412.02373): normalized
     cross-entropy plus normalized negative cross-entropy.
@@ -317,29 +334,13 @@ class ActiveNegativeLoss(_RobustLoss):
         dtype: As for `keras.losses.Loss`.
     """
 
-    def __init__(
-        self,
-        alpha=1.0,
-        beta=1.0,
-        from_logits=False,
-        reduction="sum_over_batch_size",
-        name="active_negative_loss",
-        dtype=None,
-    ):
-        super().__init__(from_logits, reduction, name, dtype)
-        self.alpha = _non_negative("alpha", alpha)
-        self.beta = _non_negative("beta", beta)
+    default_name = "active_negative_loss"
 
-    def per_example(self, p_y, p, log_p, one_hot):
-        active = _normalized_cross_entropy(log_p, one_hot)
+    def second(self, p, one_hot):
         shifted = -math.log(_ANL_PROBABILITY_FLOOR) + ops.log(
             ops.maximum(p, _ANL_PROBABILITY_FLOOR)
         )
-        negative = 1.0 - ops.sum(one_hot * shifted, axis=-1) / ops.sum(shifted, axis=-1)
-        return self.alpha * active + self.beta * negative
-
-    def get_config(self):
-        return {**super().get_config(), "alpha": self.alpha, "beta": self.beta}
+        return 1.0 - ops.sum(one_hot * shifted, axis=-1) / ops.sum(shifted, axis=-1)
 
 
 @keras.saving.register_keras_serializable(package="marginfit")
