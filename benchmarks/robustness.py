@@ -157,6 +157,7 @@ def run_seed(dataset, seed, eps_list, epochs, done, log, models=MODELS, validati
             "train_eps": eps,
             "epochs": epochs,
             "seconds": trained,
+            "reference_seconds": seconds,
             "collapsed_epoch": collapsed,
             **evaluate(model, reference, x, y, [*evaluated, SANITY_EPS]),
         }
@@ -172,7 +173,8 @@ def run_seed(dataset, seed, eps_list, epochs, done, log, models=MODELS, validati
 
 def cell(values, expected, digits=(4, 3)):
     """Mean (min-max) of ``values``, and their number if not ``expected``
-    (the seeds, times the models per seed)."""
+    (the seeds, times the models per seed); None values are left out."""
+    values = [v for v in values if v is not None]
     if not values:
         return ""
     mean, spread = digits
@@ -194,6 +196,14 @@ def select(runs, dataset, name, pick, eps=None, eps_list=None):
         and (name not in PER_EPS or eps_list is None or r["train_eps"] in eps_list)
         and (eps is None or f"{eps:g}" in r["accuracy"])  # a run of other eps
     ]
+
+
+def time_ratio(run):
+    """Training seconds of ``run`` over those of its seed's cross-entropy
+    model, trained in the same process just before (runs logged before the
+    reference time was recorded have none)."""
+    reference = run.get("reference_seconds")
+    return run["seconds"] / reference if reference else None
 
 
 def table(runs, datasets, eps_list, command, seeds):
@@ -232,6 +242,13 @@ def table(runs, datasets, eps_list, command, seeds):
             for m in MODELS
         ]
         lines.append("| training seconds | " + " | ".join(seconds) + " |")
+        ratios = [
+            cell(select(runs, dataset, m, time_ratio, None, eps_list), models[m], (2, 2))
+            for m in MODELS
+        ]
+        lines.append(
+            "| training time / cross-entropy's (same process) | " + " | ".join(ratios) + " |"
+        )
         collapses = [
             (
                 f"{sum(c is not None for c in chosen)} of {len(chosen)}"
