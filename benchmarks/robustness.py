@@ -27,7 +27,9 @@ The accuracy reported is under the stronger of the two; a transfer attack
 that beats the white-box one flags gradient masking. Each model is also
 attacked at eps 0.5, where the digits are no longer recognisable and every
 honest attack must reach (near) 0. Training seconds (less the watch's
-attacks) are measured one run after another in one process.
+attacks) are measured one run after another in one process, and reported
+also as a ratio to those of the seed's cross-entropy model, trained just
+before in the same process.
 
 Writes, into --output: ``runs.jsonl`` (one line per model; an interrupted
 benchmark resumes where it stopped), ``robustness.md`` (mean and min-max
