@@ -26,7 +26,8 @@ def train(experiment, method, validation=False, watch_eps=None):
     experiment's validation split, and that split takes the test set's
     place (to choose settings without the test set). With ``watch_eps``, a
     `marginfit.CatastrophicOverfitting` at that eps watches the first 256
-    training examples and stops a collapse (Wong et al.'s early stopping);
+    training examples and stops a collapse (Wong et al.'s early stopping,
+    stricter: see the callback);
     ``collapsed`` is the 0-based epoch it saw one (else None), and
     ``seconds`` leave out the time its attacks take."""
     (x_train, y_train), test = experiment.replace(label_noise=0.0).load()

@@ -120,8 +120,9 @@ class PGD:
         eps: L-inf radius, in input units (> 0).
         steps: Number of steps (>= 1); 40, the authors' MNIST setting.
         step_size: Size of each step, in input units; None for
-            ``2.5 * eps / steps``, the authors' rule (enough to cross the ball
-            from any start).
+            ``2.5 * eps / steps``, the rule of the authors' ``robustness``
+            library (enough to cross the ball from any start; their MNIST
+            training code steps ``eps / 30``).
         random_start: Whether to start from a uniform point of the ball.
         clip: ``(low, high)`` valid input range, or None.
         loss: What to maximise: ``"ce"`` (the cross-entropy, the authors'

@@ -200,12 +200,14 @@ class CatastrophicOverfittingWarning(RuntimeWarning):
 class CatastrophicOverfitting(keras.callbacks.Callback):
     """Watches adversarial training for catastrophic overfitting, and by
     default stops it there, as Wong, Rice & Kolter (2020) recommend for
-    fast adversarial training.
+    fast adversarial training (their early stopping compares one batch's
+    PGD accuracy with the previous epoch's; this one is stricter, below).
 
     After each epoch it attacks ``(x, y)`` (a few hundred training examples:
     the authors use one training batch) at ``eps`` with FGSM and with PGD
     (``pgd_steps`` steps from a random start) and logs ``fgsm_accuracy`` and
-    ``pgd_accuracy``. Catastrophic overfitting is the PGD accuracy falling
+    ``pgd_accuracy`` of the training weights (not a weight average).
+    Catastrophic overfitting is the PGD accuracy falling
     more than ``drop`` below its best epoch while the FGSM accuracy stays
     more than ``drop`` above it: the model has learnt to defeat the one-step
     attack it trains on, not attacks. Then the callback warns

@@ -157,7 +157,7 @@ class Experiment:
         "adversarial training (methods pgd-at, fgsm-at, trades)",
         _positive(int),
         f"steps of the training attack of pgd-at and trades (default {methods.PGD_STEPS}, "
-        "both authors' MNIST setting; step size 2.5 eps / steps and eps / 30)",
+        "both authors' MNIST steps; step sizes 2.5 eps / steps and eps / 30)",
     )
     adversary: str = _setting(
         "none",

@@ -25,7 +25,8 @@ and never tuned on our data:
   eps-softmax reference code's MNIST setting, ``config.py``).
 - ``pgd-at``: the cross-entropy on PGD examples, 40 steps of 2.5 eps / 40
   from a random start (Madry et al. 2018; ``mnist_challenge``: 40 steps,
-  random start), at the eps it is evaluated at.
+  random start, steps of eps / 30; 2.5 eps / steps is their ``robustness``
+  library's rule), at the eps it is evaluated at.
 - ``fgsm-at``: the cross-entropy on FGSM examples from a uniform random
   start, step 1.25 eps (Wong et al. 2020, `attacks.fgsm_random_start`),
   at the eps it is evaluated at.
