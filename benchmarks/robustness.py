@@ -32,8 +32,10 @@ also as a ratio to those of the seed's cross-entropy model, trained just
 before in the same process.
 
 Writes, into --output: ``runs.jsonl`` (one line per model; an interrupted
-benchmark resumes where it stopped), ``robustness.md`` (mean and min-max
-over seeds) and ``robustness.png``, each naming the command.
+benchmark resumes where it stopped, a model evaluated at fewer eps than
+asked is trained again, and a model's last line counts), ``robustness.md``
+(mean and min-max over seeds) and ``robustness.png``, each naming the
+command.
 
     python benchmarks/robustness.py [--data digits,digits28] [--eps 0.05,0.1,0.2]
         [--seeds 3] [--epochs 60] [--models pgd-at,fgsm-at,trades,...]
@@ -133,6 +135,26 @@ def evaluate(model, source, x, y, eps_list):
 def plan(models, eps_list):
     """``[(model kind, training eps or None)]`` of one dataset and seed."""
     return [(name, eps) for name in models for eps in (eps_list if name in PER_EPS else [None])]
+
+
+def key_of(run):
+    """``(data, seed, model kind, training eps)``: one model of the log."""
+    return run["data"], run["seed"], run["model"], run["train_eps"]
+
+
+def latest(runs):
+    """The last logged run of each model (a rerun supersedes a run)."""
+    return list({key_of(r): r for r in runs}.values())
+
+
+def finished(runs, eps_list):
+    """Keys of the runs evaluated at every eps they are meant for: their
+    training eps, or (one model for every eps) each of ``eps_list``."""
+
+    def meant_for(run):
+        return eps_list if run["train_eps"] is None else [run["train_eps"]]
+
+    return {key_of(r) for r in runs if all(f"{e:g}" in r["accuracy"] for e in meant_for(r))}
 
 
 def run_seed(dataset, seed, eps_list, epochs, done, log, models=MODELS, validation=False):
@@ -324,17 +346,18 @@ def main(argv=None):
         parser.error(f"unknown models {sorted(unknown)}; choose from {', '.join(MODELS)}")
     command = _results.command_line("robustness.py", argv)
     log, runs = _results.load_runs(args.output)
-    runs = [r for r in runs if r["epochs"] == args.epochs]
+    runs = latest([r for r in runs if r["epochs"] == args.epochs])
     for dataset in datasets:
         for seed in range(args.seeds):
-            done = {(r["data"], r["seed"], r["model"], r["train_eps"]) for r in runs}
+            done = finished(runs, eps_list)
             if args.report_only or all(
                 (dataset, seed, name, eps) in done
                 for name, eps in plan(["cross-entropy", *models], eps_list)
             ):
                 continue
-            runs += run_seed(
-                dataset, seed, eps_list, args.epochs, done, log, models, args.validation
+            runs = latest(
+                runs
+                + run_seed(dataset, seed, eps_list, args.epochs, done, log, models, args.validation)
             )
     markdown = table(runs, datasets, eps_list, command, args.seeds)
     if args.validation:
