@@ -7,8 +7,8 @@ adversarial training (Madry et al. 2018: 40 steps of 2.5 eps / 40 from a
 random start); fast adversarial training (Wong et al. 2020: FGSM from a
 random start, step 1.25 eps, watched by `marginfit.CatastrophicOverfitting`
 on 256 training examples, which stops a collapse with the best epoch's
-weights, a stricter form of the authors' early stopping); TRADES (Zhang et al. 2019: beta 1,
-40 steps of eps / 30); the margin of ``marginfit train --preset robust``
+weights, a stricter form of the authors' early stopping); TRADES (Zhang et
+al. 2019: beta 1, 40 steps of eps / 30); the margin of ``marginfit train --preset robust``
 (one model for every eps); and that margin trained on fast adversarial
 training's examples (``robust margin + fgsm``). The adversarial trainings
 train one model per eps, at the eps they are evaluated at. The clean test

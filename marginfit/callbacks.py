@@ -207,9 +207,9 @@ class CatastrophicOverfitting(keras.callbacks.Callback):
     the authors use one training batch) at ``eps`` with FGSM and with PGD
     (``pgd_steps`` steps from a random start) and logs ``fgsm_accuracy`` and
     ``pgd_accuracy`` of the training weights (not a weight average).
-    Catastrophic overfitting is the PGD accuracy falling
-    more than ``drop`` below its best epoch while the FGSM accuracy stays
-    more than ``drop`` above it: the model has learnt to defeat the one-step
+    Catastrophic overfitting is the PGD accuracy falling more than ``drop``
+    below its best epoch while the FGSM accuracy stays more than ``drop``
+    above it: the model has learnt to defeat the one-step
     attack it trains on, not attacks. Then the callback warns
     (`CatastrophicOverfittingWarning`) and records the 0-based epoch in
     ``collapsed_epoch``; with ``stop``, it ends training and, when training
