@@ -244,35 +244,22 @@ def table(runs, datasets, eps_list, command, seeds):
             lines.append(f"| PGD/transfer, eps {eps:g} | " + " | ".join(cells) + " |")
         # Rows over every model of a method: one PGD-AT model per eps.
         models = {m: seeds * (len(eps_list) if m in PER_EPS else 1) for m in MODELS}
-        clean = [
-            cell(select(runs, dataset, m, lambda r: r["clean"], None, eps_list), models[m])
-            for m in MODELS
+        rows = [
+            ("clean", lambda r: r["clean"], (4, 3)),
+            (
+                f"eps {SANITY_EPS:g} (must be ~0)",
+                lambda r: r["accuracy"][f"{SANITY_EPS:g}"],
+                (4, 3),
+            ),
+            ("training seconds", lambda r: r["seconds"], (0, 0)),
+            ("training time / cross-entropy's (same process)", time_ratio, (2, 2)),
         ]
-        lines.append("| clean | " + " | ".join(clean) + " |")
-        sanity = [
-            cell(
-                select(
-                    runs, dataset, m, lambda r: r["accuracy"][f"{SANITY_EPS:g}"], None, eps_list
-                ),
-                models[m],
-            )
-            for m in MODELS
-        ]
-        lines.append(f"| eps {SANITY_EPS:g} (must be ~0) | " + " | ".join(sanity) + " |")
-        seconds = [
-            cell(
-                select(runs, dataset, m, lambda r: r["seconds"], None, eps_list), models[m], (0, 0)
-            )
-            for m in MODELS
-        ]
-        lines.append("| training seconds | " + " | ".join(seconds) + " |")
-        ratios = [
-            cell(select(runs, dataset, m, time_ratio, None, eps_list), models[m], (2, 2))
-            for m in MODELS
-        ]
-        lines.append(
-            "| training time / cross-entropy's (same process) | " + " | ".join(ratios) + " |"
-        )
+        for title, pick, digits in rows:
+            cells = [
+                cell(select(runs, dataset, m, pick, None, eps_list), models[m], digits)
+                for m in MODELS
+            ]
+            lines.append(f"| {title} | " + " | ".join(cells) + " |")
         collapses = [
             (
                 f"{sum(c is not None for c in chosen)} of {len(chosen)}"
