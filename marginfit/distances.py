@@ -57,7 +57,7 @@ def score_differences(outputs, labels, top_k, space, output_kind, draws=None):
         ``[batch, top_k]`` float32 differences ``f_y - f_j``; highest-scoring
         competitors first, or in the order of their keys.
     """
-    outputs = ops.cast(outputs, "float32")
+    outputs = ops.cast(outputs, keras.backend.floatx())
     if space == output_kind:
         scores = outputs
     elif space == "probabilities":
@@ -81,7 +81,7 @@ def dual_norm(gradients, order):
     Returns ``[batch]``. The 2-norm is written so that its own gradient is 0,
     not NaN, at a zero vector (needed when differentiating through it).
     """
-    flat = ops.reshape(ops.cast(gradients, "float32"), (ops.shape(gradients)[0], -1))
+    flat = ops.reshape(ops.cast(gradients, keras.backend.floatx()), (ops.shape(gradients)[0], -1))
     if order == 1:
         return ops.sum(ops.abs(flat), axis=-1)
     if math.isinf(order):

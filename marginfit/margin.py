@@ -313,7 +313,7 @@ class LargeMargin(Penalty):
         value = margin_loss(distances, self, step.sample_weight)
         if balance is not None:
             value += self.balance * balance
-        logged = {"dead_rate": (ops.cast(dead, "float32"),)}
+        logged = {"dead_rate": (ops.cast(dead, keras.backend.floatx()),)}
         if not step.training:
             for layer, layer_distances in zip(self.layers, nearest):
                 logged[metrics_lib.distance_metric_name(layer)] = (layer_distances,)
@@ -436,7 +436,7 @@ def margin_loss(distances, margin, sample_weight=None):
     ]
     per_example = functools.reduce(ops.add, terms) / len(terms)
     if sample_weight is not None:
-        per_example *= ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+        per_example *= ops.reshape(ops.cast(sample_weight, keras.backend.floatx()), (-1,))
     return ops.mean(per_example)
 
 
@@ -466,12 +466,12 @@ def balance_sums(outputs, output_kind, sample_weight=None):
         probabilities per class, then the sum of the weights (the number of
         examples without ``sample_weight``).
     """
-    outputs = ops.cast(outputs, "float32")
+    outputs = ops.cast(outputs, keras.backend.floatx())
     probabilities = ops.softmax(outputs, axis=-1) if output_kind == "logits" else outputs
     if sample_weight is None:
         weights = ops.ones_like(probabilities[:, :1])
     else:
-        weights = ops.reshape(ops.cast(sample_weight, "float32"), (-1, 1))
+        weights = ops.reshape(ops.cast(sample_weight, keras.backend.floatx()), (-1, 1))
     weighted = ops.sum(weights * probabilities, axis=0)
     return ops.concatenate([weighted, ops.reshape(ops.sum(weights), (1,))], axis=0)
 

@@ -251,9 +251,9 @@ class MarginModel(backend.MarginTrainer, keras.Model):
         """`compute_loss` as float32; 0 where a model with a penalty has
         nothing else to compute (``compile(loss=None)``, no regularization)."""
         if not logs.has_keras_loss(self):
-            return keras.ops.zeros((), "float32")
+            return keras.ops.zeros((), keras.backend.floatx())
         loss = self.compute_loss(x, y, y_pred, sample_weight, training=training)
-        return keras.ops.cast(loss, "float32")
+        return keras.ops.cast(loss, keras.backend.floatx())
 
     def _logs(self, x, y, y_pred, sample_weight, training):
         """`compute_metrics`, keeping the names `marginfit.logs.written`

@@ -24,9 +24,13 @@ if not MULTI_PROCESS:
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 
 import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)  # for the float64 runs (`rounding`)
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from nets import DISTRIBUTION_MARGINS, conv_net, digits  # noqa: E402
+from nets import DISTRIBUTION_MARGINS, conv_net, digits, float64  # noqa: E402
+from rounding import max_difference  # noqa: E402
 
 BATCH = 16
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -45,24 +49,29 @@ def shard(arrays, process, count=PROCESSES):
     return [array[rows] for array in arrays]
 
 
-def train(margin, initial, nudge_weights=False, process=None):
+def float64_net(margin):
+    """`conv_net` in float64 with sigmoid activations: Keras' `ops.tanh`
+    computes in float32 on JAX whatever its input."""
+    return conv_net(margin, regularizer=keras.regularizers.L2(1e-3), activation="sigmoid")[0]
+
+
+def train(margin, initial, process=None):
     """Weights and last logs after 2 epochs of 4 batches (as
-    `distributed_fit.py` does on TensorFlow); ``nudge_weights`` moves every
-    sample weight by one float32 ulp, to measure float32 rounding alone;
-    ``process`` feeds that process's half of every batch."""
-    model, _ = conv_net(DISTRIBUTION_MARGINS[margin], regularizer=keras.regularizers.L2(1e-3))
-    model.set_weights(initial)
-    model.compile(keras.optimizers.SGD(0.05), loss=CE)
-    x, y = digits(64)
-    weights = np.linspace(0.5, 1.5, len(x)).astype("float32")
-    if nudge_weights:
-        weights = np.nextafter(weights, np.float32(np.inf))
-    batch = BATCH
-    if process is not None:
-        (x, y, weights), batch = shard((x, y, weights), process), BATCH // PROCESSES
-    history = model.fit(
-        x, y, sample_weight=weights, batch_size=batch, epochs=2, shuffle=False, verbose=0
-    )
+    `distributed_fit.py` does on TensorFlow), in float64 (`rounding` says
+    why); ``process`` feeds that process's half of every batch."""
+    with float64():
+        model = float64_net(DISTRIBUTION_MARGINS[margin])
+        model.set_weights(initial)
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        model.compile(keras.optimizers.SGD(0.05), loss=loss)
+        x, y = digits(64, dtype="float64")
+        weights = np.linspace(0.5, 1.5, len(x))
+        batch = BATCH
+        if process is not None:
+            (x, y, weights), batch = shard((x, y, weights), process), BATCH // PROCESSES
+        history = model.fit(
+            x, y, sample_weight=weights, batch_size=batch, epochs=2, shuffle=False, verbose=0
+        )
     logs = {key: float(values[-1]) for key, values in history.history.items()}
     return model.get_weights(), logs
 
@@ -90,12 +99,8 @@ def poisoned(initial, poison, process=None):
     return model.get_weights(), {key: float(v[-1]) for key, v in history.history.items()}
 
 
-def max_difference(ours, theirs):
-    return max(float(np.abs(a - b).max()) for a, b in zip(ours, theirs, strict=True))
-
-
 def save(path, runs):
-    """``{run: (weights, logs)}`` as JSON (float32 round-trips exactly)."""
+    """``{run: (weights, logs)}`` as JSON (floats round-trip exactly)."""
     with open(path, "w") as file:
         json.dump(
             {run: [[w.tolist() for w in weights], logs] for run, (weights, logs) in runs.items()},
@@ -104,26 +109,30 @@ def save(path, runs):
 
 
 def initial_weights():
-    return conv_net(None, regularizer=keras.regularizers.L2(1e-3))[0].get_weights()
+    """The float64 initial weights of every float64 run."""
+    with float64():
+        return float64_net(None).get_weights()
+
+
+def float32_initial_weights():
+    return conv_net(None)[0].get_weights()
 
 
 def one_process(folder):
     initial = initial_weights()
     single = {margin: train(margin, initial) for margin in DISTRIBUTION_MARGINS}
-    nudged = {margin: train(margin, initial, nudge_weights=True) for margin in DISTRIBUTION_MARGINS}
     save(os.path.join(folder, "single.json"), single)
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
     parallel = {margin: train(margin, initial) for margin in DISTRIBUTION_MARGINS}
-    clean, bad = poisoned(initial, False), poisoned(initial, True)
+    clean, bad = (poisoned(float32_initial_weights(), poison) for poison in (False, True))
     report = {"devices": len(jax.devices()), "margins": {}}
     for margin in DISTRIBUTION_MARGINS:
         report["margins"][margin] = {
             "max_weight_change": max_difference(single[margin][0], initial),
-            "max_weight_difference": max_difference(parallel[margin][0], single[margin][0]),
-            "max_rounding_difference": max_difference(nudged[margin][0], single[margin][0]),
-            "single": single[margin][1],
+            "weights": [w.tolist() for w in parallel[margin][0]],
+            "single_weights": [w.tolist() for w in single[margin][0]],
             "parallel": parallel[margin][1],
-            "nudged": nudged[margin][1],
+            "single": single[margin][1],
         }
     report["poisoned_nonfinite_steps"] = bad[1]["nonfinite_steps"]
     report["poisoned_max_difference"] = max_difference(bad[0], clean[0])
@@ -139,8 +148,8 @@ def one_of_processes(folder, port, process):
     distribution.auto_shard_dataset = False  # each process feeds its own half
     keras.distribution.set_distribution(distribution)
     runs = {margin: train(margin, initial, process=process) for margin in DISTRIBUTION_MARGINS}
-    runs["clean"] = poisoned(initial, False, process)
-    runs["poisoned"] = poisoned(initial, True, process)
+    runs["clean"] = poisoned(float32_initial_weights(), False, process)
+    runs["poisoned"] = poisoned(float32_initial_weights(), True, process)
     save(os.path.join(folder, f"process{process}.json"), runs)
 
 

@@ -6,7 +6,8 @@ Without INDEX, trains in one process; with it, sets TF_CONFIG for worker
 INDEX of a localhost cluster on the given ports and trains under
 MultiWorkerMirroredStrategy. Either way it fits, on the same global batches,
 a MarginModel with each margin of `helpers.DISTRIBUTION_MARGINS` (per-group
-optimizers, sample weights, an L2 regularizer) and writes their final
+optimizers: Adam and SGD with momentum, as `resume_worker.py` has them;
+sample weights, an L2 regularizer), in float64, and writes their final
 weights and logs to OUT.json.
 """
 
@@ -32,7 +33,8 @@ tf.config.experimental.enable_op_determinism()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from helpers import CE, DISTRIBUTION_MARGINS, conv_net, digits  # noqa: E402
+from nets import DISTRIBUTION_MARGINS, conv_net, digits, float64  # noqa: E402
+from rounding import max_difference  # noqa: E402
 
 import marginfit  # noqa: E402
 
@@ -40,24 +42,30 @@ BATCH = 16
 
 
 def train(margin):
-    with STRATEGY.scope():
+    """Final weights, last training logs and evaluation logs, in float64
+    (`rounding` says why)."""
+    with float64(), STRATEGY.scope():
         model, _ = conv_net(margin, regularizer=keras.regularizers.L2(1e-3))
         optimizer = marginfit.discriminative_optimizer(
             model,
             [
-                (keras.optimizers.SGD(0.2, name="features"), ["conv"]),
+                (keras.optimizers.Adam(1e-2, name="features"), ["conv"]),
                 (keras.optimizers.SGD(0.1, momentum=0.5, name="head"), ["dense", "logits"]),
             ],
         )
-        model.compile(optimizer, loss=CE, metrics=["accuracy"])
-    x, y = digits(64)
-    weights = np.linspace(0.5, 1.5, len(x)).astype("float32")
-    history = model.fit(
-        x, y, sample_weight=weights, batch_size=BATCH, epochs=2, shuffle=False, verbose=0
-    )
-    evaluation = model.evaluate(x, y, batch_size=BATCH, return_dict=True, verbose=0)
+        # A loss computes in the floatx of its creation.
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        model.compile(optimizer, loss=loss, metrics=["accuracy"])
+        x, y = digits(64, dtype="float64")
+        weights = np.linspace(0.5, 1.5, len(x))
+        initial = model.get_weights()
+        history = model.fit(
+            x, y, sample_weight=weights, batch_size=BATCH, epochs=2, shuffle=False, verbose=0
+        )
+        evaluation = model.evaluate(x, y, batch_size=BATCH, return_dict=True, verbose=0)
     return {
         "weights": [w.tolist() for w in model.get_weights()],
+        "max_weight_change": max_difference(model.get_weights(), initial),
         "logs": {key: float(values[-1]) for key, values in history.history.items()},
         "evaluation": {key: float(value) for key, value in evaluation.items()},
     }

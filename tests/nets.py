@@ -1,6 +1,8 @@
 """The small model and data of the tests, without TensorFlow: the
 backend workers build them on any Keras backend."""
 
+import contextlib
+
 import keras
 import numpy as np
 from sklearn.datasets import load_digits
@@ -8,23 +10,26 @@ from sklearn.datasets import load_digits
 import marginfit
 
 
-def digits(count=24, offset=0):
-    """``count`` digits as ``[count, 8, 8, 1]`` float32 in [0, 1], int labels."""
+def digits(count=24, offset=0, dtype="float32"):
+    """``count`` digits as ``[count, 8, 8, 1]`` floats in [0, 1], int labels."""
     data = load_digits()
-    x = (data.images[offset : offset + count] / 16.0).astype("float32")
+    x = (data.images[offset : offset + count] / 16.0).astype(dtype)
     return x[..., None], data.target[offset : offset + count].astype("int64")
 
 
-def conv_net(margin=None, seed=0, output="logits", batchnorm=False, regularizer=None, **kwargs):
+def conv_net(
+    margin=None, seed=0, output="logits", batchnorm=False, regularizer=None, activation="tanh",
+    **kwargs,
+):
     """A small conv net on 8x8x1 digits as a `MarginModel`, and a plain
     Keras model on the same layers returning ``[outputs, conv, dense]``."""
     keras.utils.set_random_seed(seed)
     inputs = keras.Input((8, 8, 1), name="pixels")
-    conv = keras.layers.Conv2D(4, 3, activation="tanh", name="conv")(inputs)
+    conv = keras.layers.Conv2D(4, 3, activation=activation, name="conv")(inputs)
     hidden = keras.layers.Flatten(name="flatten")(conv)
     if batchnorm:
         hidden = keras.layers.BatchNormalization(name="batchnorm")(hidden)
-    dense = keras.layers.Dense(16, activation="tanh", kernel_regularizer=regularizer, name="dense")(
+    dense = keras.layers.Dense(16, activation=activation, kernel_regularizer=regularizer, name="dense")(
         hidden
     )
     outputs = keras.layers.Dense(
@@ -33,6 +38,21 @@ def conv_net(margin=None, seed=0, output="logits", batchnorm=False, regularizer=
     model = marginfit.MarginModel(inputs, outputs, margin=margin, output=output, **kwargs)
     taps = keras.Model(inputs, [outputs, conv, dense])
     return model, taps
+
+
+@contextlib.contextmanager
+def float64():
+    """Models, losses and data built inside are float64 (Keras' floatx and
+    dtype policy); what was set before is restored after. On JAX,
+    `jax_enable_x64` must be set at start-up."""
+    floatx, policy = keras.config.floatx(), keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    try:
+        yield
+    finally:
+        keras.config.set_floatx(floatx)
+        keras.config.set_dtype_policy(policy)
 
 
 # ------------------------------------------------- the margin of conv_net

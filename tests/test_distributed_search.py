@@ -6,11 +6,16 @@ import json
 import os
 import signal
 import subprocess
+import threading
+import time
 
 import pytest
 from helpers import processes, wait_all
 
+from marginfit import tuning
 from marginfit.cluster import free_ports
+from marginfit.tuning import distributed
+from marginfit.tuning.hypermodel import MarginHyperModel
 
 TIMEOUT = 600
 TRIALS = 4
@@ -21,8 +26,10 @@ def search_commands(output, epochs):
     return ["-m", "marginfit.tuning", "--trials", str(TRIALS), "--epochs", str(epochs)] + [
         "--output",
         str(output),
-        # Longer than the survivor needs for the other trials: it must wait
-        # for the dead worker's trial rather than stop.
+        # Ten heartbeats (a live worker is never silent that long, however
+        # slow its epochs), and longer than the survivor needs for the
+        # other trials: it must wait for the dead worker's trial rather
+        # than stop.
         "--worker-timeout",
         "20",
         *SMALL,
@@ -82,3 +89,27 @@ def test_a_worker_killed_mid_trial_does_not_stall_the_search(tmp_path):
         assert code == 0, stdout[-3000:]
     assert "is handed to another worker" in results[0][1]
     assert_every_trial_once(output)
+
+
+def test_a_beating_worker_keeps_its_trial_and_a_silent_one_loses_it(tmp_path):
+    """On the chief, a worker whose `Heartbeat` beats keeps its trial for
+    three timeouts, however long it trains; a silent one loses its trial,
+    and so does the first once it stops beating (in one process: the
+    chief's oracle, and heartbeats ten times shorter than the timeout)."""
+    hypermodel = MarginHyperModel(input_shape=(8, 8, 1), num_classes=10)
+    oracle = tuning.make_tuner("random", hypermodel, "val_accuracy", str(tmp_path)).oracle
+    stop = threading.Event()
+    watch = distributed.watch_workers(oracle, timeout=1.0, interval=0.1, stop=stop)
+    try:
+        beating, silent = (oracle.create_trial(worker) for worker in ("tuner0", "tuner1"))
+        heartbeat = distributed.Heartbeat(oracle, beating.trial_id, interval=0.1)
+        time.sleep(3.0)
+        heartbeat.stop()
+        # Ended trials leave `ongoing_trials` (as FAILED: no retries here).
+        assert set(oracle.ongoing_trials) == {"tuner0"}
+        assert (beating.status, silent.status) == ("RUNNING", "FAILED")
+        time.sleep(2.0)
+        assert (set(oracle.ongoing_trials), beating.status) == (set(), "FAILED")
+    finally:
+        stop.set()
+        watch.join()

@@ -122,9 +122,10 @@ def test_killed_mid_epoch_resumes_to_the_same_weights(tmp_path, one_process_weig
             assert_nothing_left(directory)
 
 
-def test_killed_worker_resumes_the_cluster_to_the_same_weights(tmp_path, one_process_weights):
-    """Also the same weights as one process: the default margin is the same
-    function of the global batch on one process and on two workers."""
+def test_killed_worker_resumes_the_cluster_to_the_same_weights(tmp_path):
+    """A cluster of two workers, one killed mid-epoch, ends with the weights
+    of the same cluster uninterrupted (that a cluster trains the weights of
+    one process, Adam included, `test_multi_worker.py` checks in float64)."""
     reference, directory = str(tmp_path / "reference"), str(tmp_path / "killed")
     os.makedirs(reference)
     os.makedirs(directory)
@@ -141,8 +142,6 @@ def test_killed_worker_resumes_the_cluster_to_the_same_weights(tmp_path, one_pro
             finish(resumed)
     expected = final_weights(reference, 0)
     assert_same_weights(final_weights(reference, 1), expected)
-    for ours, theirs in zip(expected, one_process_weights, strict=True):
-        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
     for index in (0, 1):
         assert_same_weights(final_weights(directory, index), expected)
     assert_nothing_left(directory)

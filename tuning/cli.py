@@ -119,9 +119,10 @@ def run(argv=None):
     parser.add_argument(
         "--worker-timeout",
         type=_positive,
-        default=600,
-        help="distributed search: seconds of silence (no epoch ended) after which the chief "
-        "hands a worker's trial to another worker (default 600)",
+        default=60,
+        help="distributed search: seconds of silence after which the chief hands a worker's "
+        f"trial to another worker (a worker training a trial calls every "
+        f"{distributed.HEARTBEAT_SECONDS:g} s; default 60)",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -179,20 +179,24 @@ def make_tuner(
     place = dict(directory=directory, project_name=project_name, overwrite=overwrite)
     if kind == "random":
         oracle = distributed.watched(kt.oracles.RandomSearchOracle)(max_trials=max_trials, **common)
-        return kt.Tuner(oracle=oracle, hypermodel=hypermodel, **place)
+        return _Tuner(oracle=oracle, hypermodel=hypermodel, **place)
     if kind == "bayesian":
         oracle = distributed.watched(kt.oracles.BayesianOptimizationOracle)(
             max_trials=max_trials, num_initial_points=min(2, max_trials), **common
         )
-        return kt.Tuner(oracle=oracle, hypermodel=hypermodel, **place)
+        return _Tuner(oracle=oracle, hypermodel=hypermodel, **place)
     oracle = distributed.watched(kt.oracles.HyperbandOracle)(max_epochs=epochs, factor=3, **common)
     return _HyperbandOn(oracle, hypermodel, **place)
 
 
-class _HyperbandOn(kt.Hyperband):
+class _Tuner(distributed.BeatingTuner, kt.Tuner):
+    """keras-tuner's tuner, beating while a worker trains a trial."""
+
+
+class _HyperbandOn(distributed.BeatingTuner, kt.Hyperband):
     """keras-tuner's Hyperband tuner (which trains each trial for the epochs
-    its oracle gives) on an oracle of ours; `kt.Hyperband.__init__` only
-    builds its own oracle."""
+    its oracle gives) on an oracle of ours, beating while a worker trains a
+    trial; `kt.Hyperband.__init__` only builds its own oracle."""
 
     def __init__(self, oracle, hypermodel, **kwargs):
         kt.Tuner.__init__(self, oracle=oracle, hypermodel=hypermodel, **kwargs)

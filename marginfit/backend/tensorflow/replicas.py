@@ -56,16 +56,16 @@ class GlobalBatch:
         self.offset = tf.zeros((), tf.int64)
         if context is None or (sums is None and not positions):
             return
-        parts = [] if sums is None else [tf.cast(sums, tf.float32)]
+        dtype = tf.float32 if sums is None else sums.dtype
+        parts = [] if sums is None else [sums]
         replicas = context.num_replicas_in_sync
         replica = context.replica_id_in_sync_group
         if positions:
             # This replica's batch size at its id: summed, every replica's.
-            parts.append(tf.one_hot(replica, replicas) * tf.cast(batch_size, tf.float32))
+            parts.append(tf.one_hot(replica, replicas, dtype=dtype) * tf.cast(batch_size, dtype))
         reduced = context.all_reduce("sum", tf.stop_gradient(tf.concat(parts, axis=0)))
         if sums is not None:
-            local = tf.cast(sums, tf.float32)
-            self.sums = reduced[: sums.shape[0]] + replicas * (local - tf.stop_gradient(local))
+            self.sums = reduced[: sums.shape[0]] + replicas * (sums - tf.stop_gradient(sums))
         if positions:
             sizes = reduced[-replicas:]
             earlier = tf.range(replicas) < replica
