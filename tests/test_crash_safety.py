@@ -20,7 +20,7 @@ import marginfit
 from marginfit import cli, files
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KILLS = 10
+KILLS = 6
 CONCURRENT_KILLS = 3
 ARTEFACTS = {"saved", "model.keras", "summary.json", "results.json", "results.csv"}
 
@@ -120,10 +120,13 @@ def check_no_leftovers(directory):
 
 def kill_rounds(directory, kills, per_kill, seed):
     """``kills`` times: starts ``per_kill`` writers at once, kills them all at
-    a random instant within their next two rounds, and checks every artefact.
-    The next writers start (import and build) while the last ones' files are
-    checked; they write nothing before `Writer.start`."""
+    an instant within their next two rounds, and checks every artefact. The
+    instants are stratified: the k-th falls at random in the k-th of
+    ``kills`` equal parts of the two rounds, so that few kills cover every
+    phase of a write. The next writers start (import and build) while the
+    last ones' files are checked; they write nothing before `Writer.start`."""
     chooser = random.Random(seed)
+    parts = chooser.sample(range(kills), kills)
     with contextlib.ExitStack() as stack:
         upcoming = writers(stack, directory, [f"w{k}" for k in range(per_kill)])
         for kill in range(kills):
@@ -131,7 +134,7 @@ def kill_rounds(directory, kills, per_kill, seed):
             for writer in current:
                 writer.start()
             duration = max(writer.wait_for_round() for writer in current)
-            time.sleep(chooser.uniform(0, 2 * duration))
+            time.sleep(2 * duration * (parts[kill] + chooser.random()) / kills)
             for writer in current:
                 writer.kill()
             if kill + 1 < kills:
