@@ -18,7 +18,12 @@ def digits(count=24, offset=0, dtype="float32"):
 
 
 def conv_net(
-    margin=None, seed=0, output="logits", batchnorm=False, regularizer=None, activation="tanh",
+    margin=None,
+    seed=0,
+    output="logits",
+    batchnorm=False,
+    regularizer=None,
+    activation="tanh",
     **kwargs,
 ):
     """A small conv net on 8x8x1 digits as a `MarginModel`, and a plain
@@ -29,9 +34,9 @@ def conv_net(
     hidden = keras.layers.Flatten(name="flatten")(conv)
     if batchnorm:
         hidden = keras.layers.BatchNormalization(name="batchnorm")(hidden)
-    dense = keras.layers.Dense(16, activation=activation, kernel_regularizer=regularizer, name="dense")(
-        hidden
-    )
+    dense = keras.layers.Dense(
+        16, activation=activation, kernel_regularizer=regularizer, name="dense"
+    )(hidden)
     outputs = keras.layers.Dense(
         10, activation="softmax" if output == "probabilities" else None, name="logits"
     )(dense)

@@ -12,6 +12,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+import rounding
 from backend_worker import (
     ATTACKS,
     CASES,
@@ -34,7 +35,6 @@ from helpers import (
     skip_without,
     wait_all,
 )
-import rounding
 from reference import balance_reference
 
 from marginfit.cluster import free_ports
