@@ -17,9 +17,9 @@ training a trial calls every `HEARTBEAT_SECONDS` from a thread of its own
 ends the trial of a worker silent for longer than a timeout as invalid:
 keras-tuner then retries it on another worker (``max_retries_per_trial``).
 For that, a worker that asks for a trial when the budget is handed out but
-other workers' trials are still running is
-told to wait (keras-tuner's ``IDLE``) instead of to stop, so that it is
-there to take over a retried trial; the search finishes its budget.
+other workers' trials are still running is told to wait (keras-tuner's
+``IDLE``) instead of to stop, so that it is there to take over a retried
+trial; the search finishes its budget.
 """
 
 import os
