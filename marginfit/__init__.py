@@ -14,6 +14,7 @@ from marginfit.margin import LargeMargin
 from marginfit.metrics import ViolationRate
 from marginfit.model import MarginModel
 from marginfit.optimizers import BacktrackingSGD, discriminative_optimizer
+from marginfit.penalties import Penalties
 from marginfit.penalty import Penalty, PenaltyResult, Step
 from marginfit.resume import BackupAndRestore
 from marginfit.saving import load_model, save_model
@@ -29,6 +30,7 @@ __all__ = [
     "InputGradientPenalty",
     "LargeMargin",
     "MarginModel",
+    "Penalties",
     "Penalty",
     "PenaltyResult",
     "ProgressBar",

@@ -37,26 +37,24 @@ class InputGradientPenalty(Penalty):
     # --8<-- [end:class]
 
     # --8<-- [start:call]
-    def __call__(self, step):
-        model = step.model
-
-        def forward(x, hook):
-            outputs, _ = model.call_with_activations(x, training=step.training, hook=hook)
-            classes = outputs.shape[-1]
-            labels = ops.one_hot(step.class_indices(classes), classes)
-            losses = keras.losses.categorical_crossentropy(
-                labels, ops.cast(outputs, "float32"), from_logits=model.output_kind == "logits"
-            )
-            return {"loss": losses}, (outputs, losses)
-
-        (outputs, losses), recording = step.gradients.record(forward, step.x)
+    def forward(self, step, outputs):
+        classes = outputs.shape[-1]
+        labels = ops.one_hot(step.class_indices(classes), classes)
+        logits = step.model.output_kind == "logits"
+        losses = keras.losses.categorical_crossentropy(
+            labels, ops.cast(outputs, keras.backend.floatx()), from_logits=logits
+        )
+        return {"loss": losses}, losses
         # --8<-- [end:call]
-        # --8<-- [start:value]
+
+    # --8<-- [start:value]
+    def finish(self, step, outputs, losses, recording):
         (gradient,) = recording.gradients("loss", ops.ones_like(losses), [INPUT])
-        flat = ops.reshape(ops.cast(gradient, "float32"), (ops.shape(gradient)[0], -1))
+        floatx = keras.backend.floatx()
+        flat = ops.reshape(ops.cast(gradient, floatx), (ops.shape(gradient)[0], -1))
         per_example = ops.sum(ops.square(flat), axis=-1)
         if step.sample_weight is not None:
-            per_example *= ops.reshape(ops.cast(step.sample_weight, "float32"), (-1,))
+            per_example *= ops.reshape(ops.cast(step.sample_weight, floatx), (-1,))
         value = ops.mean(per_example)
         return PenaltyResult(outputs, self.weight * value, value)
         # --8<-- [end:value]

@@ -31,7 +31,8 @@ def written(model, training):
     if model.penalty is not None:
         if has_keras_loss(model):
             names.append("ce_loss")
-        names.append(model.penalty.loss_name)
+        if model.penalty.loss_name is not None:  # `Penalties`: each member's is its own
+            names.append(model.penalty.loss_name)
         evaluation_only = model.penalty_metrics.evaluation_names
         for own in model.penalty_metrics.own_names:
             if not training or own not in evaluation_only:
@@ -52,7 +53,7 @@ def shown(model, logs, already=()):
     duplicate = set()
     if model.penalty is not None:
         quiet.update(model.penalty.quiet_metrics)
-        if model.penalty.weight == 1.0:
+        if model.penalty.weight == 1.0 and model.penalty.loss_name is not None:
             duplicate.add(model.penalty.loss_name)
     kept = {}
     for name, value in logs.items():

@@ -298,71 +298,57 @@ class LargeMargin(Penalty):
         term of the global batch; in evaluation, also the distances to the
         nearest boundary that the logs report (`distances.boundary_distances`
         of the same recorded pass)."""
-        if step.training and self.coupling == "inference":
-            # The inference pass runs first, so that it sees the moving
-            # statistics as they were before this step's training pass.
-            distances, dead, _, _, _ = self._recorded_pass(step, training=False)
-            outputs = step.model(step.x, training=True)
-            balance = None
-            if self.balance:
-                sums = balance_sums(outputs, step.model.output_kind, step.sample_weight)
-                sums = backend.global_batch(ops.shape(outputs)[0], sums).sums
-                balance = balance_from_sums(sums)
-        else:
-            distances, dead, outputs, balance, nearest = self._recorded_pass(step, step.training)
-        value = margin_loss(distances, self, step.sample_weight)
-        if balance is not None:
-            value += self.balance * balance
-        logged = {"dead_rate": (ops.cast(dead, keras.backend.floatx()),)}
-        if not step.training:
-            for layer, layer_distances in zip(self.layers, nearest):
-                logged[metrics_lib.distance_metric_name(layer)] = (layer_distances,)
-            if self.space == "logits":
-                logged["violation_rate"] = (ops.stack(nearest, axis=-1), step.sample_weight)
-        return PenaltyResult(outputs, self.weight * value, value, logged)
+        if not (step.training and self.coupling == "inference"):
+            return super().__call__(step)
+        # The inference pass runs first, so that it sees the moving
+        # statistics as they were before this step's training pass.
+        _, (differences, _), recording = self.recorded_pass(step, training=False)
+        distances, dead = distances_lib.layer_distances(recording, differences["loss"], self)
+        outputs = step.model(step.x, training=True)
+        balance = None
+        if self.balance:
+            sums = balance_sums(outputs, step.model.output_kind, step.sample_weight)
+            balance = balance_from_sums(backend.global_batch(ops.shape(outputs)[0], sums).sums)
+        return self._result(step, outputs, distances, dead, balance, None)
 
-    def _recorded_pass(self, step, training):
-        """One forward pass in ``training`` mode under the step's gradient
-        primitive: ``(distances, dead, outputs, balance, nearest)``, the
-        first two from `distances.layer_distances`, the class-balance term
-        of the global batch (None with ``balance=0``), and, in evaluation,
-        the distances to the nearest boundary that the logs report
-        (`distances.boundary_distances` of the same pass; None in training)."""
+    def shares_pass(self, step):
+        return not (step.training and self.coupling == "inference")
+
+    def forward(self, step, outputs):
+        """Inside the recorded pass: the score differences to differentiate
+        (``"loss"``; in evaluation also ``"logits"``, for the logged
+        distances) and the global batch's class-balance sums."""
         model, sampled = step.model, self.competitors == "sampled"
-
-        def forward(x, hook):
-            outputs, _ = model.call_with_activations(x, training=training, hook=hook)
-            self._check_top_k(model, outputs.shape[-1])
-            labels = step.class_indices(outputs.shape[-1])
-            batch_size = ops.shape(outputs)[0]
-            # One all-reduce (with several replicas) for the balance term's
-            # sums and the examples' positions in the global batch.
-            batch = backend.global_batch(
-                batch_size,
-                sums=(
-                    balance_sums(outputs, model.output_kind, step.sample_weight)
-                    if self.balance
-                    else None
-                ),
-                positions=sampled,
+        self._check_top_k(model, outputs.shape[-1])
+        labels = step.class_indices(outputs.shape[-1])
+        batch_size = ops.shape(outputs)[0]
+        # One all-reduce (with several replicas) for the balance term's
+        # sums and the examples' positions in the global batch.
+        batch = backend.global_batch(
+            batch_size,
+            sums=(
+                balance_sums(outputs, model.output_kind, step.sample_weight)
+                if self.balance
+                else None
+            ),
+            positions=sampled,
+        )
+        keys = None
+        if sampled:
+            keys = draws.competitor_keys(step.number, batch.offset, batch_size, outputs.shape[-1])
+        differentiable = {
+            "loss": distances_lib.score_differences(
+                outputs, labels, self.top_k, self.space, model.output_kind, keys
             )
-            keys = None
-            if sampled:
-                keys = draws.competitor_keys(
-                    step.number, batch.offset, batch_size, outputs.shape[-1]
-                )
-            differentiable = {
-                "loss": distances_lib.score_differences(
-                    outputs, labels, self.top_k, self.space, model.output_kind, keys
-                )
-            }
-            if not step.training:
-                differentiable["logits"] = distances_lib.logit_differences(
-                    outputs, labels, distances_lib.LOGGED_COMPETITORS, model.output_kind
-                )
-            return differentiable, (outputs, differentiable, batch.sums)
+        }
+        if not step.training:
+            differentiable["logits"] = distances_lib.logit_differences(
+                outputs, labels, distances_lib.LOGGED_COMPETITORS, model.output_kind
+            )
+        return differentiable, (differentiable, batch.sums)
 
-        (outputs, differences, sums), recording = step.gradients.record(forward, step.x)
+    def finish(self, step, outputs, aux, recording):
+        differences, sums = aux
         distances, dead = distances_lib.layer_distances(recording, differences["loss"], self)
         balance = balance_from_sums(sums) if self.balance else None
         nearest = None
@@ -370,7 +356,22 @@ class LargeMargin(Penalty):
             nearest = distances_lib.boundary_distances(
                 recording, differences["logits"], self.layers, self.dual_norm, self.epsilon
             )
-        return distances, dead, outputs, balance, nearest
+        return self._result(step, outputs, distances, dead, balance, nearest)
+
+    def _result(self, step, outputs, distances, dead, balance, nearest):
+        """The `PenaltyResult` from `distances.layer_distances`' ``distances``
+        and ``dead``, the balance term (or None) and, in evaluation, the
+        distances to the nearest boundary (or None)."""
+        value = margin_loss(distances, self, step.sample_weight)
+        if balance is not None:
+            value += self.balance * balance
+        logged = {"dead_rate": (ops.cast(dead, keras.backend.floatx()),)}
+        if nearest is not None:
+            for layer, layer_distances in zip(self.layers, nearest):
+                logged[metrics_lib.distance_metric_name(layer)] = (layer_distances,)
+            if self.space == "logits":
+                logged["violation_rate"] = (ops.stack(nearest, axis=-1), step.sample_weight)
+        return PenaltyResult(outputs, self.weight * value, value, logged)
 
     def _check_top_k(self, model, classes):
         if self.top_k > classes - 1:

@@ -129,8 +129,9 @@ class PenaltyMetrics(_keras_internals.MetricsList):
     def __init__(self, penalty, name="penalty_metrics"):
         own, self.evaluation_names = penalty.make_metrics()
         self.own_names = tuple(metric.name for metric in own)
-        self.loss_name = penalty.loss_name
-        means = [keras.metrics.Mean(name=mean) for mean in ("ce_loss", self.loss_name)]
+        self.loss_name = penalty.loss_name  # None for `Penalties`: its own metrics log each
+        losses = ("ce_loss",) if self.loss_name is None else ("ce_loss", self.loss_name)
+        means = [keras.metrics.Mean(name=mean) for mean in losses]
         metrics = [*means, *own]
         for metric in metrics:
             found = direction(metric.name)
@@ -148,7 +149,8 @@ class PenaltyMetrics(_keras_internals.MetricsList):
             batch_size: Number of examples, the weight of the scalar means.
         """
         self.by_name["ce_loss"].update_state(keras_loss, sample_weight=batch_size)
-        self.by_name[self.loss_name].update_state(result.value, sample_weight=batch_size)
+        if self.loss_name is not None:
+            self.by_name[self.loss_name].update_state(result.value, sample_weight=batch_size)
         for name, arguments in result.metrics.items():
             self.by_name[name].update_state(*arguments)
 

@@ -74,7 +74,9 @@ class MarginModel(backend.MarginTrainer, keras.Model):
     Args:
         margin: A `LargeMargin` (or its config dict), or None.
         penalty: Another `marginfit.Penalty` (e.g.
-            `marginfit.InputGradientPenalty`), in place of ``margin``.
+            `marginfit.InputGradientPenalty`), or a list of penalties
+            (`marginfit.Penalties`: their terms add up), in place of
+            ``margin``.
         output: What the model emits: ``"logits"`` or ``"probabilities"``.
         on_nonfinite: ``"skip"`` (the default) skips a non-finite step's
             update and trains on (a NaN loss still makes the epoch's
@@ -126,8 +128,10 @@ class MarginModel(backend.MarginTrainer, keras.Model):
 
     @property
     def margin(self):
-        """The `LargeMargin` this model trains with (None for another penalty)."""
-        return self.penalty if isinstance(self.penalty, LargeMargin) else None
+        """The `LargeMargin` this model trains with, alone or among its
+        `Penalties` (None without one)."""
+        members = getattr(self.penalty, "penalties", (self.penalty,))
+        return next((p for p in members if isinstance(p, LargeMargin)), None)
 
     @classmethod
     def wrap(cls, model, margin=None, output="logits", name=None, adversary=None, penalty=None):
@@ -145,8 +149,9 @@ class MarginModel(backend.MarginTrainer, keras.Model):
     def get_config(self):
         serialize = keras.saving.serialize_keras_object
         config = super().get_config()
-        config["margin"] = None if self.margin is None else serialize(self.margin)
-        if self.penalty is not None and self.margin is None:
+        alone = isinstance(self.penalty, LargeMargin)
+        config["margin"] = serialize(self.penalty) if alone else None
+        if self.penalty is not None and not alone:
             config["penalty"] = serialize(self.penalty)
         config["output"] = self.output_kind
         config["on_nonfinite"] = self.on_nonfinite
@@ -272,7 +277,9 @@ def _checked_penalty(margin, penalty, output, on_nonfinite):
     if margin is not None and not isinstance(margin, LargeMargin):
         raise TypeError(f"`margin` must be a `marginfit.LargeMargin` or None; received {margin!r}.")
     if margin is not None and penalty is not None:
-        raise ValueError("Give `margin` or `penalty`, not both: a model takes one penalty.")
+        raise ValueError(
+            "Give `margin` or `penalty`, not both: to combine them, pass `penalty=[margin, other]`."
+        )
     if output not in _OUTPUT_KINDS:
         raise ValueError(
             f"`output={output!r}` is not supported: say what the model "

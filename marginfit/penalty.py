@@ -174,8 +174,42 @@ class Penalty:
     for the model input), which `MarginModel` makes reachable."""
 
     def __call__(self, step):
-        """The penalty of ``step`` (a `Step`), as a `PenaltyResult`."""
+        """The penalty of ``step`` (a `Step`), as a `PenaltyResult`: one
+        `recorded_pass` with `forward` inside, then `finish`. A penalty that
+        needs more (an inner maximisation) overrides this instead."""
+        return self.finish(step, *self.recorded_pass(step))
+
+    def recorded_pass(self, step, training=None):
+        """``(outputs, aux, recording)``: the model's forward pass in
+        ``training`` mode (the step's by default) under the step's gradient
+        primitive, with `forward` of its outputs inside."""
+        model = step.model
+        training = step.training if training is None else training
+
+        def function(x, hook):
+            outputs, _ = model.call_with_activations(x, training=training, hook=hook)
+            differentiable, aux = self.forward(step, outputs)
+            return differentiable, (outputs, aux)
+
+        (outputs, aux), recording = step.gradients.record(function, step.x)
+        return outputs, aux, recording
+
+    def forward(self, step, outputs):
+        """Inside the recorded pass, from the model's ``[batch, classes]``
+        ``outputs``: ``(differentiable, aux)``, a dict of float tensors whose
+        gradients `finish` takes from the `Recording`, and anything else."""
         raise NotImplementedError
+
+    def finish(self, step, outputs, aux, recording):
+        """After the recorded pass: the `PenaltyResult` (its ``outputs``
+        the pass's), from `forward`'s ``aux`` and the ``recording``."""
+        raise NotImplementedError
+
+    def shares_pass(self, step):
+        """Whether `marginfit.Penalties` may run `forward` and `finish` in a
+        forward pass shared with other penalties (True where `__call__` is
+        the base class's); otherwise it calls the penalty on its own."""
+        return type(self).__call__ is Penalty.__call__
 
     def make_metrics(self):
         """``(metrics, evaluation_only)``: new `keras.metrics.Metric` objects
@@ -217,12 +251,17 @@ def unconnected_message(name):
 
 
 def check_penalty(penalty):
-    """``penalty`` from itself or its config; a `TypeError` for anything else."""
+    """``penalty`` from itself or its config (a list or tuple of them: a
+    `marginfit.Penalties`); a `TypeError` for anything else."""
+    if isinstance(penalty, (list, tuple)):
+        from marginfit.penalties import Penalties
+
+        return Penalties(penalty)
     if isinstance(penalty, dict):
         penalty = keras.saving.deserialize_keras_object(penalty)
     if penalty is not None and not isinstance(penalty, Penalty):
         raise TypeError(
-            f"`penalty` must be a `marginfit.Penalty` (e.g. `marginfit.LargeMargin`) or None; "
-            f"received {penalty!r}."
+            f"`penalty` must be a `marginfit.Penalty` (e.g. `marginfit.LargeMargin`), a list "
+            f"of them, or None; received {penalty!r}."
         )
     return penalty
