@@ -51,6 +51,10 @@ EVALUATE = [
     # same on every backend).
     ("evaluate trades", dict(trades=True), dict(weighted=True)),
     ("evaluate probability outputs", dict(norm=2, top_k=2), dict(output="probabilities")),
+    # Composed penalties (`marginfit.Penalties`): the defaults with double
+    # backpropagation on one shared pass; TRADES (its own pass) with them.
+    ("evaluate margin+input gradient", dict(composed=("margin", "input_gradient")), {}),
+    ("evaluate trades+margin", dict(composed=("trades", "margin")), dict(weighted=True)),
 ]
 """``(name, margin options, data options)`` of the evaluation cases."""
 
@@ -59,6 +63,8 @@ STEP = [
     ("step defaults, three steps", dict(defaults=True), dict(steps=3)),
     ("step input gradient", dict(input_gradient=True), {}),
     ("step trades", dict(trades=True), {}),
+    ("step margin+input gradient", dict(composed=("margin", "input_gradient")), dict(steps=3)),
+    ("step trades+margin", dict(composed=("trades", "margin")), {}),
     *(
         (
             f"step approximate={p} norm={n} {a}",
@@ -95,7 +101,13 @@ ADVERSARY = attacks.PGD(EPS, steps=3)
 
 def case_penalty(margin_options):
     """The penalty of a case: `InputGradientPenalty`, `TRADES`, the library's default
-    `LargeMargin` on conv_net's layers, or `margin_for`."""
+    `LargeMargin` on conv_net's layers, a list of these (``composed``), or
+    `margin_for`."""
+    if "composed" in margin_options:
+        return [
+            case_penalty({"defaults" if n == "margin" else n: True})
+            for n in margin_options["composed"]
+        ]
     if margin_options.get("input_gradient"):
         return marginfit.InputGradientPenalty(weight=3.0)
     if margin_options.get("trades"):
