@@ -15,7 +15,9 @@ implementation, the cost of the step's checks (`check_costs`: the
 in-step label checks, and the non-finite guard with SGD and with Adam), and
 the ratio with the optimizer of `marginfit train` (`train_command_ratios`:
 Adam, with and without the weight average), and the evaluation step's
-ratio (`evaluation_ratio`, which adds the distances to the boundary).
+ratio (`evaluation_ratio`, which adds the distances to the boundary), and
+the margin composed with the input-gradient penalty against each alone
+(`composition_ratios`).
 Absolute times alone mean little; quote the ratios.
 
 ``--backend tensorflow jax`` instead measures the default step (and the
@@ -25,7 +27,8 @@ side by side with the device and the absolute step times; it runs on a host
 with JAX (or PyTorch) and Keras but no TensorFlow.
 
     python benchmarks/step_time.py [--repeats 5] [--steps 3] [--quick] [--checks-only]
-        [--train-command-only] [--evaluation-only] [--backend NAME ...]
+        [--train-command-only] [--evaluation-only] [--compositions-only]
+        [--backend NAME ...]
 """
 
 import argparse
@@ -87,19 +90,21 @@ def build(
     on_nonfinite="skip",
     optimizer="sgd",
     ema_momentum=None,
+    penalty=None,
 ):
-    """A compiled model; plain `keras.Model` when ``margin_options`` is None.
+    """A compiled model; plain `keras.Model` when ``margin_options`` and
+    ``penalty`` are None; ``penalty(layers)`` gives the penalty (or a list).
     ``optimizer``: "sgd" (the cheapest update, so that ratios show the loss)
     or "adam" (the default of `marginfit train`), learning rate 1e-3, with
     Keras' moving average of the weights if ``ema_momentum`` is given."""
     keras.utils.set_random_seed(seed)
     network, layers = ARCHITECTURES[architecture]()
-    if margin_options is None:
+    if margin_options is None and penalty is None:
         model = keras.Model(network.inputs, network.logits)
     else:
-        margin = marginfit.LargeMargin(layers, **margin_options)
+        penalty = penalty(layers) if penalty else marginfit.LargeMargin(layers, **margin_options)
         model = marginfit.MarginModel(
-            network.inputs, network.logits, margin=margin, on_nonfinite=on_nonfinite
+            network.inputs, network.logits, penalty=penalty, on_nonfinite=on_nonfinite
         )
     averaging = {} if ema_momentum is None else {"use_ema": True, "ema_momentum": ema_momentum}
     optimizer = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}[optimizer](
@@ -170,6 +175,36 @@ def evaluation_ratio(repeats, steps):
     ratio = round(median["margin"] / median["ce"], 3)
     print(f"cnn default evaluation step / CE evaluation step: {ratio:.3f}", flush=True)
     return {"evaluation_ratio": ratio}
+
+
+def composition_ratios(repeats, steps):
+    """The default margin, the input-gradient penalty and both
+    (`marginfit.Penalties`, one shared forward pass) on the CNN, each over
+    the CE step, timed interleaved; ``composed_over_both_alone`` is the
+    composed step over the sum of the two steps alone (below 1: cheaper
+    than running them one after the other)."""
+    penalties = {
+        "margin": lambda layers: marginfit.LargeMargin(layers, **DEFAULT_MARGIN),
+        "input-gradient": lambda layers: marginfit.InputGradientPenalty(),
+    }
+    penalties["margin+input-gradient"] = lambda layers: [
+        penalties["margin"](layers),
+        penalties["input-gradient"](layers),
+    ]
+    models = {"ce": build("cnn")}
+    models.update({name: build("cnn", penalty=penalty) for name, penalty in penalties.items()})
+    median = time_models(models, repeats, steps)
+    ratios = {name: round(median[name] / median["ce"], 3) for name in penalties}
+    for name, ratio in ratios.items():
+        print(f"cnn {name} step / CE step: {ratio:.3f}", flush=True)
+    both = median["margin"] + median["input-gradient"]
+    ratios["composed_over_both_alone"] = round(median["margin+input-gradient"] / both, 3)
+    print(
+        "cnn margin+input-gradient step / (margin step + input-gradient step): "
+        f"{ratios['composed_over_both_alone']:.3f}",
+        flush=True,
+    )
+    return {"composition_ratio": ratios}
 
 
 # ------------------------------------------------------------ the checks
@@ -405,6 +440,11 @@ def main(argv=None):
         "--evaluation-only", action="store_true", help="only the default evaluation step"
     )
     parser.add_argument(
+        "--compositions-only",
+        action="store_true",
+        help="only the margin, the input-gradient penalty and both composed",
+    )
+    parser.add_argument(
         "--backend",
         nargs="+",
         choices=["tensorflow", "jax", "torch"],
@@ -427,6 +467,9 @@ def main(argv=None):
         return None
     if args.evaluation_only:
         print(json.dumps(evaluation_ratio(max(args.repeats, 15), args.steps)))
+        return None
+    if args.compositions_only:
+        print(json.dumps(composition_ratios(max(args.repeats, 15), args.steps)))
         return None
 
     # Sampled and top-scoring competitors cost the same for the same top_k.
@@ -472,6 +515,7 @@ def main(argv=None):
     report.update(check_costs(max(args.repeats, 15), args.steps))
     report.update(train_command_ratios(max(args.repeats, 15), args.steps))
     report.update(evaluation_ratio(max(args.repeats, 15), args.steps))
+    report.update(composition_ratios(max(args.repeats, 15), args.steps))
 
     report["naive_ratio"] = round(naive_ratio(), 1)
     print(f"naive per-example/per-class loop step / CE step: {report['naive_ratio']:.0f}x")

@@ -295,14 +295,18 @@ class Experiment:
             layer_weights=weights,
         )
 
-    def build(self, input_shape, num_classes, method=methods.MARGIN, num_examples=None):
+    def build(
+        self, input_shape, num_classes, method=methods.MARGIN, num_examples=None, penalties=()
+    ):
         """The `networks.classifier`, compiled with one optimizer per layer
         group for ``method`` (a name of `methods.NAMES`: its loss, penalty,
         adversary and weight regularizer; the margin only for ``"margin"``,
-        and ``adversary`` for any method without its own). Returns
-        ``(model, margin)``, the margin of these settings either way.
-        ``num_examples``, the training set's size, caps the weight
-        average's span (`ema_momentum`) for short runs."""
+        and ``adversary`` for any method without its own), with the other
+        ``penalties`` (`marginfit.Penalty` objects) added to the method's
+        (a `marginfit.Penalties`). Returns ``(model, margin)``, the margin
+        of these settings either way. ``num_examples``, the training set's
+        size, caps the weight average's span (`ema_momentum`) for short
+        runs."""
         keras.utils.set_random_seed(self.seed)
         network = networks.classifier(
             input_shape,
@@ -320,6 +324,8 @@ class Experiment:
             if method == methods.MARGIN
             else methods.penalty(method, self.pgd_eps, self.pgd_steps)
         )
+        if penalties:
+            penalty = [p for p in (penalty, *penalties) if p is not None]
         adversary = methods.adversary(method, self.pgd_eps, self.pgd_steps)
         if adversary is None and self.adversary != "none":
             kind = {"pgd": methods.PGD_TRAINING, "fgsm": methods.FGSM_TRAINING}[self.adversary]

@@ -290,3 +290,31 @@ def test_npz_errors_name_the_problem(tmp_path):
     (tmp_path / "text.npz").write_text("nope")
     with pytest.raises(ValueError, match="Could not read"):
         marginfit.data.load_npz(tmp_path / "text.npz")
+
+
+def test_every_trial_adds_the_hypermodel_s_other_penalties(tmp_path):
+    """`MarginHyperModel(penalties=...)`: each trial trains the searched
+    margin and the other penalties, a fresh copy of each, and logs both."""
+    extra = marginfit.InputGradientPenalty(weight=0.5)
+    hypermodel = tuning.MarginHyperModel((8, 8, 1), 10, penalties=[extra])
+    hp = tuning.hyperparameters(hypermodel, SMALL)
+    tuner = tuning.make_tuner(
+        "random", hypermodel, "val_accuracy", str(tmp_path), hyperparameters=hp, max_trials=1
+    )
+    built = []
+    record = keras.callbacks.LambdaCallback(on_train_begin=lambda logs: built.append(1))
+    tuner.search(X_TRAIN, Y_TRAIN, epochs=1, callbacks=[record], **FIT)
+    (trial,) = tuner.oracle.trials.values()
+    model = tuner.load_model(trial)
+    margin, penalty = model.penalty.penalties
+    assert list(margin.gamma) == pytest.approx(
+        [trial.hyperparameters.get("gamma")] * len(margin.layers)
+    )
+    assert penalty == extra and penalty is not extra
+    assert {"input_gradient_loss", "margin_loss"} <= set(trial.metrics.metrics)
+    assert built == [1]
+
+
+def test_a_hypermodel_refuses_a_second_margin_with_the_fix():
+    with pytest.raises(ValueError, match=r"two penalties named \['margin'\]"):
+        tuning.MarginHyperModel((8, 8, 1), 10, penalties=[marginfit.LargeMargin(["input"])])

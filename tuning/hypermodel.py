@@ -2,7 +2,8 @@
 
 import keras_tuner as kt
 
-from marginfit import networks
+import marginfit
+from marginfit import LargeMargin, networks
 from marginfit.experiments import Experiment
 
 # Where the margin goes; "hidden" layers are the conv and dense hidden layers.
@@ -44,11 +45,18 @@ class MarginHyperModel(kt.HyperModel):
         experiment: The `marginfit.experiments.Experiment` whose other
             settings every trial has; by default its defaults without the
             weight average (a trial is short).
+        penalties: Other `marginfit.Penalty` objects that every trial adds
+            to the searched margin (a `marginfit.Penalties`), e.g.
+            ``[marginfit.InputGradientPenalty(weight=1.0)]``.
         name: Name of the hypermodel.
     """
 
-    def __init__(self, input_shape, num_classes, experiment=None, name="margin_hypermodel"):
+    def __init__(
+        self, input_shape, num_classes, experiment=None, penalties=(), name="margin_hypermodel"
+    ):
         super().__init__(name=name)
+        # Checked now, beside the margin each trial searches.
+        self.penalties = marginfit.Penalties([LargeMargin(["input"]), *penalties]).penalties[1:]
         # Validates the shape, classes and margin options now, not in a trial.
         self.input_shape = networks.check_shape(input_shape, num_classes)
         self.num_classes = num_classes
@@ -73,5 +81,6 @@ class MarginHyperModel(kt.HyperModel):
             lr_head=hp.Float("upper_learning_rate", 1e-4, 1e-2, sampling="log"),
             ce_weight=hp.Float("ce_weight", 0.1, 1.0),
         )
-        model, _ = experiment.build(self.input_shape, self.num_classes)
+        fresh = [type(p).from_config(p.get_config()) for p in self.penalties]
+        model, _ = experiment.build(self.input_shape, self.num_classes, penalties=fresh)
         return model
