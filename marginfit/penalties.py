@@ -51,7 +51,7 @@ class Penalties(Penalty):
     loss_name = None  # each member logs its own <name>_loss
 
     def __call__(self, step):
-        shared = [p for p in self.penalties if p.shares_pass(step)]
+        shared = self._shared(step)
         results = {}
         if shared:
             outputs, aux, recording = self.recorded_pass(step)
@@ -68,17 +68,21 @@ class Penalties(Penalty):
         for penalty, result in zip(self.penalties, ordered):
             metrics[penalty.loss_name] = (result.value, batch_size)
             metrics.update(result.metrics)
-        loss = sum(result.loss for result in ordered[1:]) + ordered[0].loss
-        value = sum(result.value for result in ordered[1:]) + ordered[0].value
+        loss = sum(result.loss for result in ordered)
+        value = sum(result.value for result in ordered)
         return PenaltyResult(outputs, loss, value, metrics)
 
     def forward(self, step, outputs):
         differentiable, aux = {}, []
-        for index, penalty in enumerate(p for p in self.penalties if p.shares_pass(step)):
+        for index, penalty in enumerate(self._shared(step)):
             own, one_aux = penalty.forward(step, outputs)
             differentiable.update({f"{index}/{key}": value for key, value in own.items()})
             aux.append(one_aux)
         return differentiable, aux
+
+    def _shared(self, step):
+        """The penalties that run in the shared pass of ``step``."""
+        return [p for p in self.penalties if p.shares_pass(step)]
 
     def make_metrics(self):
         """Each penalty's ``<name>_loss`` mean and its own metrics."""
