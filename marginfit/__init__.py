@@ -19,6 +19,7 @@ from marginfit.penalty import Penalty, PenaltyResult, Step
 from marginfit.resume import BackupAndRestore
 from marginfit.saving import load_model, save_model
 from marginfit.trades import TRADES
+from marginfit.update_rule import SAM, UpdateRule
 
 __all__ = [
     "BackupAndRestore",
@@ -34,8 +35,10 @@ __all__ = [
     "Penalty",
     "PenaltyResult",
     "ProgressBar",
+    "SAM",
     "Step",
     "TRADES",
+    "UpdateRule",
     "ViolationRate",
     "discriminative_optimizer",
     "load_digits",

@@ -20,6 +20,7 @@ from marginfit.callbacks import DeadExamplesWarning, NonFiniteStepError, Progres
 from marginfit.margin import LargeMargin
 from marginfit.metrics import PenaltyMetrics, StepCount
 from marginfit.penalty import PenaltyResult, Step, check_penalty
+from marginfit.update_rule import check_update_rule
 
 _OUTPUT_KINDS = ("logits", "probabilities")
 NONFINITE_POLICIES = ("skip", "raise", "apply")
@@ -88,6 +89,8 @@ class MarginModel(backend.MarginTrainer, keras.Model):
         adversary: A `marginfit.attacks.PGD` to train against (each training
             batch is replaced by its perturbation, seeded by the step
             count), or None.
+        update_rule: A `marginfit.UpdateRule` (e.g. `marginfit.SAM`) that
+            turns the step's gradient into the one applied, or None.
         *args: As for `keras.Model`.
         **kwargs: As for `keras.Model`.
     """
@@ -101,7 +104,7 @@ class MarginModel(backend.MarginTrainer, keras.Model):
     # their config only with this signature.
     def __init__(
         self, *args, margin=None, penalty=None, output="logits", on_nonfinite="skip",
-        adversary=None, **kwargs,
+        adversary=None, update_rule=None, **kwargs,
     ):  # fmt: skip
         if _keras_internals.is_functional_call(args, kwargs):
             _keras_internals.init_functional(self, args, kwargs)
@@ -109,6 +112,7 @@ class MarginModel(backend.MarginTrainer, keras.Model):
             super().__init__(*args, **kwargs)
         self.penalty = _checked_penalty(margin, penalty, output, on_nonfinite)
         self.adversary = None if adversary is None else attacks.as_adversary(adversary)
+        self.update_rule = check_update_rule(update_rule)
         self.output_kind = output
         self.on_nonfinite = on_nonfinite
         self._vector_logs = False  # step logs of shape [1] (TensorFlow multi-worker)
@@ -134,16 +138,17 @@ class MarginModel(backend.MarginTrainer, keras.Model):
         return next((p for p in members if isinstance(p, LargeMargin)), None)
 
     @classmethod
-    def wrap(cls, model, margin=None, output="logits", name=None, adversary=None, penalty=None):
+    def wrap(cls, model, margin=None, output="logits", name=None, **options):
         """A `MarginModel` over the layers (and weights) of a built
         Functional or Sequential model (shared, not copied), with the same
-        inputs and outputs; the other arguments as for `MarginModel`. A
-        model that preprocesses its inputs (a keras-hub task with a
+        inputs and outputs; ``options`` (``penalty``, ``adversary``,
+        ``update_rule``, ``on_nonfinite``) as for `MarginModel`. A model
+        that preprocesses its inputs (a keras-hub task with a
         ``preprocessor``) is refused: map its preprocessor over the data."""
         activations.check_wrappable(model)
         return cls(
-            *activations.graph_ends(model), margin=margin, penalty=penalty, output=output,
-            name=name or model.name, adversary=adversary,
+            *activations.graph_ends(model), margin=margin, output=output,
+            name=name or model.name, **options,
         )  # fmt: skip
 
     def get_config(self):
@@ -156,6 +161,7 @@ class MarginModel(backend.MarginTrainer, keras.Model):
         config["output"] = self.output_kind
         config["on_nonfinite"] = self.on_nonfinite
         config["adversary"] = None if self.adversary is None else serialize(self.adversary)
+        config["update_rule"] = None if self.update_rule is None else serialize(self.update_rule)
         return config
 
     def call_with_activations(self, inputs, training=None, hook=None):

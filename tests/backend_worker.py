@@ -65,6 +65,13 @@ STEP = [
     ("step trades", dict(trades=True), {}),
     ("step margin+input gradient", dict(composed=("margin", "input_gradient")), dict(steps=3)),
     ("step trades+margin", dict(composed=("trades", "margin")), {}),
+    # Update rules (`marginfit.SAM`): two gradient passes of the penalties.
+    (
+        "step sam margin+input gradient, three steps",
+        dict(composed=("margin", "input_gradient"), sam=dict(rho=0.05)),
+        dict(steps=3),
+    ),
+    ("step adaptive sam", dict(defaults=True, sam=dict(rho=0.5, adaptive=True)), {}),
     *(
         (
             f"step approximate={p} norm={n} {a}",
@@ -135,7 +142,10 @@ def run_case(case, weights):
     name, margin_options, data_options = case
     output = data_options.get("output", "logits")
     adversary = ADVERSARY if data_options.get("adversary") else None
-    model, _ = conv_net(penalty=case_penalty(margin_options), output=output, adversary=adversary)
+    rule = marginfit.SAM(**margin_options["sam"]) if "sam" in margin_options else None
+    model, _ = conv_net(
+        penalty=case_penalty(margin_options), output=output, adversary=adversary, update_rule=rule
+    )
     model.set_weights(weights)
     x, y, sample_weight = case_data(name, data_options)
     if name.startswith("attack"):

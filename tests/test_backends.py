@@ -92,9 +92,10 @@ def _fresh(case):
     return model, taps
 
 
-OWN_REFERENCES = {"defaults", "input_gradient", "trades", "composed"}
+OWN_REFERENCES = {"defaults", "input_gradient", "trades", "composed", "sam"}
 """Cases that TensorFlow's own tests (`test_margin.py`, `test_input_gradient.py`,
-`test_trades.py`, `test_penalties.py`) check against their references."""
+`test_trades.py`, `test_penalties.py`, `test_update_rule.py`) check against
+their references."""
 
 
 @pytest.mark.parametrize("case", EVALUATE, ids=[case[0] for case in EVALUATE])

@@ -95,6 +95,15 @@ class MarginTrainer:
             optimizer_variables=optimizer_variables,
         )
         _, y_pred, non_trainable, metrics = aux
+        if self.update_rule is not None:
+            # The second passes see the first's state and change none.
+            def gradient_at(values):
+                state = (non_trainable, metrics, x, y, sample_weight)
+                return gradient_function(
+                    values, *state, training=True, optimizer_variables=optimizer_variables
+                )[1]
+
+            gradients = self.update_rule.gradients(trainable, gradients, gradient_at)
         new_trainable, new_optimizer_variables = self.optimizer.stateless_apply(
             optimizer_variables, gradients, trainable
         )

@@ -72,6 +72,17 @@ class GlobalBatch:
             self.offset = tf.cast(tf.reduce_sum(tf.where(earlier, sizes, 0.0)), tf.int64)
 
 
+def summed(tensors):
+    """``tensors`` (a list; None entries kept) summed over the replicas of a
+    step; themselves on one device."""
+    context = _replica_context()
+    present = [t for t in tensors if t is not None]
+    if context is None or not present:
+        return list(tensors)
+    reduced = iter(context.all_reduce("sum", present))
+    return [None if t is None else next(reduced) for t in tensors]
+
+
 def replicas_in_sync():
     """The number of replicas whose gradients Keras sums in a step."""
     return tf.distribute.get_strategy().num_replicas_in_sync

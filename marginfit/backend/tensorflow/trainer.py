@@ -7,7 +7,7 @@ import warnings
 import keras
 import tensorflow as tf
 
-from marginfit.backend.tensorflow import multi_worker, updates
+from marginfit.backend.tensorflow import multi_worker, replicas, updates
 from marginfit.backend.tensorflow.gradients import TapeGradients
 
 
@@ -24,17 +24,43 @@ class MarginTrainer:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x = self._adversarial(x, y)
         with tf.GradientTape() as tape:
-            term = self._penalty_term(x, y, sample_weight, True, TapeGradients(tape))
-            loss = self._loss(x, y, term, sample_weight, training=True)
-            if self.optimizer is not None:
-                loss = self.optimizer.scale_loss(loss)
+            term, loss = self._training_loss(x, y, sample_weight, tape)
         if self.trainable_weights:
             gradients = tape.gradient(loss, self.trainable_weights)
+            if self.update_rule is not None:
+                gradients = self._ruled_gradients(gradients, x, y, sample_weight)
             self._apply_gradients(loss, gradients)
         else:
             warnings.warn("The model does not have any trainable weights.", stacklevel=2)
         logs = self._logs(x, y, term.outputs, sample_weight, training=True)
         return multi_worker.step_logs(logs, self._vector_logs)
+
+    def _training_loss(self, x, y, sample_weight, tape):
+        """``(term, loss)``: the penalty's term and the (scaled) training loss."""
+        term = self._penalty_term(x, y, sample_weight, True, TapeGradients(tape))
+        loss = self._loss(x, y, term, sample_weight, training=True)
+        if self.optimizer is not None:
+            loss = self.optimizer.scale_loss(loss)
+        return term, loss
+
+    def _ruled_gradients(self, gradients, x, y, sample_weight):
+        """The update rule's gradients (`marginfit.update_rule`), over the
+        global batch, returned per replica as Keras sums them."""
+        weights = self.trainable_variables
+
+        def gradient_at(values):
+            values = [tf.convert_to_tensor(v) for v in values]
+            with tf.GradientTape() as tape:
+                tape.watch(values)
+                with keras.StatelessScope(state_mapping=list(zip(weights, values))):
+                    _, loss = self._training_loss(x, y, sample_weight, tape)
+            return replicas.summed(_dense(tape.gradient(loss, values)))
+
+        ruled = self.update_rule.gradients(
+            [w.value for w in weights], replicas.summed(_dense(gradients)), gradient_at
+        )
+        count = replicas.replicas_in_sync()
+        return [g if g is None or count == 1 else g / count for g in ruled]
 
     def _apply_gradients(self, loss, gradients):
         """Applies the step's gradients unless ``on_nonfinite`` and a
@@ -74,3 +100,8 @@ class MarginTrainer:
             super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
         except ValueError as error:
             multi_worker.symbolic_build(self, iterator, error)
+
+
+def _dense(gradients):
+    """The gradients with `tf.IndexedSlices` made dense."""
+    return [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in gradients]

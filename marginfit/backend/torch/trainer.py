@@ -36,16 +36,15 @@ class MarginTrainer:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if self.adversary is not None:
             x = self._adversarial(x, y).detach()
-        term = self._penalty_term(x, y, sample_weight, True, AutogradGradients(True))
-        loss = self._loss(x, y, term, sample_weight, training=True)
-        if self.optimizer is not None:
-            loss = self.optimizer.scale_loss(loss)
+        term, loss = self._training_loss(x, y, sample_weight)
         self.zero_grad()
         counted = self.on_nonfinite != "apply"
         if self.trainable_weights:
             loss.backward()
             weights = self.trainable_weights[:]
             gradients = [weight.value.grad for weight in weights]
+            if self.update_rule is not None:
+                gradients = self._ruled_gradients(weights, gradients, x, y, sample_weight)
             finite = not counted or _all_finite([loss, *gradients])
             if counted:
                 self.nonfinite_steps.update_state(not finite)
@@ -55,6 +54,26 @@ class MarginTrainer:
         else:
             warnings.warn("The model does not have any trainable weights.", stacklevel=2)
         return self._logs(x, y, term.outputs.detach(), sample_weight, training=True)
+
+    def _training_loss(self, x, y, sample_weight):
+        """``(term, loss)``: the penalty's term and the (scaled) training loss."""
+        term = self._penalty_term(x, y, sample_weight, True, AutogradGradients(True))
+        loss = self._loss(x, y, term, sample_weight, training=True)
+        if self.optimizer is not None:
+            loss = self.optimizer.scale_loss(loss)
+        return term, loss
+
+    def _ruled_gradients(self, weights, gradients, x, y, sample_weight):
+        """The update rule's gradients (`marginfit.update_rule`)."""
+
+        def gradient_at(values):
+            values = [v.detach().requires_grad_(True) for v in values]
+            with keras.StatelessScope(state_mapping=list(zip(weights, values))):
+                _, loss = self._training_loss(x, y, sample_weight)
+            return list(torch.autograd.grad(loss, values, allow_unused=True))
+
+        current = [weight.value.detach() for weight in weights]
+        return self.update_rule.gradients(current, gradients, gradient_at)
 
     def test_step(self, data):
         """One evaluation step with the penalty (`keras.Model.test_step`)."""
