@@ -17,13 +17,20 @@ tf.config.experimental.enable_op_determinism()
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from helpers import CE, DISTRIBUTION_MARGINS, conv_net, digits  # noqa: E402
+
+import marginfit  # noqa: E402
 from nets import float64  # noqa: E402
 from rounding import max_difference  # noqa: E402
 
 BATCH = 16
-MARGINS = ("defaults", "authors")
-"""The exact second-order gradients across replicas are checked on two
-workers (`multi_worker_fit.py`)."""
+RUNS = {
+    "defaults": ("defaults", None),
+    "authors": ("authors", None),
+    # SAM's replicas perturb with the global batch's gradient.
+    "defaults+sam": ("defaults", marginfit.SAM()),
+}
+"""Each run's margin and update rule. The exact second-order gradients
+across replicas are checked on two workers (`multi_worker_fit.py`)."""
 
 
 class BatchLogs(keras.callbacks.Callback):
@@ -36,11 +43,12 @@ class BatchLogs(keras.callbacks.Callback):
         self.batches.append({key: float(value) for key, value in logs.items()})
 
 
-def train(strategy, margin):
+def train(strategy, margin, update_rule=None):
     """Weights and last logs after 2 epochs of 4 batches, in float64
     (`rounding` says why)."""
     with float64(), strategy.scope():
-        model, _ = conv_net(margin, regularizer=keras.regularizers.L2(1e-3))
+        regularizer = keras.regularizers.L2(1e-3)
+        model, _ = conv_net(margin, regularizer=regularizer, update_rule=update_rule)
         # A loss computes in the floatx of its creation.
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         model.compile(keras.optimizers.SGD(0.05), loss=loss)
@@ -75,9 +83,11 @@ def poisoned(strategy, margin, poison):
     return model.get_weights(), logs, batches.batches
 
 
-def compare(margin, mirrored, one_device):
-    weights, mirrored_logs = train(mirrored, margin)
-    reference, single_logs = train(one_device, margin)
+def compare(run, mirrored, one_device):
+    name, update_rule = RUNS[run]
+    margin = DISTRIBUTION_MARGINS[name]
+    weights, mirrored_logs = train(mirrored, margin, update_rule)
+    reference, single_logs = train(one_device, margin, update_rule)
     with float64():
         initial, _ = conv_net(margin)
     return {
@@ -97,9 +107,7 @@ def main():
     poisoned_weights, poisoned_logs, poisoned_batches = poisoned(mirrored, defaults, poison=True)
     report = {
         "replicas": mirrored.num_replicas_in_sync,
-        "margins": {
-            name: compare(DISTRIBUTION_MARGINS[name], mirrored, one_device) for name in MARGINS
-        },
+        "margins": {run: compare(run, mirrored, one_device) for run in RUNS},
         # A batch with a NaN on one replica changes nothing.
         "poisoned_max_difference": max_difference(clean_weights, poisoned_weights),
         "poisoned_nonfinite_steps": poisoned_logs["nonfinite_steps"],

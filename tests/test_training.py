@@ -159,13 +159,14 @@ def mirrored_report():
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("margin", ["defaults", "authors"])
+@pytest.mark.parametrize("margin", ["defaults", "authors", "defaults+sam"])
 def test_mirrored_strategy_matches_one_device(mirrored_report, margin):
     """The same global batches on one device and on two replicas train the
     same weights and logs, up to the order of their sums (float64 runs,
     bounds in `rounding`), with the library's defaults (whose balance term
-    and sampled competitors are functions of the global batch) and with
-    the authors' loss."""
+    and sampled competitors are functions of the global batch), with the
+    authors' loss, and with the defaults and `marginfit.SAM` (its replicas
+    perturb with the global batch's gradient)."""
     assert mirrored_report["replicas"] == 2
     report = mirrored_report["margins"][margin]
     # The margin moved the weights: the check is not vacuous.
