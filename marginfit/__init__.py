@@ -8,6 +8,7 @@ from marginfit.callbacks import (
     ProgressBar,
 )
 from marginfit.data import load_digits
+from marginfit.distillation import Distillation
 from marginfit.input_gradient import InputGradientPenalty
 from marginfit.losses import HuberLoss
 from marginfit.margin import LargeMargin
@@ -20,12 +21,14 @@ from marginfit.resume import BackupAndRestore
 from marginfit.saving import load_model, save_model
 from marginfit.trades import TRADES
 from marginfit.update_rule import SAM, UpdateRule
+from marginfit.vat import VAT
 
 __all__ = [
     "BackupAndRestore",
     "BacktrackingSGD",
     "CatastrophicOverfitting",
     "DistanceHistograms",
+    "Distillation",
     "GroupLearningRateScheduler",
     "HuberLoss",
     "InputGradientPenalty",
@@ -39,6 +42,7 @@ __all__ = [
     "Step",
     "TRADES",
     "UpdateRule",
+    "VAT",
     "ViolationRate",
     "discriminative_optimizer",
     "load_digits",

@@ -22,6 +22,8 @@ ATTACK_START = 0xA77AC
 """Stream of the random start of `marginfit.attacks.PGD`."""
 TRADES_START = 0x7EADE5
 """Stream of the random start of `marginfit.TRADES`' inner attack."""
+VAT_START = 0x5A7
+"""Stream of the random start of `marginfit.VAT`'s power iteration."""
 
 
 def _int32(value):

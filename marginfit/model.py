@@ -210,6 +210,7 @@ class MarginModel(backend.MarginTrainer, keras.Model):
     def _checked_arguments(self, method, args, kwargs, name):
         bound = inspect.signature(method).bind_partial(self, *args, **kwargs)
         if self.penalty is not None:
+            self.penalty.check_ready()
             given = bound.arguments
             checks.check_data(
                 self, given.get("x"), given.get("y"), given.get("sample_weight"), name

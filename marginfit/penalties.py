@@ -98,6 +98,10 @@ class Penalties(Penalty):
         for penalty in self.penalties:
             penalty.check_model(model)
 
+    def check_ready(self):
+        for penalty in self.penalties:
+            penalty.check_ready()
+
     def get_config(self):
         return {"penalties": [keras.saving.serialize_keras_object(p) for p in self.penalties]}
 

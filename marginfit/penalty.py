@@ -221,6 +221,10 @@ class Penalty:
         """Raises where ``model`` (a `MarginModel` being built) cannot carry
         this penalty; ``model.num_classes`` is known for Functional models."""
 
+    def check_ready(self):
+        """Raises where the penalty cannot take a step yet; `fit()` and
+        `evaluate()` call it before anything else."""
+
     @property
     def loss_name(self):
         return f"{self.name}_loss"

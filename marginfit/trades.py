@@ -8,17 +8,8 @@ import keras
 from keras import ops
 
 from marginfit import attacks, backend, draws
+from marginfit.divergence import check_perturbable, kl, log_probabilities, weighted_mean
 from marginfit.penalty import Penalty, PenaltyResult
-
-
-def _log_probabilities(model, outputs):
-    """``[batch, classes]`` float32 log-probabilities of ``model``'s outputs."""
-    return ops.log_softmax(attacks._as_logits(model, ops.cast(outputs, "float32")), axis=-1)
-
-
-def _kl(log_p, log_q):
-    """``[batch]`` KL(p || q) from log-probabilities (0 where p underflows)."""
-    return ops.sum(ops.exp(log_p) * (log_p - log_q), axis=-1)
 
 
 @keras.saving.register_keras_serializable(package="marginfit")
@@ -68,14 +59,11 @@ class TRADES(Penalty):
     def __call__(self, step):
         model = step.model
         outputs = model(step.x, training=step.training)
-        log_p = _log_probabilities(model, outputs)
+        log_p = log_probabilities(model, outputs)
         with step.gradients.unrecorded():
             x_adv = self.perturb(model, step.x, ops.stop_gradient(log_p), step.number)
-        log_q = _log_probabilities(model, model(x_adv, training=step.training))
-        per_example = _kl(log_p, log_q)
-        if step.sample_weight is not None:
-            per_example *= ops.reshape(ops.cast(step.sample_weight, "float32"), (-1,))
-        value = ops.mean(per_example)
+        log_q = log_probabilities(model, model(x_adv, training=step.training))
+        value = weighted_mean(kl(log_p, log_q), step.sample_weight)
         return PenaltyResult(outputs, self.weight * value, value)
         # --8<-- [end:call]
 
@@ -88,7 +76,7 @@ class TRADES(Penalty):
         start = x + self.start_std * draws.normal_like(x, draws.TRADES_START, seed)
 
         def divergence(points):
-            return _kl(log_p, _log_probabilities(model, model(points, training=False)))
+            return kl(log_p, log_probabilities(model, model(points, training=False)))
 
         def ascend(index, x_adv):
             gradient = backend.input_gradient(divergence, x_adv)
@@ -98,12 +86,7 @@ class TRADES(Penalty):
         return ops.stop_gradient(ops.fori_loop(0, attack.steps, ascend, start))
 
     def check_model(self, model):
-        inputs = model.inputs
-        if len(inputs) != 1 or not keras.backend.is_float_dtype(inputs[0].dtype):
-            raise ValueError(
-                "TRADES perturbs the model input, so it needs one floating-point input; "
-                f"model {model.name!r} takes {[t.dtype for t in inputs]}."
-            )
+        check_perturbable(self, model)
 
     def get_config(self):
         attack = self.attack

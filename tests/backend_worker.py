@@ -55,6 +55,9 @@ EVALUATE = [
     # backpropagation on one shared pass; TRADES (its own pass) with them.
     ("evaluate margin+input gradient", dict(composed=("margin", "input_gradient")), {}),
     ("evaluate trades+margin", dict(composed=("trades", "margin")), dict(weighted=True)),
+    # Consistency penalties: VAT, and distillation from a second conv_net.
+    ("evaluate vat", dict(vat=True), dict(weighted=True)),
+    ("evaluate distillation", dict(distillation=True), {}),
 ]
 """``(name, margin options, data options)`` of the evaluation cases."""
 
@@ -65,6 +68,12 @@ STEP = [
     ("step trades", dict(trades=True), {}),
     ("step margin+input gradient", dict(composed=("margin", "input_gradient")), dict(steps=3)),
     ("step trades+margin", dict(composed=("trades", "margin")), {}),
+    ("step vat+margin, three steps", dict(composed=("vat", "margin")), dict(steps=3)),
+    (
+        "step distillation+margin, sam",
+        dict(composed=("distillation", "margin"), sam=dict(rho=0.05)),
+        {},
+    ),
     # Update rules (`marginfit.SAM`): two gradient passes of the penalties.
     (
         "step sam margin+input gradient, three steps",
@@ -106,15 +115,23 @@ EPS = 0.1
 ADVERSARY = attacks.PGD(EPS, steps=3)
 
 
-def case_penalty(margin_options):
-    """The penalty of a case: `InputGradientPenalty`, `TRADES`, the library's default
-    `LargeMargin` on conv_net's layers, a list of these (``composed``), or
-    `margin_for`."""
+def case_penalty(margin_options, weights):
+    """The penalty of a case: `InputGradientPenalty`, `TRADES`, `VAT`,
+    `Distillation` from a conv_net with weights 1.5 times ``weights`` (the
+    student's), the library's default `LargeMargin` on conv_net's layers, a
+    list of these (``composed``), or `margin_for`."""
     if "composed" in margin_options:
         return [
-            case_penalty({"defaults" if n == "margin" else n: True})
+            case_penalty({"defaults" if n == "margin" else n: True}, weights)
             for n in margin_options["composed"]
         ]
+    if margin_options.get("vat"):
+        # xi far above float32 rounding: every backend finds the same direction.
+        return marginfit.VAT(1.0, weight=2.0, xi=1.0)
+    if margin_options.get("distillation"):
+        teacher, _ = conv_net(seed=1)
+        teacher.set_weights([1.5 * w for w in weights])
+        return marginfit.Distillation(teacher, temperature=2.0, weight=3.0)
     if margin_options.get("input_gradient"):
         return marginfit.InputGradientPenalty(weight=3.0)
     if margin_options.get("trades"):
@@ -144,7 +161,10 @@ def run_case(case, weights):
     adversary = ADVERSARY if data_options.get("adversary") else None
     rule = marginfit.SAM(**margin_options["sam"]) if "sam" in margin_options else None
     model, _ = conv_net(
-        penalty=case_penalty(margin_options), output=output, adversary=adversary, update_rule=rule
+        penalty=case_penalty(margin_options, weights),
+        output=output,
+        adversary=adversary,
+        update_rule=rule,
     )
     model.set_weights(weights)
     x, y, sample_weight = case_data(name, data_options)

@@ -17,10 +17,10 @@ tf.config.experimental.enable_op_determinism()
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from helpers import CE, DISTRIBUTION_MARGINS, conv_net, digits  # noqa: E402
-
-import marginfit  # noqa: E402
 from nets import float64  # noqa: E402
 from rounding import max_difference  # noqa: E402
+
+import marginfit  # noqa: E402
 
 BATCH = 16
 RUNS = {

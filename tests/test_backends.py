@@ -86,16 +86,17 @@ def _fresh(case):
     """A TensorFlow conv_net (and its taps) with the cases' initial weights."""
     name, margin_options, data_options = case
     model, taps = conv_net(
-        penalty=case_penalty(margin_options), output=data_options.get("output", "logits")
+        penalty=case_penalty(margin_options, initial_weights()),
+        output=data_options.get("output", "logits"),
     )
     model.set_weights(initial_weights())
     return model, taps
 
 
-OWN_REFERENCES = {"defaults", "input_gradient", "trades", "composed", "sam"}
+OWN_REFERENCES = {"defaults", "input_gradient", "trades", "composed", "sam", "vat", "distillation"}
 """Cases that TensorFlow's own tests (`test_margin.py`, `test_input_gradient.py`,
-`test_trades.py`, `test_penalties.py`, `test_update_rule.py`) check against
-their references."""
+`test_trades.py`, `test_penalties.py`, `test_update_rule.py`, `test_vat.py`,
+`test_distillation.py`) check against their references."""
 
 
 @pytest.mark.parametrize("case", EVALUATE, ids=[case[0] for case in EVALUATE])
