@@ -91,21 +91,27 @@ def build(
     optimizer="sgd",
     ema_momentum=None,
     penalty=None,
+    update_rule=None,
 ):
-    """A compiled model; plain `keras.Model` when ``margin_options`` and
-    ``penalty`` are None; ``penalty(layers)`` gives the penalty (or a list).
+    """A compiled model; plain `keras.Model` when ``margin_options``,
+    ``penalty`` and ``update_rule`` are None; ``penalty(layers)`` gives the
+    penalty (or a list).
     ``optimizer``: "sgd" (the cheapest update, so that ratios show the loss)
     or "adam" (the default of `marginfit train`), learning rate 1e-3, with
     Keras' moving average of the weights if ``ema_momentum`` is given."""
     keras.utils.set_random_seed(seed)
     network, layers = ARCHITECTURES[architecture]()
-    if margin_options is None and penalty is None:
+    if margin_options is None and penalty is None and update_rule is None:
         model = keras.Model(network.inputs, network.logits)
     else:
-        penalty = penalty(layers) if penalty else marginfit.LargeMargin(layers, **margin_options)
+        if penalty is not None:
+            penalty = penalty(layers)
+        elif margin_options is not None:
+            penalty = marginfit.LargeMargin(layers, **margin_options)
         model = marginfit.MarginModel(
-            network.inputs, network.logits, penalty=penalty, on_nonfinite=on_nonfinite
-        )
+            network.inputs, network.logits, penalty=penalty, on_nonfinite=on_nonfinite,
+            update_rule=update_rule,
+        )  # fmt: skip
     averaging = {} if ema_momentum is None else {"use_ema": True, "ema_momentum": ema_momentum}
     optimizer = {"sgd": keras.optimizers.SGD, "adam": keras.optimizers.Adam}[optimizer](
         1e-3, **averaging
@@ -178,11 +184,13 @@ def evaluation_ratio(repeats, steps):
 
 
 def composition_ratios(repeats, steps):
-    """The default margin, the input-gradient penalty and both
-    (`marginfit.Penalties`, one shared forward pass) on the CNN, each over
-    the CE step, timed interleaved; ``composed_over_both_alone`` is the
-    composed step over the sum of the two steps alone (below 1: cheaper
-    than running them one after the other)."""
+    """The default margin, the input-gradient penalty, both
+    (`marginfit.Penalties`, one shared forward pass), SAM and the margin
+    with SAM on the CNN, each over the plain CE step, timed interleaved.
+    ``composed_over_both_alone`` is the composed step over the sum of the
+    two steps alone (below 1: cheaper than running them one after the
+    other); ``margin+sam_over_margin`` is SAM's factor on the margin's step
+    (two gradient passes: about 2)."""
     penalties = {
         "margin": lambda layers: marginfit.LargeMargin(layers, **DEFAULT_MARGIN),
         "input-gradient": lambda layers: marginfit.InputGradientPenalty(),
@@ -193,15 +201,19 @@ def composition_ratios(repeats, steps):
     ]
     models = {"ce": build("cnn")}
     models.update({name: build("cnn", penalty=penalty) for name, penalty in penalties.items()})
+    models["sam"] = build("cnn", update_rule=marginfit.SAM())
+    models["margin+sam"] = build("cnn", penalty=penalties["margin"], update_rule=marginfit.SAM())
     median = time_models(models, repeats, steps)
-    ratios = {name: round(median[name] / median["ce"], 3) for name in penalties}
+    ratios = {name: round(median[name] / median["ce"], 3) for name in models if name != "ce"}
     for name, ratio in ratios.items():
         print(f"cnn {name} step / CE step: {ratio:.3f}", flush=True)
     both = median["margin"] + median["input-gradient"]
     ratios["composed_over_both_alone"] = round(median["margin+input-gradient"] / both, 3)
+    ratios["margin+sam_over_margin"] = round(median["margin+sam"] / median["margin"], 3)
     print(
         "cnn margin+input-gradient step / (margin step + input-gradient step): "
-        f"{ratios['composed_over_both_alone']:.3f}",
+        f"{ratios['composed_over_both_alone']:.3f}\n"
+        f"cnn margin+sam step / margin step: {ratios['margin+sam_over_margin']:.3f}",
         flush=True,
     )
     return {"composition_ratio": ratios}
@@ -442,7 +454,7 @@ def main(argv=None):
     parser.add_argument(
         "--compositions-only",
         action="store_true",
-        help="only the margin, the input-gradient penalty and both composed",
+        help="only the margin, the input-gradient penalty, both composed, SAM, margin+SAM",
     )
     parser.add_argument(
         "--backend",
