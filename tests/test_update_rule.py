@@ -176,3 +176,45 @@ def test_bad_rules_are_refused_with_the_fix(bad, message):
     with pytest.raises((TypeError, ValueError)) as raised:
         model_for(bad["rule"]) if "rule" in bad else marginfit.SAM(**bad)
     assert str(raised.value).splitlines()[0].startswith(message)
+
+
+class StopAfter(keras.callbacks.Callback):
+    """Interrupts `fit()` at the end of training batch ``batch``."""
+
+    def __init__(self, batch):
+        super().__init__()
+        self.batch = batch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == self.batch:
+            raise KeyboardInterrupt
+
+
+def test_accumulated_gradients_survive_a_resume(tmp_path):
+    """Interrupted after 3 of 4 batches (one SAM gradient accumulated, not
+    yet applied) and resumed from `marginfit.BackupAndRestore`: the weights
+    of the uninterrupted run."""
+    x = X.astype("float32")
+
+    def run(callbacks):
+        model = model_for(marginfit.SAM(rho=0.2))
+        model.compile(
+            grouped(model, accumulation=2), keras.losses.SparseCategoricalCrossentropy(True)
+        )
+        model.fit(x, Y, batch_size=3, shuffle=False, callbacks=callbacks, verbose=0)
+        return model
+
+    backup = lambda: marginfit.BackupAndRestore(str(tmp_path / "backup"), save_freq=1)  # noqa: E731
+    with pytest.raises(KeyboardInterrupt):
+        run([backup(), StopAfter(2)])
+    resumed = run([backup()])
+    uninterrupted = run([])
+    for a, b in zip(resumed.get_weights(), uninterrupted.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-7)
+    assert (
+        max(
+            np.abs(a - b).max()
+            for a, b in zip(resumed.get_weights(), model_for(None).get_weights())
+        )
+        > 1e-3
+    )
