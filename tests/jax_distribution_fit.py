@@ -32,6 +32,8 @@ import numpy as np  # noqa: E402
 from nets import DISTRIBUTION_MARGINS, conv_net, digits, float64  # noqa: E402
 from rounding import max_difference  # noqa: E402
 
+import marginfit  # noqa: E402
+
 BATCH = 16
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -49,18 +51,26 @@ def shard(arrays, process, count=PROCESSES):
     return [array[rows] for array in arrays]
 
 
-def float64_net(margin):
-    """`conv_net` in float64 with sigmoid activations: Keras' `ops.tanh`
-    computes in float32 on JAX whatever its input."""
-    return conv_net(margin, regularizer=keras.regularizers.L2(1e-3), activation="sigmoid")[0]
+RUNS = {**{name: (name, None) for name in DISTRIBUTION_MARGINS}, "defaults+sam": ("defaults", 0.05)}
+"""Each one-process run's margin and SAM radius (None: no update rule)."""
 
 
-def train(margin, initial, process=None):
+def float64_net(margin, rho=None):
+    """`conv_net` in float64 with sigmoid activations (Keras' `ops.tanh`
+    computes in float32 on JAX whatever its input), with `marginfit.SAM`
+    of radius ``rho`` where given."""
+    rule = None if rho is None else marginfit.SAM(rho)
+    regularizer = keras.regularizers.L2(1e-3)
+    return conv_net(margin, regularizer=regularizer, activation="sigmoid", update_rule=rule)[0]
+
+
+def train(run, initial, process=None):
     """Weights and last logs after 2 epochs of 4 batches (as
     `distributed_fit.py` does on TensorFlow), in float64 (`rounding` says
     why); ``process`` feeds that process's half of every batch."""
+    margin, rho = RUNS[run]
     with float64():
-        model = float64_net(DISTRIBUTION_MARGINS[margin])
+        model = float64_net(DISTRIBUTION_MARGINS[margin], rho)
         model.set_weights(initial)
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         model.compile(keras.optimizers.SGD(0.05), loss=loss)
@@ -120,19 +130,19 @@ def float32_initial_weights():
 
 def one_process(folder):
     initial = initial_weights()
-    single = {margin: train(margin, initial) for margin in DISTRIBUTION_MARGINS}
+    single = {run: train(run, initial) for run in RUNS}
     save(os.path.join(folder, "single.json"), single)
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
-    parallel = {margin: train(margin, initial) for margin in DISTRIBUTION_MARGINS}
+    parallel = {run: train(run, initial) for run in RUNS}
     clean, bad = (poisoned(float32_initial_weights(), poison) for poison in (False, True))
     report = {"devices": len(jax.devices()), "margins": {}}
-    for margin in DISTRIBUTION_MARGINS:
-        report["margins"][margin] = {
-            "max_weight_change": max_difference(single[margin][0], initial),
-            "weights": [w.tolist() for w in parallel[margin][0]],
-            "single_weights": [w.tolist() for w in single[margin][0]],
-            "parallel": parallel[margin][1],
-            "single": single[margin][1],
+    for run in RUNS:
+        report["margins"][run] = {
+            "max_weight_change": max_difference(single[run][0], initial),
+            "weights": [w.tolist() for w in parallel[run][0]],
+            "single_weights": [w.tolist() for w in single[run][0]],
+            "parallel": parallel[run][1],
+            "single": single[run][1],
         }
     report["poisoned_nonfinite_steps"] = bad[1]["nonfinite_steps"]
     report["poisoned_max_difference"] = max_difference(bad[0], clean[0])

@@ -216,12 +216,13 @@ def data_parallel_report(distribution_folder):
     return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("margin", list(DISTRIBUTION_MARGINS))
+@pytest.mark.parametrize("margin", [*DISTRIBUTION_MARGINS, "defaults+sam"])
 def test_data_parallel_on_two_devices_matches_one_device(data_parallel_report, margin):
     """`keras.distribution.DataParallel` trains the weights and logs of one
     device, up to the order of their sums (float64 runs, bounds in
     `rounding`), with the library's defaults (sampled competitors and the
-    balance term: functions of the global batch)."""
+    balance term: functions of the global batch), and with `marginfit.SAM`
+    (which perturbs with the global batch's gradient)."""
     assert data_parallel_report["devices"] == 2
     report = data_parallel_report["margins"][margin]
     assert report["max_weight_change"] > 1e-2
