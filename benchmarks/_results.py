@@ -15,11 +15,12 @@ from marginfit.callbacks import CatastrophicOverfitting, CatastrophicOverfitting
 REPORT_ONLY = "--report-only"
 
 
-def train(experiment, method, validation=False, watch_eps=None):
+def train(experiment, method, validation=False, watch_eps=None, with_margin=False):
     """One training run of ``method`` (a name of `marginfit.methods.NAMES`)
     with ``experiment``'s network, optimizers and weight average (a
-    `marginfit.experiments.Experiment`) on every training example, with
-    clean labels: ``(model, margin, seconds, (x_test, y_test), collapsed)``,
+    `marginfit.experiments.Experiment`; with ``with_margin``, its margin
+    added to the method's penalty) on every training example, with clean
+    labels: ``(model, margin, seconds, (x_test, y_test), collapsed)``,
     ``margin`` the experiment's `LargeMargin` (also for other methods).
 
     With ``validation``, the model trains on the training data less the
@@ -35,7 +36,9 @@ def train(experiment, method, validation=False, watch_eps=None):
         (x_train, y_train), test = data.split(
             x_train, y_train, experiment.validation_split, experiment.seed
         )
-    model, margin = experiment.build(x_train.shape[1:], 10, method, len(x_train))
+    model, margin = experiment.build(
+        x_train.shape[1:], 10, method, len(x_train), with_margin=with_margin
+    )
     callbacks = experiment.weight_average_callbacks()
     watch = None
     if watch_eps is not None:

@@ -41,6 +41,10 @@ from marginfit import data  # noqa: E402
 from marginfit import methods as methods_lib  # noqa: E402
 from marginfit.experiments import Experiment  # noqa: E402
 
+SAM_RHO = 0.05
+"""SAM's radius: Foret et al.'s default (their noisy-label runs searched
+rho; no MNIST setting is published)."""
+
 # Method name -> (`marginfit.methods` name, changes to the `Experiment`).
 METHODS = {
     **{name: (name, {}) for name in methods_lib.NAMES if name not in methods_lib.ADVERSARIAL},
@@ -50,6 +54,10 @@ METHODS = {
         methods_lib.MARGIN,
         {"competitors": "top", "top_k": 9, "aggregation": "sum", "balance": 0.0},
     ),
+    # Sharpness-aware minimization (Foret et al. 2021) at the authors'
+    # default radius, alone and with the margin.
+    "sam": (methods_lib.CROSS_ENTROPY, {"sam": SAM_RHO}),
+    "margin+sam": (methods_lib.MARGIN, {"sam": SAM_RHO}),
 }
 DEFAULT_METHODS = "cross-entropy,gce,sce,nce-rce,ce-eps-mae,anl-ce,ldr-kl,margin,top-1"
 

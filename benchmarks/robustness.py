@@ -10,7 +10,9 @@ on 256 training examples, which stops a collapse with the best epoch's
 weights, a stricter form of the authors' early stopping); TRADES (Zhang et
 al. 2019: beta 1, 40 steps of eps / 30); the margin of ``marginfit train --preset robust``
 (one model for every eps); and that margin trained on fast adversarial
-training's examples (``robust margin + fgsm``). The adversarial trainings
+training's examples (``robust margin + fgsm``); that margin with the
+input-gradient penalty, and TRADES with it (``marginfit.Penalties``). The
+adversarial trainings
 train one model per eps, at the eps they are evaluated at. The clean test
 set (or, with ``--validation``, a validation split of the training data,
 to choose settings) is then attacked, per model and eps, by
@@ -59,8 +61,18 @@ from marginfit.experiments import Experiment  # noqa: E402
 COMBINED = "robust margin + fgsm"
 """The robust margin trained on fast adversarial training's examples."""
 
-MODELS = ("cross-entropy", "pgd-at", "fgsm-at", "trades", "robust margin", COMBINED)
-PER_EPS = ("pgd-at", "fgsm-at", "trades", COMBINED)
+WITH_INPUT_GRADIENT = "robust margin + input gradient"
+"""The robust margin with the input-gradient penalty (`marginfit.Penalties`)."""
+TRADES_MARGIN = "trades + robust margin"
+"""TRADES with the robust margin (`marginfit.Penalties`)."""
+INPUT_GRADIENT_WEIGHT = 1.0
+"""The input-gradient penalty's weight beside the margin; no published MNIST
+setting: to be chosen with --validation."""
+MODELS = (
+    *("cross-entropy", "pgd-at", "fgsm-at", "trades", "robust margin", COMBINED),
+    *(WITH_INPUT_GRADIENT, TRADES_MARGIN),
+)
+PER_EPS = ("pgd-at", "fgsm-at", "trades", COMBINED, TRADES_MARGIN)
 """The models trained at the eps they are evaluated at (one per eps)."""
 WATCHED = ("fgsm-at", COMBINED)
 """The models trained on FGSM examples, watched for catastrophic
@@ -75,13 +87,15 @@ LOSSES = attacks.LOSSES
 def experiment_of(dataset, seed, model_name, epochs, eps=None):
     """``(experiment, method)`` of one model kind."""
     experiment, method = Experiment(data=dataset, seed=seed, epochs=epochs), model_name
-    if model_name in ("robust margin", COMBINED):
+    if model_name in ("robust margin", COMBINED, WITH_INPUT_GRADIENT, TRADES_MARGIN):
         experiment, method = (
             Experiment.preset("robust", data=dataset, seed=seed, epochs=epochs),
-            "margin",
+            "trades" if model_name == TRADES_MARGIN else "margin",
         )
     if model_name == COMBINED:
         experiment = experiment.replace(adversary="fgsm")
+    if model_name == WITH_INPUT_GRADIENT:
+        experiment = experiment.replace(input_gradient=INPUT_GRADIENT_WEIGHT)
     if model_name in PER_EPS:
         experiment = experiment.replace(pgd_eps=eps)
     return experiment, method
@@ -92,7 +106,9 @@ def train(dataset, seed, model_name, epochs, eps=None, validation=False):
     run (the validation split in the test set's place with ``validation``)."""
     experiment, method = experiment_of(dataset, seed, model_name, epochs, eps)
     watch_eps = eps if model_name in WATCHED else None
-    model, _, seconds, test, collapsed = _results.train(experiment, method, validation, watch_eps)
+    model, _, seconds, test, collapsed = _results.train(
+        experiment, method, validation, watch_eps, with_margin=model_name == TRADES_MARGIN
+    )
     return model, seconds, test, collapsed
 
 

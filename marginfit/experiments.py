@@ -20,7 +20,9 @@ import numpy as np
 
 from marginfit import data as data_lib
 from marginfit import methods, networks
+from marginfit.input_gradient import InputGradientPenalty
 from marginfit.margin import LargeMargin
+from marginfit.update_rule import SAM
 
 # ------------------------------------------------- parsers of the values
 
@@ -131,6 +133,20 @@ class Experiment:
         _rate,
         "momentum of the moving average of the weights (Keras' use_ema) that the val_ "
         "logs, the test set and the saved model use (default 0.99; 0: the last weights)",
+    )
+    sam: float = _setting(
+        0.0,
+        "training",
+        _non_negative,
+        "radius rho of sharpness-aware minimization (marginfit.SAM: two gradient passes "
+        "per step); default 0: off; 0.05 is the authors' default",
+    )
+    input_gradient: float = _setting(
+        0.0,
+        "training",
+        _non_negative,
+        "weight of the input-gradient penalty (marginfit.InputGradientPenalty) added to "
+        "the method's loss; default 0: none",
     )
     batchnorm: bool = _setting(
         False, "training", bool, "batch normalization before each ReLU (default off)"
@@ -296,12 +312,14 @@ class Experiment:
         )
 
     def build(
-        self, input_shape, num_classes, method=methods.MARGIN, num_examples=None, penalties=()
-    ):
+        self, input_shape, num_classes, method=methods.MARGIN, num_examples=None, penalties=(),
+        with_margin=False,
+    ):  # fmt: skip
         """The `networks.classifier`, compiled with one optimizer per layer
         group for ``method`` (a name of `methods.NAMES`: its loss, penalty,
-        adversary and weight regularizer; the margin only for ``"margin"``,
-        and ``adversary`` for any method without its own), with the other
+        adversary and weight regularizer; the margin only for ``"margin"``
+        or ``with_margin``, ``adversary`` for any method without its own,
+        ``sam`` and ``input_gradient`` for any method), with the other
         ``penalties`` (`marginfit.Penalty` objects) added to the method's
         (a `marginfit.Penalties`). Returns ``(model, margin)``, the margin
         of these settings either way. ``num_examples``, the training set's
@@ -324,6 +342,10 @@ class Experiment:
             if method == methods.MARGIN
             else methods.penalty(method, self.pgd_eps, self.pgd_steps)
         )
+        if with_margin and method != methods.MARGIN:
+            penalties = (margin, *penalties)
+        if self.input_gradient:
+            penalties = (*penalties, InputGradientPenalty(weight=self.input_gradient))
         if penalties:
             penalty = [p for p in (penalty, *penalties) if p is not None]
         adversary = methods.adversary(method, self.pgd_eps, self.pgd_steps)
@@ -340,6 +362,7 @@ class Experiment:
             self.ema_momentum(num_examples),
             loss=methods.loss(method),
             adversary=adversary,
+            update_rule=SAM(self.sam) if self.sam else None,
         )
         return model, margin
 

@@ -214,6 +214,7 @@ def margin_classifier(
     ema_momentum=None,
     loss=None,
     adversary=None,
+    update_rule=None,
 ):
     """The network as a compiled `MarginModel` with `two_group_optimizer`.
 
@@ -231,10 +232,14 @@ def margin_classifier(
             (see `two_group_optimizer`).
         loss: The loss in place of the cross-entropy (on logits), or None.
         adversary: A `marginfit.attacks.PGD` to train against, or None.
+        update_rule: A `marginfit.UpdateRule` (e.g. `marginfit.SAM`), or None.
     """
     if not ce_weight >= 0:
         raise ValueError(f"`ce_weight` must be >= 0; received {ce_weight!r}.")
-    model = MarginModel(network.inputs, network.logits, penalty=margin, adversary=adversary)
+    model = MarginModel(
+        network.inputs, network.logits, penalty=margin, adversary=adversary,
+        update_rule=update_rule,
+    )  # fmt: skip
     optimizer = two_group_optimizer(model, network, lower_rate, upper_rate, optimizer, ema_momentum)
     if margin is not None and ce_weight == 0:
         model.compile(optimizer, loss=None, metrics=["accuracy"])
