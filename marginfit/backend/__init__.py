@@ -7,7 +7,7 @@ outside a training step; each trainer creates its own), the label check
 inside the step (`class_indices`), the global batch of replicated training
 (`global_batch`, `replicas_in_sync`), `traced` (a compiled function of
 batches) and the attacks' input gradients (`input_gradient`,
-`outputs_and_jacobian`).
+`outputs_and_jacobian`). What every trainer shares is in `steps`.
 """
 
 import importlib

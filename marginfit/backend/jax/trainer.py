@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import keras
 
 from marginfit.backend.jax.gradients import PerturbationGradients
+from marginfit.backend.steps import penalized_loss
 
 
 def _all_finite(tensors):
@@ -53,10 +54,10 @@ class MarginTrainer:
             trainable_variables, non_trainable_variables, metrics_variables, optimizer_variables
         )
         with keras.StatelessScope(state_mapping=mapping) as scope:
-            term = self._penalty_term(x, y, sample_weight, training, PerturbationGradients(self))
-            loss = unscaled_loss = self._loss(x, y, term, sample_weight, training)
-            if training and self.optimizer is not None:
-                loss = self.optimizer.scale_loss(loss)
+            gradients = PerturbationGradients(self)
+            term, unscaled_loss, loss = penalized_loss(
+                self, x, y, sample_weight, training, gradients
+            )
         non_trainable_variables = [scope.get_current_value(v) for v in self.non_trainable_variables]
         metrics_variables = [scope.get_current_value(v) for v in self.metrics_variables]
         return loss, (unscaled_loss, term.outputs, non_trainable_variables, metrics_variables)

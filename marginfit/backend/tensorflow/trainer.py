@@ -7,6 +7,7 @@ import warnings
 import keras
 import tensorflow as tf
 
+from marginfit.backend.steps import penalized_loss
 from marginfit.backend.tensorflow import multi_worker, replicas, updates
 from marginfit.backend.tensorflow.gradients import TapeGradients
 
@@ -24,7 +25,7 @@ class MarginTrainer:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         x = self._adversarial(x, y)
         with tf.GradientTape() as tape:
-            term, loss = self._training_loss(x, y, sample_weight, tape)
+            term, _, loss = penalized_loss(self, x, y, sample_weight, True, TapeGradients(tape))
         if self.trainable_weights:
             gradients = tape.gradient(loss, self.trainable_weights)
             if self.update_rule is not None:
@@ -34,14 +35,6 @@ class MarginTrainer:
             warnings.warn("The model does not have any trainable weights.", stacklevel=2)
         logs = self._logs(x, y, term.outputs, sample_weight, training=True)
         return multi_worker.step_logs(logs, self._vector_logs)
-
-    def _training_loss(self, x, y, sample_weight, tape):
-        """``(term, loss)``: the penalty's term and the (scaled) training loss."""
-        term = self._penalty_term(x, y, sample_weight, True, TapeGradients(tape))
-        loss = self._loss(x, y, term, sample_weight, training=True)
-        if self.optimizer is not None:
-            loss = self.optimizer.scale_loss(loss)
-        return term, loss
 
     def _ruled_gradients(self, gradients, x, y, sample_weight):
         """The update rule's gradients (`marginfit.update_rule`), over the
@@ -53,7 +46,7 @@ class MarginTrainer:
             with tf.GradientTape() as tape:
                 tape.watch(values)
                 with keras.StatelessScope(state_mapping=list(zip(weights, values))):
-                    _, loss = self._training_loss(x, y, sample_weight, tape)
+                    *_, loss = penalized_loss(self, x, y, sample_weight, True, TapeGradients(tape))
             return replicas.summed(_dense(tape.gradient(loss, values)))
 
         ruled = self.update_rule.gradients(

@@ -6,6 +6,7 @@ import warnings
 import keras
 import torch
 
+from marginfit.backend.steps import penalized_loss
 from marginfit.backend.torch.gradients import AutogradGradients
 
 
@@ -36,7 +37,7 @@ class MarginTrainer:
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if self.adversary is not None:
             x = self._adversarial(x, y).detach()
-        term, loss = self._training_loss(x, y, sample_weight)
+        term, _, loss = penalized_loss(self, x, y, sample_weight, True, AutogradGradients(True))
         self.zero_grad()
         counted = self.on_nonfinite != "apply"
         if self.trainable_weights:
@@ -55,21 +56,13 @@ class MarginTrainer:
             warnings.warn("The model does not have any trainable weights.", stacklevel=2)
         return self._logs(x, y, term.outputs.detach(), sample_weight, training=True)
 
-    def _training_loss(self, x, y, sample_weight):
-        """``(term, loss)``: the penalty's term and the (scaled) training loss."""
-        term = self._penalty_term(x, y, sample_weight, True, AutogradGradients(True))
-        loss = self._loss(x, y, term, sample_weight, training=True)
-        if self.optimizer is not None:
-            loss = self.optimizer.scale_loss(loss)
-        return term, loss
-
     def _ruled_gradients(self, weights, gradients, x, y, sample_weight):
         """The update rule's gradients (`marginfit.update_rule`)."""
 
         def gradient_at(values):
             values = [v.detach().requires_grad_(True) for v in values]
             with keras.StatelessScope(state_mapping=list(zip(weights, values))):
-                _, loss = self._training_loss(x, y, sample_weight)
+                *_, loss = penalized_loss(self, x, y, sample_weight, True, AutogradGradients(True))
             return list(torch.autograd.grad(loss, values, allow_unused=True))
 
         current = [weight.value.detach() for weight in weights]
