@@ -9,6 +9,7 @@ itself, every module of it, comes from the wheel alone (checked).
 """
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -27,8 +28,14 @@ IGNORED = shutil.ignore_patterns(
 )
 
 
+# A checkout on PYTHONPATH would shadow the installed wheel.
+CLEAN_ENV = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+
+
 def run(*command, cwd):
-    done = subprocess.run(list(map(str, command)), cwd=cwd, capture_output=True, text=True)
+    done = subprocess.run(
+        list(map(str, command)), cwd=cwd, capture_output=True, text=True, env=CLEAN_ENV
+    )
     assert done.returncode == 0, f"{command}: {done.stderr[-3000:]}"
     return done.stdout
 
