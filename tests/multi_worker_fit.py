@@ -5,10 +5,11 @@ python multi_worker_fit.py OUT.json [INDEX PORT,PORT,...]
 Without INDEX, trains in one process; with it, sets TF_CONFIG for worker
 INDEX of a localhost cluster on the given ports and trains under
 MultiWorkerMirroredStrategy. Either way it fits, on the same global batches,
-a MarginModel with each margin of `helpers.DISTRIBUTION_MARGINS` (per-group
-optimizers: Adam and SGD with momentum, as `resume_worker.py` has them;
-sample weights, an L2 regularizer), in float64, and writes their final
-weights and logs to OUT.json.
+a MarginModel with each margin of `helpers.DISTRIBUTION_MARGINS`, and the
+defaults with `marginfit.SAM` (per-group optimizers: Adam and SGD with
+momentum, as `resume_worker.py` has them; sample weights, an L2
+regularizer), in float64, and writes their final weights and logs to
+OUT.json.
 """
 
 import json
@@ -39,13 +40,21 @@ from rounding import max_difference  # noqa: E402
 import marginfit  # noqa: E402
 
 BATCH = 16
+RUNS = {
+    **{name: (margin, None) for name, margin in DISTRIBUTION_MARGINS.items()},
+    # Every worker's replicas perturb with the gradient of the global batch.
+    "defaults+sam": (DISTRIBUTION_MARGINS["defaults"], marginfit.SAM),
+}
+"""Each run's margin and update rule (a class: made inside the scope)."""
 
 
-def train(margin):
+def train(margin, update_rule=None):
     """Final weights, last training logs and evaluation logs, in float64
     (`rounding` says why)."""
     with float64(), STRATEGY.scope():
-        model, _ = conv_net(margin, regularizer=keras.regularizers.L2(1e-3))
+        regularizer = keras.regularizers.L2(1e-3)
+        rule = update_rule() if update_rule else None
+        model, _ = conv_net(margin, regularizer=regularizer, update_rule=rule)
         optimizer = marginfit.discriminative_optimizer(
             model,
             [
@@ -74,7 +83,7 @@ def train(margin):
 def main(path):
     report = {
         "replicas": STRATEGY.num_replicas_in_sync,
-        **{name: train(margin) for name, margin in DISTRIBUTION_MARGINS.items()},
+        **{name: train(margin, rule) for name, (margin, rule) in RUNS.items()},
     }
     with open(path, "w") as file:
         json.dump(report, file)

@@ -39,16 +39,20 @@ def reports(tmp_path_factory):
     return loaded
 
 
-@pytest.mark.parametrize("kind", list(DISTRIBUTION_MARGINS))
+@pytest.mark.parametrize("kind", [*DISTRIBUTION_MARGINS, "defaults+sam"])
 def test_two_workers_end_where_one_process_does(reports, kind):
     """Two workers of two replicas sum the same gradients in another order
     than one process; after 8 steps (float64, bounds in `rounding`) the
     weights, the training logs and the evaluation logs (distances included)
     are those of one process, with the library's defaults, with exact
-    second-order gradients and with the authors' loss."""
+    second-order gradients, with the authors' loss and with the defaults
+    under `marginfit.SAM` (perturbed with the all-reduced gradient)."""
     single, *workers = reports
     assert single["replicas"] == 1
     assert single[kind]["max_weight_change"] > 1e-2
+    if kind == "defaults+sam":  # SAM's perturbation changes the updates
+        plain = single["defaults"]["weights"]
+        assert rounding.max_difference(single[kind]["weights"], plain) > 1e-4
     for worker in workers:
         assert worker["replicas"] == 2
         rounding.assert_same_weights(worker[kind]["weights"], single[kind]["weights"])
