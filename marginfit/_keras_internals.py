@@ -10,6 +10,7 @@ reason no public API serves.
 """
 
 import importlib
+import sys
 
 import keras
 
@@ -52,6 +53,14 @@ FEATURES = {
         "get_data_adapter turns arrays, lists and dicts of arrays, datasets, PyDataset "
         "and generators into the batches fit() would make.",
     ),
+    "cloning": (
+        "keras.models.clone_model of a MarginModel, which keeps its penalty and options",
+        "clone_model builds the clone of a Functional subclass in _clone_functional_model "
+        "as model.__class__(inputs, outputs, name=...), passing none of its other "
+        "arguments (its test for a custom get_config never applies: it wraps "
+        "clone_function before testing it); the constructor reads the model being cloned "
+        "from that caller's frame.",
+    ),
     "multi-worker": (
         "fit()/evaluate() under tf.distribute.MultiWorkerMirroredStrategy",
         "Keras' TensorFlow trainer fails there for every model (keras-team/keras#20585); "
@@ -69,6 +78,11 @@ _NAMES = {
         "data adapters",
         "keras.src.trainers.data_adapters",
         "get_data_adapter",
+    ),
+    "_clone_functional_model": (
+        "cloning",
+        "keras.src.models.cloning",
+        "_clone_functional_model",
     ),
 }
 """Name here -> (feature, module, attribute) of each imported internal."""
@@ -129,6 +143,7 @@ Functional = _load("Functional")
 Trainer = _load("Trainer")
 MetricsList = _load("MetricsList")
 get_data_adapter = _load("get_data_adapter")
+_clone_functional_model = _load("_clone_functional_model")
 
 
 def require(name):
@@ -189,6 +204,22 @@ def init_functional(model, args, kwargs):
     rewriting the class."""
     require("Trainer").__init__(model)
     require("Functional").__init__(model, *args, **kwargs)
+
+
+def model_being_cloned(depth=4):
+    """The model that `keras.models.clone_model` is cloning where one of the
+    ``depth`` callers of the caller is Keras' `_clone_functional_model`
+    (which then calls the model class with ``(inputs, outputs, name=...)``),
+    else None."""
+    code = getattr(_clone_functional_model, "__code__", None)
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        frame = frame.f_back
+        if frame is None or code is None:
+            return None
+        if frame.f_code is code:
+            return frame.f_locals.get("model")
+    return None
 
 
 # ------------------------------------------------- the other features
@@ -283,6 +314,13 @@ def verify():
         )
     if not getattr(MetricsList, "missing", None):
         _verify_behaviour(expect)
+    if not getattr(_clone_functional_model, "missing", None):
+        inputs = keras.Input((1,))
+        probe = _CloneProbe(inputs, keras.layers.Dense(1)(inputs))
+        seen = keras.models.clone_model(probe).source
+        expect(
+            seen is probe, "clone_model calling the class from _clone_functional_model", "cloning"
+        )
     if problems:
         raise RuntimeError(
             f"Keras {keras.__version__} changed internals that marginfit relies "
@@ -314,6 +352,14 @@ def _verify_behaviour(expect):
         "monitoring callbacks reading `_direction` of grouped metrics",
         "metric directions",
     )
+
+
+class _CloneProbe(Functional if isinstance(Functional, type) else object):
+    """A Functional subclass that records the model it is cloned from."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.source = model_being_cloned(depth=2)
 
 
 class _DirectionProbe(keras.Model):

@@ -22,10 +22,8 @@ import warnings
 import keras
 from keras import tree
 
-from marginfit import _keras_internals
-
-INPUT = "input"
-"""The name that designates the model input."""
+from marginfit import _keras_internals, ends
+from marginfit.ends import INPUT
 
 SEPARATOR = "/"
 """Separates the names of nested models and of the layer in a path."""
@@ -295,7 +293,7 @@ def _called_twice(what, names):
 def output_layer(model):
     """The layer that computes ``model``'s (first) output, looked for inside
     nested models; None where no layer's call made it."""
-    target = model.outputs[0]
+    target = model.outputs[model.penalty_head.index if hasattr(model, "penalty_head") else 0]
     for layer in reversed(model.layers):
         try:
             # What the layer's first call returned (a Functional's own
@@ -384,12 +382,17 @@ class Activations:
     def __init__(self, model, names):
         self.model = model
         self.names = tuple(names)
-        self.hidden = tuple(name for name in self.names if name != INPUT)
+        self.inputs = {name: None for name in self.names if ends.is_input(name)}
+        self.hidden = tuple(name for name in self.names if name not in self.inputs)
         self.clone = None
         if has_graph(model):
-            check_classifier_output(model, model.outputs)
-            if INPUT in self.names:
-                check_one_float_input(model, "The margin on 'input'")
+            check_classifier_output(model)
+            integer = not all(keras.backend.is_float_dtype(t.dtype) for t in model.inputs)
+            for name in self.inputs:
+                if name == INPUT and integer:  # token ids: the message names the embeddings
+                    check_one_float_input(model, "The margin on 'input'")
+                self.inputs[name] = ends.input_index(model, name)
+                check_float_input(model, f"The margin on {name!r}", self.inputs[name])
             if self.hidden:
                 self.clone = tapped_model(model, self.hidden, _check_activation)
         elif self.hidden:
@@ -406,15 +409,11 @@ class Activations:
         """``(outputs, {name: activation})`` of a forward pass on ``x``,
         each named tensor passed through ``hook(name, tensor)`` (where given)
         before the layers after it see it."""
-        if INPUT in self.names:
-            if keras.tree.is_nested(x):
-                raise ValueError(
-                    "The margin on 'input' needs a single input tensor; the "
-                    "model received a nested structure."
-                )
-            x = keras.ops.convert_to_tensor(x)
-            if hook is not None:
-                x = hook(INPUT, x)
+        taken = {}
+        for name, index in self.inputs.items():
+            tensor, put = ends.take_input(x, name, index)
+            taken[name] = tensor = hook(name, tensor) if hook is not None else tensor
+            x = put(tensor)
         if self.clone is not None:
             with recording(hook or (lambda name, tensor: tensor)) as found:
                 outputs = self.clone(x, training=training)
@@ -438,23 +437,22 @@ class Activations:
         else:
             outputs, found = self.model(x, training=training), {}
         if self.clone is None:
-            check_classifier_output(self.model, [outputs])
-        if INPUT in self.names:
-            found[INPUT] = x
+            check_classifier_shape(self.model, self.model.penalty_head(outputs).shape)
+        found.update(taken)
         for name in self.names:
             check_floating(name, found[name].dtype)
         return outputs, {name: found[name] for name in self.names}
 
 
-def check_classifier_output(model, outputs):
-    """A model with a penalty needs one ``[batch, classes]`` output, with at
-    least 2 classes."""
-    if len(outputs) != 1:
-        raise ValueError(
-            f"MarginModel needs exactly one classification output; model "
-            f"{model.name!r} has {len(outputs)}. Give it a single [batch, classes] output."
-        )
-    shape = tuple(outputs[0].shape)
+def check_classifier_output(model):
+    """A model with a penalty needs one ``[batch, classes]`` output (the
+    one `MarginModel(penalty_output=...)` names where it has several), with
+    at least 2 classes."""
+    check_classifier_shape(model, model.outputs[model.penalty_head.index].shape)
+
+
+def check_classifier_shape(model, shape):
+    shape = tuple(shape)
     if len(shape) != 2 or shape[-1] is None or shape[-1] < 2:
         raise ValueError(
             f"MarginModel needs a [batch, classes] output with at least 2 "
@@ -463,8 +461,8 @@ def check_classifier_output(model, outputs):
 
 
 def check_one_float_input(model, what):
-    """The margin on ``"input"`` (or an adversary) needs one floating-point
-    input."""
+    """An adversary (or a penalty that perturbs the input) needs one
+    floating-point input."""
     if len(model.inputs) != 1:
         integer = not all(keras.backend.is_float_dtype(t.dtype) for t in model.inputs)
         where = _embedding_advice(model) if integer else "a layer after the inputs are merged"
@@ -472,7 +470,12 @@ def check_one_float_input(model, what):
             f"{what} needs a model with one input; model {model.name!r} has "
             f"{len(model.inputs)}. Put the margin on {where}, instead of 'input'."
         )
-    dtype = keras.backend.standardize_dtype(model.inputs[0].dtype)
+    check_float_input(model, what, 0)
+
+
+def check_float_input(model, what, index):
+    """Input ``index`` of ``model`` must be floating point for ``what``."""
+    dtype = keras.backend.standardize_dtype(model.inputs[index].dtype)
     if keras.backend.is_float_dtype(dtype):
         return
     if what == "The adversary":
@@ -504,7 +507,7 @@ def check_floating(layer_name, dtype):
     dtype = keras.backend.standardize_dtype(dtype)
     if keras.backend.is_float_dtype(dtype):
         return
-    if layer_name == INPUT:
+    if ends.is_input(layer_name):
         fix = (
             "If the inputs are pixel values, cast them to float (e.g. "
             "`x.astype('float32') / 255`); if they are token ids or other "

@@ -40,7 +40,9 @@ to a zero gradient (so an attack on it is not fooled by large logits)."""
 
 def _as_logits(model, outputs):
     """``[batch, classes]`` logits of ``model``'s float32 ``outputs`` (the
-    log of probabilities, which differ from the logits by a constant)."""
+    log of probabilities, which differ from the logits by a constant); of
+    the one a penalty applies to where the model has several."""
+    outputs = model.penalty_head(outputs) if hasattr(model, "penalty_head") else outputs
     return outputs if _from_logits(model) else ops.log(ops.maximum(outputs, 1e-30))
 
 
@@ -306,7 +308,7 @@ NORMS = (2, "inf")
 
 
 def _logits(model, x):
-    return _as_logits(model, ops.cast(model(x, training=False), "float32"))
+    return ops.cast(_as_logits(model, model(x, training=False)), "float32")
 
 
 def _take(values, indices):

@@ -135,6 +135,7 @@ def check_arrays(model, x, y=None, sample_weight=None, name="fit()"):
         if np.issubdtype(leaf.dtype, np.floating):
             _check_finite(leaf, "x", name)
     examples = len(leaves[0])
+    y, sample_weight = model.penalty_head(y), model.penalty_head(sample_weight)
     if y is not None and _is_array(y):
         _check_labels(model, np.asarray(y), examples, name)
     if sample_weight is not None and _is_array(sample_weight):
@@ -189,7 +190,7 @@ def _check_finite(values, what, name):
 def _classes(model):
     """Number of model outputs, or None where not known yet (subclassed)."""
     try:
-        return model.outputs[0].shape[-1]
+        return model.outputs[model.penalty_head.index].shape[-1]
     except (AttributeError, ValueError, IndexError, TypeError):
         return None
 

@@ -244,6 +244,7 @@ def nearest_boundaries(model, x, y, margin, gradients, competitors=LOGGED_COMPET
 
     def forward(x, hook):
         outputs, _ = model.call_with_activations(x, training=False, hook=hook)
+        outputs = model.penalty_head(outputs)
         labels = backend.class_indices(y, outputs.shape[-1])
         differences = logit_differences(outputs, labels, competitors, model.output_kind)
         return {"logits": differences}, differences

@@ -73,7 +73,7 @@ class Distillation(Penalty):
         taught = ops.cast(ops.stop_gradient(self.teacher(step.x, training=False)), floatx)
         if self.teacher_output == "probabilities":
             taught = ops.log(ops.maximum(taught, 1e-30))
-        student = attacks._as_logits(step.model, ops.cast(outputs, floatx))
+        student = ops.cast(attacks._as_logits(step.model, outputs), floatx)
         value = self.divergence.compute_loss(taught, student)
         return PenaltyResult(outputs, self.weight * value, value)
 

@@ -11,8 +11,8 @@ from marginfit import attacks
 def log_probabilities(model, outputs):
     """``[batch, classes]`` log-probabilities (in floatx) of ``model``'s
     outputs, logits or probabilities as its ``output_kind`` says."""
-    outputs = ops.cast(outputs, keras.backend.floatx())
-    return ops.log_softmax(attacks._as_logits(model, outputs), axis=-1)
+    logits = ops.cast(attacks._as_logits(model, outputs), keras.backend.floatx())
+    return ops.log_softmax(logits, axis=-1)
 
 
 def kl(log_p, log_q):

@@ -305,10 +305,10 @@ class LargeMargin(Penalty):
         _, (differences, _), recording = self.recorded_pass(step, training=False)
         distances, dead = distances_lib.layer_distances(recording, differences["loss"], self)
         outputs = step.model(step.x, training=True)
-        balance = None
+        balance, head = None, step.model.penalty_head(outputs)
         if self.balance:
-            sums = balance_sums(outputs, step.model.output_kind, step.sample_weight)
-            balance = balance_from_sums(backend.global_batch(ops.shape(outputs)[0], sums).sums)
+            sums = balance_sums(head, step.model.output_kind, step.sample_weight)
+            balance = balance_from_sums(backend.global_batch(ops.shape(head)[0], sums).sums)
         return self._result(step, outputs, distances, dead, balance, None)
 
     def shares_pass(self, step):
@@ -381,7 +381,7 @@ class LargeMargin(Penalty):
             )
 
     def check_model(self, model):
-        self._check_top_k(model, model.outputs[0].shape[-1])
+        self._check_top_k(model, model.outputs[model.penalty_head.index].shape[-1])
 
     def make_metrics(self):
         """``dead_rate`` in training and evaluation; one ``distance_<layer>``

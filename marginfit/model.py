@@ -13,6 +13,7 @@ from marginfit import (
     checks,
     distances,
     draws,
+    ends,
     logs,
     resume,
 )
@@ -64,13 +65,8 @@ class MarginModel(backend.MarginTrainer, keras.Model):
     ``return_activations=False`` in `call` and, when it is True, returns
     ``(outputs, {layer_name: activation})``.
 
-    Each backend's workarounds live in its package (`marginfit.backend`):
-    TensorFlow retries the symbolic build under
-    `MultiWorkerMirroredStrategy` and shapes the step logs ``[1]`` where
-    Keras cannot reduce scalars there; JAX copies the weights after a
-    `fit()` with ``use_ema`` (Keras 3.15 aliases them with the averages);
-    PyTorch refuses ``jit_compile=True``, which cannot trace the penalty's
-    backward passes.
+    Each backend's workarounds live in its package (`marginfit.backend`).
+    `keras.models.clone_model` keeps the class and every option below.
 
     Args:
         margin: A `LargeMargin` (or its config dict), or None.
@@ -91,6 +87,10 @@ class MarginModel(backend.MarginTrainer, keras.Model):
             count), or None.
         update_rule: A `marginfit.UpdateRule` (e.g. `marginfit.SAM`) that
             turns the step's gradient into the one applied, or None.
+        penalty_output: In a model with several outputs, the name (layer
+            name, or key of a dict of outputs) of the ``[batch, classes]``
+            output the penalty applies to; None picks the only one. The
+            other outputs keep their compiled losses and metrics.
         *args: As for `keras.Model`.
         **kwargs: As for `keras.Model`.
     """
@@ -104,8 +104,12 @@ class MarginModel(backend.MarginTrainer, keras.Model):
     # their config only with this signature.
     def __init__(
         self, *args, margin=None, penalty=None, output="logits", on_nonfinite="skip",
-        adversary=None, update_rule=None, **kwargs,
+        adversary=None, update_rule=None, penalty_output=None, **kwargs,
     ):  # fmt: skip
+        options = (margin, penalty, output, on_nonfinite, adversary, update_rule, penalty_output)
+        margin, penalty, output, on_nonfinite, adversary, update_rule, penalty_output = (
+            _cloned_options(options)
+        )
         if _keras_internals.is_functional_call(args, kwargs):
             _keras_internals.init_functional(self, args, kwargs)
         else:
@@ -115,12 +119,15 @@ class MarginModel(backend.MarginTrainer, keras.Model):
         self.update_rule = check_update_rule(update_rule)
         self.output_kind = output
         self.on_nonfinite = on_nonfinite
+        self.penalty_output = penalty_output
         self._vector_logs = False  # step logs of shape [1] (TensorFlow multi-worker)
         self.steps_to_skip = 0  # set when resuming mid-epoch (`marginfit.BackupAndRestore`)
         self.nonfinite_steps = StepCount(name="nonfinite_steps")
         # Out of Keras' tracking: adds nothing to saving or summary().
         self._untracked = types.SimpleNamespace(reach=None, traced={})
         self.penalty_metrics = PenaltyMetrics(self.penalty) if self.penalty else None
+        # penalty_head(value): the penalty's output, labels or weights in `value`.
+        self.penalty_head = ends.OutputChoice(self, penalty_output, self.penalty is not None)
         functional = activations.has_graph(self)
         if self.penalty is not None:
             self._untracked.reach = activations.Activations(self, self.penalty.layers)
@@ -141,10 +148,9 @@ class MarginModel(backend.MarginTrainer, keras.Model):
     def wrap(cls, model, margin=None, output="logits", name=None, **options):
         """A `MarginModel` over the layers (and weights) of a built
         Functional or Sequential model (shared, not copied), with the same
-        inputs and outputs; ``options`` (``penalty``, ``adversary``,
-        ``update_rule``, ``on_nonfinite``) as for `MarginModel`. A model
-        that preprocesses its inputs (a keras-hub task with a
-        ``preprocessor``) is refused: map its preprocessor over the data."""
+        inputs and outputs and the other ``options`` of `MarginModel`. A
+        model with a preprocessor (a keras-hub task's) is refused: map its
+        preprocessor over the data."""
         activations.check_wrappable(model)
         return cls(
             *activations.graph_ends(model), margin=margin, output=output,
@@ -162,6 +168,7 @@ class MarginModel(backend.MarginTrainer, keras.Model):
         config["on_nonfinite"] = self.on_nonfinite
         config["adversary"] = None if self.adversary is None else serialize(self.adversary)
         config["update_rule"] = None if self.update_rule is None else serialize(self.update_rule)
+        config["penalty_output"] = self.penalty_output
         return config
 
     def call_with_activations(self, inputs, training=None, hook=None):
@@ -178,8 +185,6 @@ class MarginModel(backend.MarginTrainer, keras.Model):
         nearest decision boundary at every margin layer, in the layer's
         units, in inference mode (`marginfit.distances.margin_distances`)."""
         return distances.margin_distances(self, x, y, batch_size, competitors)
-
-    # ------------------------------------------------------------- fit()
 
     def fit(self, *args, **kwargs):
         """`keras.Model.fit`, with checks: with a penalty, arrays (or a
@@ -225,33 +230,29 @@ class MarginModel(backend.MarginTrainer, keras.Model):
             self.train_function = resume.SkippingTrainFunction(self, self.train_function)
         return self.train_function
 
-    # ------------------------------------------- the steps' shared glue
-
     def _adversarial(self, x, y):
         """The training batch's inputs: the adversary's perturbation of
         ``x``, seeded by the step count (``x`` itself without one)."""
         if self.adversary is None:
             return x
         seed = (draws.ATTACK_START, self.optimizer.iterations + 1)
-        return self.adversary.perturb(self, x, y, seed=seed)
+        return self.adversary.perturb(self, x, self.penalty_head(y), seed=seed)
 
     def _penalty_term(self, x, y, sample_weight, training, gradients):
-        """The step's one call of the penalty (a `PenaltyResult`; without a
-        penalty, the plain forward pass and no term)."""
+        """The step's one call of the penalty (a `PenaltyResult`; without
+        one, the plain forward pass), on its output's labels and weights."""
         if self.penalty is None:
             return PenaltyResult(self(x, training=training), None, None)
+        y, sample_weight = self.penalty_head(y), self.penalty_head(sample_weight)
         return self.penalty(Step(self, x, y, sample_weight, training, gradients))
 
     def _loss(self, x, y, term, sample_weight, training):
-        """`compute_loss` plus the penalty's term; updates the loss logs.
-
-        On TensorFlow, Keras scales `compute_loss` per replica (the replicas'
-        gradients are summed); the term is scaled the same way, and the logs
-        get unscaled values.
-        """
+        """`compute_loss` plus the penalty's term; updates the loss logs. On
+        TensorFlow, Keras scales `compute_loss` per replica (the replicas'
+        gradients are summed): the term is scaled alike, the logs are not."""
         replicas = backend.replicas_in_sync()
         keras_loss = loss = self._keras_loss(x, y, term.outputs, sample_weight, training)
-        batch_size = keras.ops.shape(term.outputs)[0]
+        batch_size = keras.ops.shape(keras.tree.flatten(x)[0])[0]  # as Keras weighs its loss
         if term.loss is not None:
             loss = keras_loss + (term.loss / replicas if replicas > 1 else term.loss)
             self.penalty_metrics.update(keras_loss * replicas, term, batch_size)
@@ -274,6 +275,23 @@ class MarginModel(backend.MarginTrainer, keras.Model):
         kept = logs.written(self, training)
         ours = (logs.NONFINITE_STEPS, *(self.penalty_metrics.by_name if self.penalty else ()))
         return {k: v for k, v in computed.items() if k in kept or k not in ours}
+
+
+_OPTIONS = ("margin", "penalty", "output", "on_nonfinite", "adversary", "update_rule")
+_OPTIONS += ("penalty_output",)
+
+
+def _cloned_options(options):
+    """``options`` (`MarginModel`'s, in `_OPTIONS` order) or, where all are
+    the defaults and `keras.models.clone_model` is building the model, the
+    options of the model it clones, as new objects (from its config)."""
+    if options != (None, None, "logits", "skip", None, None, None):
+        return options
+    source = _keras_internals.model_being_cloned()
+    if not isinstance(source, MarginModel):
+        return options
+    config = source.get_config()
+    return tuple(config.get(name) for name in _OPTIONS)
 
 
 def _checked_penalty(margin, penalty, output, on_nonfinite):

@@ -63,7 +63,7 @@ class Penalties(Penalty):
                 results[penalty.name] = penalty(step)
         ordered = [results[p.name] for p in self.penalties]
         outputs = results[shared[0].name].outputs if shared else ordered[0].outputs
-        batch_size = ops.shape(outputs)[0]
+        batch_size = ops.shape(step.model.penalty_head(outputs))[0]
         metrics = {}
         for penalty, result in zip(self.penalties, ordered):
             metrics[penalty.loss_name] = (result.value, batch_size)

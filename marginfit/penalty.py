@@ -26,8 +26,9 @@ class Step:
     Attributes:
         model: The `marginfit.MarginModel`.
         x: The batch's inputs.
-        y: The batch's labels (None where the data has none).
-        sample_weight: The batch's ``[batch]`` weights, or None.
+        y: The batch's labels for the output the penalty applies to (None
+            where the data has none).
+        sample_weight: The batch's ``[batch]`` weights (for that output), or None.
         training: Whether the step trains (the forward pass's mode, and
             whether the weights' gradient goes through the penalty).
         gradients: The backend's `GradientPrimitive` for this step.
@@ -67,8 +68,9 @@ class PenaltyResult:
     """What a penalty gives the step.
 
     Attributes:
-        outputs: ``[batch, classes]`` model outputs of the step's forward pass
-            (what `compute_loss` and the compiled metrics see).
+        outputs: The model outputs of the step's forward pass (what
+            `compute_loss` and the compiled metrics see): ``[batch, classes]``,
+            or a list or dict with it (`MarginModel.penalty_head` picks it).
         loss: Float32 scalar, the term added to the loss: the penalty's
             weight times ``value``.
         value: Float32 scalar, the unweighted penalty, logged as
@@ -188,21 +190,22 @@ class Penalty:
 
         def function(x, hook):
             outputs, _ = model.call_with_activations(x, training=training, hook=hook)
-            differentiable, aux = self.forward(step, outputs)
+            differentiable, aux = self.forward(step, model.penalty_head(outputs))
             return differentiable, (outputs, aux)
 
         (outputs, aux), recording = step.gradients.record(function, step.x)
         return outputs, aux, recording
 
     def forward(self, step, outputs):
-        """Inside the recorded pass, from the model's ``[batch, classes]``
-        ``outputs``: ``(differentiable, aux)``, a dict of float tensors whose
-        gradients `finish` takes from the `Recording`, and anything else."""
+        """Inside the recorded pass, from the ``[batch, classes]`` output the
+        penalty applies to (``model.penalty_head``): ``(differentiable, aux)``,
+        a dict of float tensors whose gradients `finish` takes from the
+        `Recording`, and anything else."""
         raise NotImplementedError
 
     def finish(self, step, outputs, aux, recording):
         """After the recorded pass: the `PenaltyResult` (its ``outputs``
-        the pass's), from `forward`'s ``aux`` and the ``recording``."""
+        the pass's, all of the model's), from `forward`'s ``aux`` and the ``recording``."""
         raise NotImplementedError
 
     def shares_pass(self, step):

@@ -167,15 +167,24 @@ def test_wrong_layer_name_lists_the_valid_names():
         assert repr(name) in str(error.value)
 
 
-def test_models_with_several_outputs_or_flat_outputs_are_rejected():
+def test_ambiguous_outputs_and_flat_outputs_are_rejected():
     inputs = keras.Input((4,))
     first = keras.layers.Dense(3)(inputs)
-    second = keras.layers.Dense(3)(inputs)
-    with pytest.raises(ValueError, match="exactly one classification output"):
+    second = keras.layers.Dense(3, name="second")(inputs)
+    with pytest.raises(ValueError, match=re.escape("penalty_output='dense'")):
         MarginModel(inputs, [first, second], margin=LargeMargin(["input"]))
+    with pytest.raises(ValueError, match="names no output"):
+        MarginModel(inputs, [first, second], margin=LargeMargin(["input"]), penalty_output="x")
+    named = MarginModel(inputs, [first, second], margin=MARGIN_ON_INPUT, penalty_output="second")
+    assert named.penalty_head.index == 1
+    regression = keras.layers.Dense(1)(inputs)  # not a classifier: the choice is clear
+    assert MarginModel(inputs, [regression, first], margin=MARGIN_ON_INPUT).penalty_head.index == 1
     single = keras.layers.Dense(1)(inputs)
     with pytest.raises(ValueError, match=re.escape("at least 2 classes")):
         MarginModel(inputs, single, margin=LargeMargin(["input"]))
+
+
+MARGIN_ON_INPUT = LargeMargin(["input"])
 
 
 def test_wrap_rejects_a_subclassed_model():

@@ -8,6 +8,13 @@ inside the step (`class_indices`), the global batch of replicated training
 (`global_batch`, `replicas_in_sync`), `traced` (a compiled function of
 batches) and the attacks' input gradients (`input_gradient`,
 `outputs_and_jacobian`). What every trainer shares is in `steps`.
+
+Each package also holds its backend's workarounds: TensorFlow retries the
+symbolic build under `MultiWorkerMirroredStrategy` and shapes the step logs
+``[1]`` where Keras cannot reduce scalars there; JAX copies the weights
+after a `fit()` with ``use_ema`` (Keras 3.15 aliases them with the
+averages); PyTorch refuses ``jit_compile=True``, which cannot trace the
+penalty's backward passes.
 """
 
 import importlib

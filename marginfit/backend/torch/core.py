@@ -22,12 +22,12 @@ def class_indices(labels, num_classes):
 
 
 def traced(model, function):
-    """``function`` of batches, run eagerly on tensors; returns numpy
-    arrays."""
+    """``function`` of batches (tensors, or lists or dicts of them), run
+    eagerly; returns numpy arrays."""
     del model
 
     def run(*args):
-        tensors = [keras.ops.convert_to_tensor(arg) for arg in args]
+        tensors = [keras.tree.map_structure(keras.ops.convert_to_tensor, arg) for arg in args]
         return [keras.ops.convert_to_numpy(t) for t in function(*tensors)]
 
     return run

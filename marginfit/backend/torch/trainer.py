@@ -54,7 +54,13 @@ class MarginTrainer:
                     self.optimizer.apply(gradients, weights)
         else:
             warnings.warn("The model does not have any trainable weights.", stacklevel=2)
-        return self._logs(x, y, term.outputs.detach(), sample_weight, training=True)
+        return self._logs(
+            x,
+            y,
+            keras.tree.map_structure(lambda t: t.detach(), term.outputs),
+            sample_weight,
+            training=True,
+        )
 
     def _ruled_gradients(self, weights, gradients, x, y, sample_weight):
         """The update rule's gradients (`marginfit.update_rule`)."""
