@@ -169,9 +169,9 @@ def test_wrong_layer_name_lists_the_valid_names():
 
 def test_ambiguous_outputs_and_flat_outputs_are_rejected():
     inputs = keras.Input((4,))
-    first = keras.layers.Dense(3)(inputs)
+    first = keras.layers.Dense(3, name="first")(inputs)
     second = keras.layers.Dense(3, name="second")(inputs)
-    with pytest.raises(ValueError, match=re.escape("penalty_output='dense'")):
+    with pytest.raises(ValueError, match=re.escape("penalty_output='first'")):
         MarginModel(inputs, [first, second], margin=LargeMargin(["input"]))
     with pytest.raises(ValueError, match="names no output"):
         MarginModel(inputs, [first, second], margin=LargeMargin(["input"]), penalty_output="x")
