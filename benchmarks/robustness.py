@@ -65,9 +65,12 @@ WITH_INPUT_GRADIENT = "robust margin + input gradient"
 """The robust margin with the input-gradient penalty (`marginfit.Penalties`)."""
 TRADES_MARGIN = "trades + robust margin"
 """TRADES with the robust margin (`marginfit.Penalties`)."""
-INPUT_GRADIENT_WEIGHT = 1.0
-"""The input-gradient penalty's weight beside the margin; no published MNIST
-setting: to be chosen with --validation."""
+INPUT_GRADIENT_WEIGHT = 0.1
+"""The input-gradient penalty's weight beside the margin. No published MNIST
+setting; chosen with --validation (digits, seed 0, PGD at eps 0.1 on the
+validation split, the test set unseen): weights 10, 1, 0.1, 0.03, 0.01 gave
+0.793, 0.807, 0.874, 0.859, 0.867 (the robust margin alone 0.837, fast
+adversarial training 0.911; clean 0.970, 0.970, 0.985, 0.985, 0.985)."""
 MODELS = (
     *("cross-entropy", "pgd-at", "fgsm-at", "trades", "robust margin", COMBINED),
     *(WITH_INPUT_GRADIENT, TRADES_MARGIN),
