@@ -23,7 +23,7 @@ import keras
 from keras import tree
 
 from marginfit import _keras_internals, ends
-from marginfit.ends import INPUT
+from marginfit.ends import INPUT, has_graph
 
 SEPARATOR = "/"
 """Separates the names of nested models and of the layer in a path."""
@@ -163,15 +163,6 @@ def _is_graph(layer):
     """Whether ``layer`` is a model with a graph of layers (Functional or a
     built Sequential)."""
     return isinstance(layer, keras.Model) and has_graph(layer)
-
-
-def has_graph(model):
-    """Whether ``model`` has symbolic inputs and outputs (Functional, or a
-    built Sequential)."""
-    try:
-        return bool(model.inputs) and bool(model.outputs)
-    except (AttributeError, ValueError):
-        return False
 
 
 def check_wrappable(model):
@@ -387,7 +378,7 @@ class Activations:
         self.clone = None
         if has_graph(model):
             check_classifier_output(model)
-            integer = not all(keras.backend.is_float_dtype(t.dtype) for t in model.inputs)
+            integer = _integer_inputs(model)
             for name in self.inputs:
                 if name == INPUT and integer:  # token ids: the message names the embeddings
                     check_one_float_input(model, "The margin on 'input'")
@@ -464,13 +455,21 @@ def check_one_float_input(model, what):
     """An adversary (or a penalty that perturbs the input) needs one
     floating-point input."""
     if len(model.inputs) != 1:
-        integer = not all(keras.backend.is_float_dtype(t.dtype) for t in model.inputs)
-        where = _embedding_advice(model) if integer else "a layer after the inputs are merged"
+        where = (
+            _embedding_advice(model)
+            if _integer_inputs(model)
+            else "a layer after the inputs are merged"
+        )
         raise ValueError(
             f"{what} needs a model with one input; model {model.name!r} has "
             f"{len(model.inputs)}. Put the margin on {where}, instead of 'input'."
         )
     check_float_input(model, what, 0)
+
+
+def _integer_inputs(model):
+    """Whether any input of ``model`` is not floating point (token ids)."""
+    return not all(keras.backend.is_float_dtype(t.dtype) for t in model.inputs)
 
 
 def check_float_input(model, what, index):

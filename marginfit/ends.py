@@ -40,7 +40,7 @@ class OutputChoice:
 
     def __init__(self, model, name=None, required=True):
         self.name, self.index, self.count, self.chosen = name, 0, 1, name is not None
-        if not _has_graph(model):
+        if not has_graph(model):
             return
         outputs = model.outputs
         self.count = len(outputs)
@@ -48,18 +48,11 @@ class OutputChoice:
             if len(outputs) > 1 and required:
                 self.index, self.chosen = _only_classifier(model), True
             return
-        keys = list(model.output) if isinstance(model.output, dict) else []
-        names = list(model.output_names)
-        if name in keys:
-            self.index = tree.flatten({key: i for i, key in enumerate(keys)}).index(
-                keys.index(name)
-            )
-        elif name in names:
-            self.index = names.index(name)
-        else:
+        self.index = _position(model.output, model.output_names, name)
+        if self.index is None:
             raise ValueError(
                 f"`penalty_output={name!r}` names no output of model {model.name!r}; its "
-                f"outputs are {keys or names}. Name one of them."
+                f"outputs are {_choices(model.output, model.output_names)}. Name one of them."
             )
 
     def __call__(self, value):
@@ -108,21 +101,32 @@ def input_index(model, name):
             f"The margin on 'input' is ambiguous: model {model.name!r} has {len(inputs)} "
             f"inputs. Name one: {[_NAMED_INPUT + n for n in _input_names(model)]}."
         )
-    wanted = name[len(_NAMED_INPUT) :]
-    names = _input_names(model)
-    keys = list(model.input) if isinstance(model.input, dict) else []
-    if wanted in keys:
-        return tree.flatten({key: i for i, key in enumerate(keys)}).index(keys.index(wanted))
-    if wanted in names:
-        return names.index(wanted)
-    raise ValueError(
-        f"Margin layer {name!r} names no input of model {model.name!r}. Name one of "
-        f"{[_NAMED_INPUT + n for n in keys or names]}."
-    )
+    index = _position(model.input, _input_names(model), name[len(_NAMED_INPUT) :])
+    if index is None:
+        raise ValueError(
+            f"Margin layer {name!r} names no input of model {model.name!r}. Name one of "
+            f"{[_NAMED_INPUT + n for n in _choices(model.input, _input_names(model))]}."
+        )
+    return index
 
 
 def _input_names(model):
     return [t.name for t in model.inputs]
+
+
+def _choices(structure, names):
+    """The names a model's inputs or outputs go by: the keys of their dict,
+    else the tensors' (layers') names."""
+    return list(structure) if isinstance(structure, dict) else list(names)
+
+
+def _position(structure, names, wanted):
+    """The flat position of ``wanted`` among the tensors of ``structure``
+    (a model's ``input`` or ``output``: a key of its dict, or one of the
+    tensors' ``names``, in flat order), or None."""
+    if isinstance(structure, dict) and wanted in structure:
+        return tree.flatten({key: key == wanted for key in structure}).index(True)
+    return list(names).index(wanted) if wanted in names else None
 
 
 def take_input(x, name, index):
@@ -149,7 +153,9 @@ def take_input(x, name, index):
     return keras.ops.convert_to_tensor(flat[index]), put
 
 
-def _has_graph(model):
+def has_graph(model):
+    """Whether ``model`` has symbolic inputs and outputs (Functional, or a
+    built Sequential)."""
     try:
         return bool(model.inputs) and bool(model.outputs)
     except (AttributeError, ValueError):

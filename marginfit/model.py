@@ -277,15 +277,17 @@ class MarginModel(backend.MarginTrainer, keras.Model):
         return {k: v for k, v in computed.items() if k in kept or k not in ours}
 
 
-_OPTIONS = ("margin", "penalty", "output", "on_nonfinite", "adversary", "update_rule")
-_OPTIONS += ("penalty_output",)
+_OPTIONS = tuple(inspect.signature(MarginModel.__init__).parameters)[2:-1]
+"""`MarginModel`'s own options, in its signature's order (between
+``*args`` and ``**kwargs``)."""
+_DEFAULTS = tuple(inspect.signature(MarginModel.__init__).parameters[n].default for n in _OPTIONS)
 
 
 def _cloned_options(options):
     """``options`` (`MarginModel`'s, in `_OPTIONS` order) or, where all are
     the defaults and `keras.models.clone_model` is building the model, the
     options of the model it clones, as new objects (from its config)."""
-    if options != (None, None, "logits", "skip", None, None, None):
+    if options != _DEFAULTS:
         return options
     source = _keras_internals.model_being_cloned()
     if not isinstance(source, MarginModel):
